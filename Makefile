@@ -1,0 +1,29 @@
+# Set-up is part of every target: each creates/updates .venv and installs what it needs.
+# CPU install path: torch is pinned (requirements-cpu.txt) so pip takes the CPU build, not a multi-GB CUDA one.
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: test train bench clean
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.test-deps: pyproject.toml requirements-cpu.txt | $(PYTHON)
+	$(PIP) install -q -r requirements-cpu.txt
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+test: $(VENV)/.test-deps
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
+
+train: $(VENV)/.test-deps
+	@echo "make train: the trainer and its embedded default task are not built yet (issues #6 and #7)."
+
+bench: $(VENV)/.test-deps
+	$(PYTHON) -m bench.logits_memory
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

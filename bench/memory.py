@@ -1,0 +1,63 @@
+"""Peak-memory measurement shared by the benchmark scripts.
+
+On the CPU the peak is the process's resident-set high-water mark (VmHWM), which Linux lets us reset
+(``echo 5 > /proc/self/clear_refs``), so a case measures its own peak above what was resident when it
+started. On CUDA it is torch.cuda.max_memory_allocated above the allocation at the start.
+Each case should run in a fresh process (see ``run_isolated``) so that allocator caches from other cases
+do not hide or inflate its peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Context manager; ``.peak_bytes`` is the peak increase above the memory in use at entry."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._start = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
+        else:
+            self.peak_bytes = _status_kib("VmHWM") * 1024 - self._start
+        return False
+
+
+def run_isolated(module: str, *args: str, timeout: int = 900) -> dict:
+    """Run ``python -m module *args`` in a fresh process; it must print one JSON object last."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=root)
+    if res.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -1,0 +1,160 @@
+"""Argument checks and the token layout shared by every backend.
+
+All validation happens here, once, in Python, so that every backend sees the same, already checked
+inputs and raises the same errors (SPEC section 3). Kernels still guard every memory access on their own,
+so that a caller who passes ``validate=False`` gets wrong numbers (NaN) at worst, never an
+out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LABEL_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where token ``r`` (0 <= r < rows) of the flattened token axis lives in memory.
+
+    Padded (N, T, V) inputs are addressed as ``(r // T) * stride_seq + (r % T) * stride_tok``; packed
+    (total, V) inputs as one "sequence" of length ``rows`` (``T = rows``, ``stride_seq = 0``). This lets
+    the kernels read a shifted view such as ``logits[:, :-1]`` without first copying it.
+    """
+
+    n_seq: int  # N: number of sequences (rows of the output)
+    rows: int  # number of token rows = N * T (padded) or total_tokens (packed)
+    seq_len: int  # T for the padded layout, ``rows`` for the packed one
+    padded: bool
+    cu_seqlens: Optional[torch.Tensor]  # int64 (N + 1,) on the logits' device, packed layout only
+
+
+def _name_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_same_device(device: torch.device, ref_name: str, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}: move them to the same device")
+
+
+def check_range(**kwargs) -> None:
+    """Finite scalar hyper-parameters: ``name=(value, low, low_inclusive, high)``."""
+    for name, (value, low, inclusive, high) in kwargs.items():
+        v = float(value)
+        ok = (v >= low if inclusive else v > low) and v <= high and v == v
+        if not ok:
+            bracket = "[" if inclusive else "("
+            raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, padded: bool) -> None:
+    """ValueError naming how many labels are outside [0, V) (and not ignore_index) and the first one."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    count = int(bad.sum())
+    if count:
+        first = bad.reshape(-1).nonzero()[0, 0].item()
+        where = f"(row {first // labels.shape[-1]}, position {first % labels.shape[-1]})" if padded else f"position {first}"
+        value = labels.reshape(-1)[first].item()
+        raise ValueError(
+            f"labels: {count} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index}; "
+            f"the first is {value} at {where}"
+        )
+
+
+def check_logits_and_labels(
+    logits,
+    labels,
+    cu_seqlens,
+    ignore_index: int,
+    validate: bool,
+    *,
+    logits_name: str = "logits",
+    vocab: Optional[int] = None,
+) -> Layout:
+    """Validate (logits|hidden, labels, cu_seqlens) and describe their layout.
+
+    ``logits_name`` lets the fused-linear entry points reuse this for ``hidden`` (N, T, H) / (total, H),
+    whose vocabulary size ``vocab`` comes from the weight instead of the last dimension.
+    """
+    _name_tensor(logits, logits_name)
+    _name_tensor(labels, "labels")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{logits_name} must be float32, bfloat16 or float16, got {logits.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int32 or int64 token ids, got {labels.dtype}")
+    check_same_device(logits.device, logits_name, labels=labels, cu_seqlens=cu_seqlens)
+    V = logits.shape[-1] if vocab is None else vocab
+    if logits.dim() >= 1 and logits.shape[-1] == 0:
+        raise ValueError(f"{logits_name} has an empty last dimension")
+    if cu_seqlens is None:
+        if logits.dim() != 3:
+            raise ValueError(
+                f"{logits_name} must be (N, T, {'V' if vocab is None else 'H'}) for the padded layout, got "
+                f"shape {tuple(logits.shape)}; for the packed layout pass cu_seqlens"
+            )
+        if tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"labels must have shape {tuple(logits.shape[:2])} to match {logits_name} "
+                f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+            )
+        N, T = logits.shape[:2]
+        layout = Layout(n_seq=N, rows=N * T, seq_len=T, padded=True, cu_seqlens=None)
+    else:
+        _name_tensor(cu_seqlens, "cu_seqlens")
+        if cu_seqlens.dtype not in LABEL_DTYPES:
+            raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+        if logits.dim() != 2:
+            raise ValueError(
+                f"with cu_seqlens, {logits_name} must be packed (total_tokens, "
+                f"{'V' if vocab is None else 'H'}), got shape {tuple(logits.shape)}"
+            )
+        total = logits.shape[0]
+        if tuple(labels.shape) != (total,):
+            raise ValueError(f"labels must have shape ({total},) to match packed {logits_name}, got {tuple(labels.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D of length N + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.to(torch.int64)
+        # One host sync for all three checks; cu_seqlens is tiny.
+        first, last, decreasing = torch.stack([cu[0], cu[-1], (cu[1:] < cu[:-1]).sum()]).tolist()
+        if first != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {first}")
+        if decreasing:
+            raise ValueError("cu_seqlens must be non-decreasing (cumulative sequence lengths)")
+        if last != total:
+            raise ValueError(f"cu_seqlens must end at total_tokens={total}, got {last}")
+        layout = Layout(n_seq=cu.numel() - 1, rows=total, seq_len=total, padded=False, cu_seqlens=cu)
+    if validate:
+        check_labels_in_range(labels, V, ignore_index, layout.padded)
+    return layout
+
+
+def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, rejected_safe) -> int:
+    """Validate the loss-only inputs; returns B (the number of pairs)."""
+    if n_seq % 2:
+        raise ValueError(
+            f"a preference loss needs N = 2B rows (chosen rows then rejected rows), got an odd N = {n_seq}"
+        )
+    B = n_seq // 2
+    _name_tensor(ref_logps, "ref_logps")
+    if not ref_logps.is_floating_point():
+        raise TypeError(f"ref_logps must be a floating-point tensor, got {ref_logps.dtype}")
+    if tuple(ref_logps.shape) != (n_seq,):
+        raise ValueError(f"ref_logps must have shape ({n_seq},) = (2B,), got {tuple(ref_logps.shape)}")
+    for name, flag in (("chosen_safe", chosen_safe), ("rejected_safe", rejected_safe)):
+        _name_tensor(flag, name)
+        if flag.is_floating_point() or flag.is_complex():
+            raise TypeError(f"{name} must be a bool or 0/1 integer tensor, got {flag.dtype}")
+        if tuple(flag.shape) != (B,):
+            raise ValueError(f"{name} must have shape ({B},) = (B,), got {tuple(flag.shape)}")
+        if flag.dtype != torch.bool and bool(((flag != 0) & (flag != 1)).any()):
+            raise ValueError(f"{name} must hold only 0/1 (or True/False) values")
+    check_same_device(device, "the logits", ref_logps=ref_logps, chosen_safe=chosen_safe, rejected_safe=rejected_safe)
+    return B

@@ -1,0 +1,132 @@
+"""Plain PyTorch SafeDPO: the test oracle and the eager baseline of the benchmarks.
+
+Written for reading, not for speed: it materializes the full log-softmax (one float32 or float64 copy of
+the logits), gathers, masks and sums, then applies the safety-aware transformation T pair by pair and
+the loss of SPEC section 1. Pass float64 tensors to get the float64 oracle. No argument checking: the
+public API does that.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class SafeDPOOutput(NamedTuple):
+    """Result of a SafeDPO loss. Per-pair fields are (B,) and describe the pairs AFTER transformation T.
+
+    loss: scalar float32, mean of the per-pair loss over the kept pairs (0 when none is kept).
+    chosen_logps / rejected_logps: the policy's sequence log-probs of the (transformed) preferred and
+        dispreferred responses.
+    chosen_rewards / rejected_rewards: beta * (logp - ref_logp) of the same.
+    kept: bool, False for pairs dropped by T (both responses unsafe, when drop_both_unsafe).
+    """
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    kept: torch.Tensor
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sum (or mean) over counted tokens of log_softmax(logits)[label], per sequence.
+
+    logits (N, T, V) or packed (total, V); computed in float32, or float64 for float64 logits.
+    Returns (N,) in that compute dtype.
+    """
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = logits.to(compute).log_softmax(dim=-1)
+    counted = labels != ignore_index
+    safe_labels = torch.where(counted, labels, torch.zeros_like(labels)).long()
+    token_logp = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    token_logp = torch.where(counted, token_logp, torch.zeros_like(token_logp))
+    if cu_seqlens is None:
+        total = token_logp.sum(dim=-1)
+        count = counted.sum(dim=-1)
+    else:
+        bounds = cu_seqlens.tolist()
+        total = torch.stack([token_logp[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+        count = torch.stack([counted[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    if average:
+        total = total / count.clamp(min=1).to(compute)
+    return total
+
+
+def safedpo_loss_from_logps(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    chosen_safe: torch.Tensor,
+    rejected_safe: torch.Tensor,
+    beta: float = 0.1,
+    delta: float = 10.0,
+    swap: bool = True,
+    drop_both_unsafe: bool = True,
+    label_smoothing: float = 0.0,
+) -> SafeDPOOutput:
+    """SafeDPO (paper Eq. 12) from sequence log-probs, one pair at a time.
+
+    policy_logps, ref_logps: (2B,), chosen rows first. chosen_safe, rejected_safe: (B,), True = safe.
+    """
+    B = chosen_safe.shape[0]
+    losses, rows = [], []
+    for i in range(B):
+        w, l = i, B + i
+        h_w, h_l = 1 - int(chosen_safe[i]), 1 - int(rejected_safe[i])
+        kept = not (drop_both_unsafe and h_w == 1 and h_l == 1)
+        if swap and h_w == 1 and h_l == 0:
+            w, l, h_w, h_l = l, w, h_l, h_w
+        chosen_reward = beta * (policy_logps[w] - ref_logps[w])
+        rejected_reward = beta * (policy_logps[l] - ref_logps[l])
+        u = chosen_reward - rejected_reward - (h_l - h_w) * delta
+        pair_loss = -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)
+        if kept:
+            losses.append(pair_loss)
+        rows.append((policy_logps[w], policy_logps[l], chosen_reward, rejected_reward, kept))
+    loss = torch.stack(losses).mean() if losses else policy_logps.sum() * 0.0
+    cl, rl, cr, rr, kept = zip(*rows)
+    return SafeDPOOutput(
+        loss,
+        torch.stack(cl).detach(),
+        torch.stack(rl).detach(),
+        torch.stack(cr).detach(),
+        torch.stack(rr).detach(),
+        torch.tensor(kept, dtype=torch.bool, device=policy_logps.device),
+    )
+
+
+def safedpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    chosen_safe: torch.Tensor,
+    rejected_safe: torch.Tensor,
+    beta: float = 0.1,
+    delta: float = 10.0,
+    swap: bool = True,
+    drop_both_unsafe: bool = True,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> SafeDPOOutput:
+    """Eager SafeDPO from logits: ``sequence_logps`` then ``safedpo_loss_from_logps``."""
+    policy = sequence_logps(logits, labels, ignore_index, average, cu_seqlens)
+    return safedpo_loss_from_logps(
+        policy, ref_logps.to(policy.dtype), chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing
+    )
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The logits the fused-linear entry points never materialize: hidden @ weight.T (+ bias)."""
+    logits = hidden @ weight.t()
+    return logits if bias is None else logits + bias

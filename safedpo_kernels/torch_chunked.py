@@ -1,0 +1,95 @@
+"""Portable, memory-lean PyTorch path (backend "torch").
+
+Token rows are processed in chunks, so at most one chunk of float32 (rows x V) temporaries exists at a
+time; backward recomputes the softmax from the saved per-token log-sum-exp instead of keeping it. Works
+on any device PyTorch supports. The chunk size comes from a byte budget (``SAFEDPO_CHUNK_BYTES``,
+default 32 MiB of float32 per temporary).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Tuple
+
+import torch
+
+from ._checks import Layout
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+def chunk_rows_for(vocab: int, budget_bytes: int | None = None) -> int:
+    """Rows per chunk such that one float32 (rows x vocab) temporary stays within the budget."""
+    budget = budget_bytes if budget_bytes is not None else int(os.environ.get("SAFEDPO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    return max(1, budget // (4 * vocab))
+
+
+def _flat(x: torch.Tensor, layout: Layout):
+    """(rows, last_dim) view of x's memory, or None where that needs a copy (e.g. ``logits[:, :-1]``)."""
+    if not layout.padded:
+        return x
+    try:
+        return x.view(layout.rows, x.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def row_chunks(layout: Layout, chunk: int, *tensors: torch.Tensor) -> Iterator[Tuple[int, int, list]]:
+    """Yield (r0, r1, views): for each tensor, a (r1 - r0, last_dim) view of rows [r0, r1), never a copy.
+
+    When any tensor cannot be flattened, chunks stop at sequence boundaries and index (n, t) instead.
+    """
+    flats = [_flat(x, layout) for x in tensors]
+    if all(f is not None for f in flats):
+        for r0 in range(0, layout.rows, chunk):
+            r1 = min(r0 + chunk, layout.rows)
+            yield r0, r1, [f[r0:r1] for f in flats]
+        return
+    T = layout.seq_len
+    for n in range(layout.n_seq):
+        for t0 in range(0, T, chunk):
+            t1 = min(t0 + chunk, T)
+            yield n * T + t0, n * T + t1, [x[n, t0:t1] for x in tensors]
+
+
+def _target_mask(labels: torch.Tensor, vocab: int, ignore_index: int):
+    counted = labels != ignore_index
+    # validate=False may let an out-of-range label through: it reads nothing and yields NaN.
+    valid = counted & (labels >= 0) & (labels < vocab)
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    return counted, valid, safe
+
+
+def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """(rows, V) float32 logits chunk -> (token log-prob with 0 at ignored tokens, lse), both (rows,)."""
+    lse = torch.logsumexp(x, dim=-1)
+    counted, valid, safe = _target_mask(labels, x.shape[-1], ignore_index)
+    target = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+    tok = torch.where(valid, target - lse, torch.full_like(lse, float("nan")))
+    return torch.where(counted, tok, torch.zeros_like(tok)), lse
+
+
+def grad_from_chunk(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """g * (onehot(label) - softmax(x)) for a (rows, V) float32 chunk; rows with g == 0 get exact zeros."""
+    _, valid, safe = _target_mask(labels, x.shape[-1], ignore_index)
+    grad = torch.sub(x, lse.unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
+    grad.scatter_add_(1, safe.unsqueeze(1), torch.where(valid, g, torch.zeros_like(g)).unsqueeze(1))
+    # Ignored tokens (g == 0) may hold NaN/inf logits that must not leak into their gradient.
+    return grad.masked_fill_((g == 0).unsqueeze(1), 0.0)
+
+
+def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int):
+    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
+    tok = torch.empty(layout.rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(tok)
+    chunk = chunk_rows_for(logits.shape[-1])
+    for r0, r1, (view,) in row_chunks(layout, chunk, logits):
+        tok[r0:r1], lse[r0:r1] = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index)
+    return tok, lse
+
+
+def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int) -> None:
+    """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
+    chunk = chunk_rows_for(logits.shape[-1])
+    for r0, r1, (src, dst) in row_chunks(layout, chunk, logits, grad):
+        dst.copy_(grad_from_chunk(src.float(), labels[r0:r1], lse[r0:r1], g_tok[r0:r1], ignore_index))
