@@ -61,3 +61,30 @@ def run_isolated(module: str, *args: str, timeout: int = 900) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def profiled_peak_bytes(fn) -> int:
+    """Peak of live CPU tensor bytes allocated while fn() runs, from torch.profiler allocation events.
+
+    Deterministic: it adds up the byte counts of every allocation and free PyTorch's CPU allocator
+    reports (including temporaries inside ops), in order, and returns the highest running total.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = []
+
+    def walk(node):
+        if node.tag.name == "Allocation":
+            sizes.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live = peak = 0
+    for _, size in sorted(sizes, key=lambda e: e[0]):
+        live += size
+        peak = max(peak, live)
+    return peak

@@ -1,12 +1,22 @@
 """safedpo-kernels: fused, memory-lean SafeDPO losses for PyTorch.
 
-    from safedpo_kernels import sequence_logps, safedpo_loss, SafeDPOLoss, SafeDPOOutput
+    from safedpo_kernels import sequence_logps, safedpo_loss, linear_sequence_logps, linear_safedpo_loss
+    from safedpo_kernels import SafeDPOLoss, LinearSafeDPOLoss, SafeDPOOutput
 
 See README.md for the formula, the layouts and the backends.
 """
 
 from .api import SafeDPOLoss, safedpo_loss, sequence_logps
+from .linear import LinearSafeDPOLoss, linear_safedpo_loss, linear_sequence_logps
 from .reference import SafeDPOOutput
 
-__all__ = ["sequence_logps", "safedpo_loss", "SafeDPOLoss", "SafeDPOOutput"]
+__all__ = [
+    "sequence_logps",
+    "safedpo_loss",
+    "linear_sequence_logps",
+    "linear_safedpo_loss",
+    "SafeDPOLoss",
+    "LinearSafeDPOLoss",
+    "SafeDPOOutput",
+]
 __version__ = "0.1.0"

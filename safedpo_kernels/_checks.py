@@ -158,3 +158,25 @@ def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, 
             raise ValueError(f"{name} must hold only 0/1 (or True/False) values")
     check_same_device(device, "the logits", ref_logps=ref_logps, chosen_safe=chosen_safe, rejected_safe=rejected_safe)
     return B
+
+
+def check_linear_weight(hidden: torch.Tensor, weight, bias) -> int:
+    """Validate the LM head (V, H) weight and optional (V,) bias against hidden; returns V."""
+    _name_tensor(weight, "weight")
+    if weight.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the 2-D (V, H) LM head weight, got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if V == 0:
+        raise ValueError("weight has V = 0 rows (an empty vocabulary)")
+    if hidden.dim() >= 1 and hidden.shape[-1] != H:
+        raise ValueError(f"weight is (V, H) = {tuple(weight.shape)} but hidden's last dimension is H = {hidden.shape[-1]}")
+    if bias is not None:
+        _name_tensor(bias, "bias")
+        if bias.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"bias must be float32, bfloat16 or float16, got {bias.dtype}")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    check_same_device(hidden.device, "hidden", weight=weight, bias=bias)
+    return V

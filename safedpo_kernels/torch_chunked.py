@@ -69,10 +69,14 @@ def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return torch.where(counted, tok, torch.zeros_like(tok)), lse
 
 
-def grad_from_chunk(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """g * (onehot(label) - softmax(x)) for a (rows, V) float32 chunk; rows with g == 0 get exact zeros."""
+def grad_from_chunk(x, labels, lse, g, ignore_index: int, overwrite: bool = False) -> torch.Tensor:
+    """g * (onehot(label) - softmax(x)) for a (rows, V) float32 chunk; rows with g == 0 get exact zeros.
+
+    ``overwrite=True`` computes in x's own memory (x must be a temporary of the caller's).
+    """
     _, valid, safe = _target_mask(labels, x.shape[-1], ignore_index)
-    grad = torch.sub(x, lse.unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
+    grad = x.sub_(lse.unsqueeze(1)) if overwrite else torch.sub(x, lse.unsqueeze(1))
+    grad = grad.exp_().mul_(-g.unsqueeze(1))
     grad.scatter_add_(1, safe.unsqueeze(1), torch.where(valid, g, torch.zeros_like(g)).unsqueeze(1))
     # Ignored tokens (g == 0) may hold NaN/inf logits that must not leak into their gradient.
     return grad.masked_fill_((g == 0).unsqueeze(1), 0.0)
@@ -92,4 +96,37 @@ def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index
     """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
     chunk = chunk_rows_for(logits.shape[-1])
     for r0, r1, (src, dst) in row_chunks(layout, chunk, logits, grad):
-        dst.copy_(grad_from_chunk(src.float(), labels[r0:r1], lse[r0:r1], g_tok[r0:r1], ignore_index))
+        x = src.float()
+        dst.copy_(grad_from_chunk(x, labels[r0:r1], lse[r0:r1], g_tok[r0:r1], ignore_index, overwrite=x is not src))
+
+
+# ---- fused-linear path: logits = hidden @ weight.T + bias, one chunk of rows at a time ----
+
+
+def prepare_weight(weight: torch.Tensor, bias, hidden_dtype: torch.dtype):
+    """float32 operands for the chunked matmuls (one float32 copy of a bf16/fp16 weight)."""
+    return weight.float(), None if bias is None else bias.float()
+
+
+def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int):
+    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32, chunked over rows."""
+    rows = hidden.shape[0]
+    tok = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(tok)
+    chunk = chunk_rows_for(weight.shape[0])
+    for r0 in range(0, rows, chunk):
+        r1 = min(r0 + chunk, rows)
+        z = torch.nn.functional.linear(hidden[r0:r1].float(), weight, bias)
+        tok[r0:r1], lse[r0:r1] = token_logps_from_chunk(z, labels[r0:r1], ignore_index)
+    return tok, lse
+
+
+def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int) -> torch.Tensor:
+    """d loss / d logits (rows, V) float32 for one chunk of rows, logits recomputed."""
+    z = torch.nn.functional.linear(hidden.float(), weight, bias)
+    return grad_from_chunk(z, labels, lse, g, ignore_index, overwrite=True)
+
+
+def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:
+    """Rows per backward chunk: one float32 (rows x V) buffer within the chunk budget."""
+    return chunk_rows_for(V)

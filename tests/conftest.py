@@ -38,6 +38,9 @@ def case(request, monkeypatch):
     monkeypatch.setenv("SAFEDPO_CHUNK_BYTES", str(4 * 1024 * 5))
     monkeypatch.setenv("SAFEDPO_TRITON_BLOCK_V", "128")
     monkeypatch.setenv("SAFEDPO_TRITON_TILE", "1024")
+    monkeypatch.setenv("SAFEDPO_LINEAR_BLOCK_N", "32")
+    monkeypatch.setenv("SAFEDPO_LINEAR_SPLITS", "3")
+    monkeypatch.setenv("SAFEDPO_LINEAR_CHUNK_BYTES", str(4 * 1024 * 7))
     return request.param
 
 

@@ -88,3 +88,96 @@ def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index
     )
     if dst is not grad:
         grad.copy_(dst)
+
+
+# ---- fused-linear path ----
+
+from .linear_backward import linear_dlogits_kernel  # noqa: E402
+from .linear_forward import linear_forward_kernel  # noqa: E402
+
+
+def _linear_tiles(rows: int, H: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, precision); SAFEDPO_LINEAR_BLOCK_N overrides BLOCK_N."""
+    block_m = 64 if not INTERPRETED else max(16, min(64, triton.next_power_of_2(max(rows, 1))))
+    block_n = int(os.environ.get("SAFEDPO_LINEAR_BLOCK_N", 128))
+    block_k = 32 if dtype == torch.float32 else 64
+    if INTERPRETED:
+        block_k = max(16, min(128, triton.next_power_of_2(H)))
+    # float32 inputs: IEEE products, since TF32 (10-bit mantissa) would break the 1e-5 contract.
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return block_m, block_n, block_k, 8, precision
+
+
+def prepare_weight(weight: torch.Tensor, bias, hidden_dtype: torch.dtype):
+    """tl.dot needs both operands in one dtype: a weight in another dtype is cast once (as autocast would)."""
+    w = weight if weight.dtype == hidden_dtype else weight.to(hidden_dtype)
+    return (w if w.stride(1) == 1 else w.contiguous()), bias
+
+
+def _splits(rows: int, V: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """Vocabulary slices per row block: enough programs to fill the GPU when there are few rows."""
+    n_col_blocks = triton.cdiv(V, block_n)
+    if "SAFEDPO_LINEAR_SPLITS" in os.environ:
+        want = int(os.environ["SAFEDPO_LINEAR_SPLITS"])
+    elif device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(4 * sms, triton.cdiv(rows, block_m))
+    else:
+        want = 1
+    return max(1, min(want, n_col_blocks))
+
+
+def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int):
+    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32; logits stay on chip."""
+    rows, H = hidden.shape
+    V = weight.shape[0]
+    tok = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    if rows == 0:
+        return tok, tok.clone()
+    hidden = hidden.contiguous()
+    block_m, block_n, block_k, num_warps, precision = _linear_tiles(rows, H, hidden.dtype)
+    splits = _splits(rows, V, block_m, block_n, hidden.device)
+    cols_per_split = triton.cdiv(triton.cdiv(V, block_n), splits) * block_n
+    splits = triton.cdiv(V, cols_per_split)
+    part = torch.empty(3, rows, splits, dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(rows, block_m), splits)
+    linear_forward_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, part[0], part[1], part[2],
+        rows, V, H, hidden.stride(0), weight.stride(0), cols_per_split, splits,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, UPCAST=INTERPRETED,
+        num_warps=num_warps,
+    )
+    # Combine the slices' (max, sum) in a fixed order: deterministic, O(rows x splits).
+    mx, sm, tgt = part
+    top = mx.max(dim=1).values
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    lse = shift + torch.log((sm * torch.exp(mx - shift[:, None])).sum(dim=1))
+    counted = labels != ignore_index
+    valid = counted & (labels >= 0) & (labels < V)
+    tok = torch.where(valid, tgt.sum(dim=1) - lse, torch.full_like(lse, float("nan")))
+    return torch.where(counted, tok, torch.zeros_like(tok)), lse
+
+
+def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:
+    """Rows per backward chunk: one (rows x V) gradient buffer within SAFEDPO_LINEAR_CHUNK_BYTES (1 GiB)."""
+    budget = int(os.environ.get("SAFEDPO_LINEAR_CHUNK_BYTES", 1 << 30))
+    return max(1, budget // (V * torch.finfo(dtype).bits // 8))
+
+
+def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int) -> torch.Tensor:
+    """d loss / d logits (rows, V) in the hidden dtype for one chunk of rows, logits recomputed on chip."""
+    rows, H = hidden.shape
+    V = weight.shape[0]
+    hidden = hidden.contiguous()
+    dz = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
+    if rows == 0:
+        return dz
+    block_m, block_n, block_k, num_warps, precision = _linear_tiles(rows, H, hidden.dtype)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(V, block_n))
+    linear_dlogits_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, lse, g, dz,
+        rows, V, H, hidden.stride(0), weight.stride(0), dz.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, UPCAST=INTERPRETED,
+        num_warps=num_warps,
+    )
+    return dz

@@ -1,0 +1,40 @@
+"""Fused-linear backward kernel: d loss / d logits for one chunk of rows, logits recomputed on chip.
+
+Program (i, j) recomputes the (BLOCK_M, BLOCK_N) logits tile of rows i and vocabulary tile j with tl.dot
+(float32 accumulation), forms g * (onehot - exp(z - lse)) in float32 and stores it in the chunk's
+gradient buffer (the hidden dtype). The caller then takes d hidden = dz @ weight and
+d weight += dz.T @ hidden with cuBLAS / ATen matmuls, which are deterministic. Only a (chunk x V) buffer
+of dz exists at a time, never a (tokens x V) one.
+
+Memory traffic: per tile, BLOCK_M x H hidden and BLOCK_N x H weight elements (mostly L2 hits) in,
+BLOCK_M x BLOCK_N gradients out.
+"""
+
+import triton
+import triton.language as tl
+
+from .linear_forward import linear_logits_tile
+
+
+@triton.jit
+def linear_dlogits_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr, dz_ptr,
+    rows, V, H, stride_h, stride_w, stride_dz,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = r < rows
+    col_ok = cols < V
+    g = tl.load(g_ptr + r, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + r, mask=row_ok, other=0.0)
+    label = tl.load(labels_ptr + r, mask=row_ok, other=-1).to(tl.int64)
+    z = linear_logits_tile(h_ptr, w_ptr, b_ptr, r, row_ok, cols, col_ok, H, stride_h, stride_w,
+                           HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+    p = tl.exp(z - lse[:, None])
+    onehot = (cols[None, :] == label[:, None]).to(tl.float32)
+    live = row_ok & (g != 0.0)
+    dz = tl.where(live[:, None], g[:, None] * (onehot - p), 0.0)
+    tl.store(dz_ptr + r[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
