@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test train bench clean
+.PHONY: test train bench clean native
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(VENV)/.test-deps: pyproject.toml requirements-cpu.txt | $(PYTHON)
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-test: $(VENV)/.test-deps
+# Build the C++ CPU kernels up front: a broken build fails here instead of silently falling back.
+native: $(VENV)/.test-deps
+	$(PYTHON) -c "import sys; from safedpo_kernels import native; ok = native.load(); print('native kernels:', native.build_info()); sys.exit(0 if ok else 1)"
+
+test: native
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
 
 train: $(VENV)/.test-deps

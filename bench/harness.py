@@ -23,6 +23,7 @@ def _sync(device: str) -> None:
 def measure(make_inputs, step, device: str, repeats: int = 3) -> dict:
     times, peaks = [], []
     out = None
+    first_s = 0.0
     for i in range(repeats + 1):
         inputs = make_inputs()
         _sync(device)
@@ -31,14 +32,17 @@ def measure(make_inputs, step, device: str, repeats: int = 3) -> dict:
             out = step(*inputs)
             _sync(device)
             elapsed = time.perf_counter() - t0
-        if i:  # the first run is the warm-up
+        if i:  # the first run is the warm-up (and, for torch.compile, the compilation)
             times.append(elapsed)
             peaks.append(mem.peak_bytes)
+        else:
+            first_s = elapsed
         del inputs
     return dict(
         median_s=statistics.median(times),
         min_s=min(times),
         max_s=max(times),
+        first_s=first_s,
         peak_bytes=max(peaks),
         value=float(out.detach().double().sum()) if out is not None else float("nan"),
     )

@@ -1,24 +1,25 @@
-"""Peak memory and time of sequence_logps forward + backward: fused backends versus the eager reference.
+"""sequence_logps forward + backward: fused backends versus eager PyTorch and torch.compile.
 
-    python -m bench.logits_memory [--N 8 --T 1024 --V 32000 --dtype float32]
+    python -m bench.logits_memory [--N 8 --T 1024 --V 32000 --dtype float32 --repeats 5]
 
-Each variant runs in a fresh process (peak RSS on the CPU, max_memory_allocated on CUDA) and reports its
-peak memory increase above the resident logits, the median time over 3 runs after a warm-up, and its
-error against the reference. The gradient is taken with torch.autograd.grad (as an upstream layer would
-receive it), and it counts towards the peak.
+Each variant runs in a fresh process and reports the median time over ``repeats`` runs after a warm-up
+(the warm-up time, which includes torch.compile's compilation, is reported apart), the peak memory
+increase above the resident logits (RSS high-water mark on the CPU, max_memory_allocated on CUDA) and
+its error against the float64 reference. The gradient is taken with torch.autograd.grad, as an upstream
+layer would receive it, and counts towards the peak. A quarter of each row's tokens are prompt
+(ignored).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 VARIANTS = {
-    "eager": dict(),
+    "eager": None,
+    "compile": None,
     "torch": dict(backend="torch"),
     "torch-inplace": dict(backend="torch", inplace_backward=True),
     "native": dict(backend="native"),
@@ -29,46 +30,39 @@ VARIANTS = {
 
 
 def one(variant: str, N: int, T: int, V: int, dtype: str, device: str, repeats: int) -> dict:
-    from bench.memory import PeakMemory
+    from bench.harness import measure
     from safedpo_kernels import reference, sequence_logps
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, V, (N, T), generator=gen)
-    labels[:, : T // 4] = -100  # a prompt
+    labels[:, : T // 4] = -100
     labels = labels.to(device)
     dt = getattr(torch, dtype)
 
-    def fresh_logits():
-        return torch.randn(N, T, V, generator=torch.Generator().manual_seed(1)).to(dt).to(device).requires_grad_()
+    if variant == "eager":
+        fn = reference.sequence_logps
+    elif variant == "compile":
+        fn = torch.compile(reference.sequence_logps)
+    else:
+        def fn(logits, labels):
+            return sequence_logps(logits, labels, **VARIANTS[variant])
+
+    def make_inputs():
+        logits = torch.randn(N, T, V, generator=torch.Generator().manual_seed(1)).to(dt).to(device)
+        return (logits.requires_grad_(),)
 
     def step(logits):
-        if variant == "eager":
-            out = reference.sequence_logps(logits, labels)
-        else:
-            out = sequence_logps(logits, labels, **VARIANTS[variant])
+        out = fn(logits, labels)
         (grad,) = torch.autograd.grad(out.sum(), logits)
-        return out.detach(), grad
+        del grad
+        return out.detach()
 
-    times = []
-    for i in range(repeats + 1):
-        logits = fresh_logits()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            out, grad = step(logits)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-        if i == 0:
-            peak = mem.peak_bytes  # the first (cold) run: nothing cached yet from earlier runs
-        else:
-            times.append(elapsed)
-        del grad, logits
-    want = reference.sequence_logps(fresh_logits().detach().double(), labels)
-    err = ((out.double() - want).abs() / want.abs().clamp(min=1)).max().item()
-    return dict(variant=variant, N=N, T=T, V=V, dtype=dtype, device=device, median_s=statistics.median(times),
-                peak_bytes=peak, logits_bytes=N * T * V * torch.finfo(dt).bits // 8, max_err=err)
+    r = measure(make_inputs, step, device, repeats)
+    want = reference.sequence_logps(make_inputs()[0].detach().double(), labels)
+    got = step(*make_inputs())
+    r.update(variant=variant, N=N, T=T, V=V, dtype=dtype, device=device,
+             max_err=((got.double() - want).abs() / want.abs().clamp(min=1)).max().item())
+    return r
 
 
 def main():
@@ -78,7 +72,7 @@ def main():
     p.add_argument("--V", type=int, default=32000)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -92,16 +86,15 @@ def main():
         v for v in VARIANTS
         if not (v.startswith("triton") and a.device != "cuda") and not (v.startswith("native") and not native_available())
     ]
-    rows = []
-    print(f"sequence_logps fwd+bwd, N={a.N} T={a.T} V={a.V} {a.dtype} on {a.device}")
-    print(f"{'variant':16} {'median s':>9} {'peak MB':>9} {'x eager':>8} {'max err':>9}")
+    print(f"sequence_logps fwd+bwd, N={a.N} T={a.T} V={a.V} {a.dtype} on {a.device}, median of {a.repeats} after a warm-up")
+    print(f"{'variant':16} {'median s':>9} {'x faster':>9} {'warm-up s':>10} {'peak MB':>9} {'x eager':>8} {'max err':>9}")
+    base = None
     for name in names:
-        args = ["--one", name, "--N", str(a.N), "--T", str(a.T), "--V", str(a.V), "--dtype", a.dtype,
-                "--device", a.device, "--repeats", str(a.repeats)]
+        args = ["--one", name] + [f"--{k}={getattr(a, k)}" for k in ("N", "T", "V", "dtype", "device", "repeats")]
         r = run_isolated("bench.logits_memory", *args)
-        rows.append(r)
-        base = rows[0]["peak_bytes"] if rows[0]["variant"] == "eager" else float("nan")
-        print(f"{name:16} {r['median_s']:9.3f} {r['peak_bytes'] / 2**20:9.1f} {r['peak_bytes'] / base:8.3f} {r['max_err']:9.2e}", flush=True)
+        base = base or r
+        print(f"{name:16} {r['median_s']:9.3f} {base['median_s'] / r['median_s']:9.2f} {r['first_s']:10.2f} "
+              f"{r['peak_bytes'] / 2**20:9.1f} {r['peak_bytes'] / base['peak_bytes']:8.3f} {r['max_err']:9.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,14 @@ class SequenceLogps(torch.autograd.Function):
         logits, labels, lse, count = ctx.saved_tensors
         layout, ignore_index, average, inplace, impl = ctx.meta
         g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
-        grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if inplace:
+            grad = logits
+        elif logits.device.type == "cpu":
+            # A fresh CPU buffer is faulted in page by page on first write; a parallel zero-fill first is
+            # markedly cheaper than taking those faults inside the kernel's exp loop.
+            grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         impl.logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index)
         return grad, None, None, None, None, None, None
 

@@ -108,8 +108,13 @@ def prepare_weight(weight: torch.Tensor, bias, hidden_dtype: torch.dtype):
     return weight.float(), None if bias is None else bias.float()
 
 
-def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int):
-    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32, chunked over rows."""
+def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int,
+                   chunk_fn=token_logps_from_chunk):
+    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32, chunked over rows.
+
+    ``chunk_fn(z, labels, ignore_index)`` reduces one float32 logits chunk (the native backend passes
+    its C++ kernel).
+    """
     rows = hidden.shape[0]
     tok = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(tok)
@@ -117,14 +122,14 @@ def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ign
     for r0 in range(0, rows, chunk):
         r1 = min(r0 + chunk, rows)
         z = torch.nn.functional.linear(hidden[r0:r1].float(), weight, bias)
-        tok[r0:r1], lse[r0:r1] = token_logps_from_chunk(z, labels[r0:r1], ignore_index)
+        tok[r0:r1], lse[r0:r1] = chunk_fn(z, labels[r0:r1], ignore_index)
     return tok, lse
 
 
-def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int) -> torch.Tensor:
+def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, grad_fn=grad_from_chunk) -> torch.Tensor:
     """d loss / d logits (rows, V) float32 for one chunk of rows, logits recomputed."""
     z = torch.nn.functional.linear(hidden.float(), weight, bias)
-    return grad_from_chunk(z, labels, lse, g, ignore_index, overwrite=True)
+    return grad_fn(z, labels, lse, g, ignore_index, overwrite=True)
 
 
 def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:

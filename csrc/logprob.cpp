@@ -1,0 +1,189 @@
+// Fused per-token log-prob kernels for the CPU (backend "native").
+//
+// Forward, per token row r with logits z = row(r) and label y:
+//   lse[r] = log(sum_v exp(z_v))   two passes over the row (max, then sum of exp), float32 throughout
+//   tok[r] = z_y - lse[r]          0 when y == ignore_index (the row is not even read), NaN when y is
+//                                  outside [0, V) (possible only with validate=False; nothing is read)
+// Backward, per row: grad[r, v] = g[r] * (onehot(y)_v - exp(z_v - lse[r])), rows with g == 0 set to 0
+// without reading the logits. grad may alias the logits (in-place backward): each element is read
+// before it is written, by the same thread.
+//
+// Rows are independent and each is reduced by one thread in a fixed order, so results do not depend on
+// the number of threads. A row lives at (r / seq_len) * stride_seq + (r % seq_len) * stride_tok
+// elements from the data pointer, so shifted views such as logits[:, :-1] need no copy.
+//
+// The row loops use ATen's Vectorized<float> (Sleef exp/log, accurate to 1 ulp; AVX2 when the build
+// machine has it). bf16/fp16 rows are widened into a per-thread float32 row buffer first.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t row_offset(int64_t r, int64_t seq_len, int64_t stride_seq, int64_t stride_tok) {
+  return (r / seq_len) * stride_seq + (r % seq_len) * stride_tok;
+}
+
+// A row as float32: the data itself for float32, else widened into buf.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* src, int64_t V, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    buf.resize(V);
+    for (int64_t v = 0; v < V; ++v) buf[v] = static_cast<float>(src[v]);
+    return buf.data();
+  }
+}
+
+// log(sum exp(x)) of one float32 row: a vectorized max pass, then a vectorized sum-of-exp pass.
+inline float row_lse(const float* x, int64_t V) {
+  Vec vmax(kNegInf);
+  int64_t v = 0;
+  for (; v + Vec::size() <= V; v += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + v));
+  float m = kNegInf;
+  float lanes[Vec::size()];
+  vmax.store(lanes);
+  for (int i = 0; i < Vec::size(); ++i) m = std::isnan(lanes[i]) || lanes[i] > m ? lanes[i] : m;
+  for (; v < V; ++v) m = std::isnan(x[v]) || x[v] > m ? x[v] : m;
+  if (std::isnan(m)) return m;
+  if (m == kNegInf) return kNegInf;  // every logit -inf: log(0)
+  if (m == std::numeric_limits<float>::infinity()) return std::numeric_limits<float>::quiet_NaN();
+  const Vec vm(m);
+  Vec vsum(0.f);
+  v = 0;
+  for (; v + Vec::size() <= V; v += Vec::size()) vsum = vsum + (Vec::loadu(x + v) - vm).exp();
+  float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; v < V; ++v) s += std::exp(x[v] - m);
+  return m + std::log(s);
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& tok, at::Tensor& lse,
+                  int64_t rows, int64_t V, int64_t seq_len, int64_t stride_seq, int64_t stride_tok,
+                  int64_t ignore_index) {
+  const scalar_t* base = logits.data_ptr<scalar_t>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  float* out_tok = tok.data_ptr<float>();
+  float* out_lse = lse.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = lab[r];
+      if (y == ignore_index) {
+        out_tok[r] = 0.f;
+        out_lse[r] = 0.f;
+        continue;
+      }
+      const float* x = as_float(base + row_offset(r, seq_len, stride_seq, stride_tok), V, buf);
+      const float l = row_lse(x, V);
+      out_lse[r] = l;
+      out_tok[r] = (y >= 0 && y < V) ? x[y] - l : std::numeric_limits<float>::quiet_NaN();
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& logits, at::Tensor& grad, const at::Tensor& labels, const at::Tensor& lse,
+                   const at::Tensor& g, int64_t rows, int64_t V, int64_t seq_len, int64_t stride_seq,
+                   int64_t stride_tok, int64_t grad_stride_seq, int64_t grad_stride_tok) {
+  const scalar_t* src_base = logits.data_ptr<scalar_t>();
+  scalar_t* dst_base = grad.data_ptr<scalar_t>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const float* lse_p = lse.data_ptr<float>();
+  const float* g_p = g.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf, out;
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* dst = dst_base + row_offset(r, seq_len, grad_stride_seq, grad_stride_tok);
+      const float gr = g_p[r];
+      if (gr == 0.f) {  // ignored token: exact zeros, logits not read (they may hold NaN)
+        std::fill(dst, dst + V, scalar_t(0));
+        continue;
+      }
+      const float* x = as_float(src_base + row_offset(r, seq_len, stride_seq, stride_tok), V, buf);
+      const int64_t y = lab[r];
+      // The true-class term, formed in float32 before anything is rounded or overwritten.
+      const float target = (y >= 0 && y < V) ? gr * (1.f - std::exp(x[y] - lse_p[r])) : 0.f;
+      float* o;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        o = dst;  // may alias x: element-wise, read before write
+      } else {
+        out.resize(V);
+        o = out.data();
+      }
+      const Vec vl(lse_p[r]), vng(-gr);
+      int64_t v = 0;
+      for (; v + Vec::size() <= V; v += Vec::size()) (vng * (Vec::loadu(x + v) - vl).exp()).store(o + v);
+      for (; v < V; ++v) o[v] = -gr * std::exp(x[v] - lse_p[r]);
+      if (y >= 0 && y < V) o[y] = target;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        for (int64_t i = 0; i < V; ++i) dst[i] = static_cast<scalar_t>(o[i]);
+      }
+    }
+  });
+}
+
+void check_common(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.device().is_cpu(), "safedpo native kernels take CPU tensors");
+  TORCH_CHECK(logits.stride(-1) == 1, "logits rows must be contiguous along V");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous(), "labels must be contiguous int64");
+}
+
+std::tuple<at::Tensor, at::Tensor> logp_forward(const at::Tensor& logits, const at::Tensor& labels, int64_t seq_len,
+                                                int64_t stride_seq, int64_t stride_tok, int64_t ignore_index) {
+  check_common(logits, labels);
+  const int64_t rows = labels.numel();
+  const int64_t V = logits.size(-1);
+  auto tok = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto lse = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {tok, lse};
+  TORCH_CHECK(seq_len > 0, "seq_len must be positive");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "safedpo_logp_forward", [&] {
+    forward_impl<scalar_t>(logits, labels, tok, lse, rows, V, seq_len, stride_seq, stride_tok, ignore_index);
+  });
+  return {tok, lse};
+}
+
+void logp_backward(const at::Tensor& logits, at::Tensor grad, const at::Tensor& labels, const at::Tensor& lse,
+                   const at::Tensor& g, int64_t seq_len, int64_t stride_seq, int64_t stride_tok,
+                   int64_t grad_stride_seq, int64_t grad_stride_tok) {
+  check_common(logits, labels);
+  TORCH_CHECK(grad.scalar_type() == logits.scalar_type() && grad.stride(-1) == 1, "grad must match logits");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  g.is_contiguous(), "lse and g must be contiguous float32");
+  const int64_t rows = labels.numel();
+  TORCH_CHECK(lse.numel() == rows && g.numel() == rows, "lse and g must have one value per row");
+  if (rows == 0) return;
+  const int64_t V = logits.size(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "safedpo_logp_backward", [&] {
+    backward_impl<scalar_t>(logits, grad, labels, lse, g, rows, V, seq_len, stride_seq, stride_tok, grad_stride_seq,
+                            grad_stride_tok);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(safedpo_native, m) {
+  m.def("logp_forward(Tensor logits, Tensor labels, int seq_len, int stride_seq, int stride_tok, int ignore_index)"
+        " -> (Tensor, Tensor)");
+  m.def("logp_backward(Tensor logits, Tensor(a!) grad, Tensor labels, Tensor lse, Tensor g, int seq_len,"
+        " int stride_seq, int stride_tok, int grad_stride_seq, int grad_stride_tok) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(safedpo_native, CPU, m) {
+  m.impl("logp_forward", &logp_forward);
+  m.impl("logp_backward", &logp_backward);
+}
