@@ -1,0 +1,217 @@
+"""Benchmark cases: one op, one variant (implementation), one size. Shared by the CPU suite, the GPU
+check and the issue scripts.
+
+``build(op, variant, cfg)`` returns ``(make_inputs, step)``: ``make_inputs()`` makes fresh inputs,
+``step(*inputs)`` runs forward + backward and returns a scalar tensor (the loss, or the sum of the
+sequence log-probs) that the suite compares with the eager variant's.
+
+Every loss case uses pairs whose responses are all safe and zero reference log-probs, so that SafeDPO,
+DPO and the other libraries' DPO losses compute the same number (T and the margin are O(B) work).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+
+import torch
+
+OPS = ("sequence_logps", "safedpo_loss", "linear_safedpo_loss")
+BETA = 0.1
+
+
+@dataclass
+class Config:
+    N: int
+    T: int
+    V: int
+    H: int = 256
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def variants(op: str, device: str) -> list:
+    """The variants that can run here, eager first."""
+    from safedpo_kernels.api import native_available, triton_available
+
+    ours = ["torch", "torch-inplace"]
+    if device == "cpu" and native_available():
+        ours += ["native", "native-inplace"]
+    if device == "cuda" and triton_available():
+        ours += ["triton", "triton-inplace"]
+    if op == "sequence_logps":
+        return ["eager", "compile", "trl"] + ours
+    if op == "safedpo_loss":
+        return ["eager"] + [v for v in ours if v.endswith("inplace")]
+    linear = ["eager"] + [f"ours-{v}" for v in ours if not v.endswith("inplace")]
+    if _has("liger_kernel"):
+        linear.append("liger")
+    if _has("cut_cross_entropy"):
+        linear.append("cce")
+    return linear
+
+
+def trl_style_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The memory-saving eager idiom of TRL-style trainers: gather the target logits, then take each
+    sequence's log-sum-exp one sequence at a time, so only one sequence's float32 temporaries exist."""
+    counted = labels != -100
+    index = labels.clamp(min=0).unsqueeze(-1)
+    per_token = []
+    for row_logits, row_index in zip(logits, index):
+        row = row_logits.float()
+        per_token.append(row.gather(-1, row_index).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    return (torch.stack(per_token) * counted).sum(-1)
+
+
+def _logits_inputs(cfg: Config):
+    dt = getattr(torch, cfg.dtype)
+
+    def make_inputs():
+        g = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, cfg.V, (cfg.N, cfg.T), generator=g)
+        labels[:, : cfg.T // 4] = -100  # a quarter of each row is prompt
+        logits = torch.randn(cfg.N, cfg.T, cfg.V, generator=g).to(dt).to(cfg.device).requires_grad_()
+        return logits, labels.to(cfg.device)
+
+    return make_inputs
+
+
+def _pair_extras(cfg: Config):
+    ref = torch.zeros(cfg.N, device=cfg.device)
+    safe = torch.ones(cfg.N // 2, dtype=torch.bool, device=cfg.device)
+    return ref, safe, safe
+
+
+def _seq_logps_step(variant: str):
+    from safedpo_kernels import reference, sequence_logps
+
+    if variant == "eager":
+        fn = reference.sequence_logps
+    elif variant == "compile":
+        fn = torch.compile(reference.sequence_logps)
+    elif variant == "trl":
+        fn = trl_style_logps
+    else:
+        backend, _, inplace = variant.partition("-")
+
+        def fn(logits, labels):
+            return sequence_logps(logits, labels, backend=backend, inplace_backward=bool(inplace))
+
+    def step(logits, labels):
+        out = fn(logits, labels)
+        (grad,) = torch.autograd.grad(out.sum(), logits)  # as an upstream layer would receive it
+        del grad
+        return out.detach().sum()
+
+    return step
+
+
+def _loss_step(variant: str, cfg: Config):
+    from safedpo_kernels import reference, safedpo_loss
+
+    ref, cs, rs = _pair_extras(cfg)
+
+    def step(logits, labels):
+        if variant == "eager":
+            loss = reference.safedpo_loss(logits, labels, ref, cs, rs, beta=BETA).loss
+        else:
+            backend, _, inplace = variant.partition("-")
+            loss = safedpo_loss(logits, labels, ref, cs, rs, beta=BETA, backend=backend, inplace_backward=bool(inplace)).loss
+        (grad,) = torch.autograd.grad(loss, logits)
+        del grad
+        return loss.detach()
+
+    return step
+
+
+def _linear_inputs(cfg: Config):
+    dt = getattr(torch, cfg.dtype)
+
+    def make_inputs():
+        g = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, cfg.V, (cfg.N, cfg.T), generator=g)
+        labels[:, : cfg.T // 4] = -100
+        hidden = torch.randn(cfg.N, cfg.T, cfg.H, generator=g).to(dt).to(cfg.device).requires_grad_()
+        weight = (torch.randn(cfg.V, cfg.H, generator=g) / cfg.H**0.5).to(dt).to(cfg.device).requires_grad_()
+        return hidden, weight, labels.to(cfg.device)
+
+    return make_inputs
+
+
+def _dpo_from_token_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    seq = (token_logps.float() * (labels != -100)).sum(-1)
+    B = seq.shape[0] // 2
+    return -torch.nn.functional.logsigmoid(BETA * (seq[:B] - seq[B:])).mean()
+
+
+def _linear_step(variant: str, cfg: Config):
+    from safedpo_kernels import linear_safedpo_loss, reference
+
+    ref, cs, rs = _pair_extras(cfg)
+    if variant == "eager":
+        def loss_fn(hidden, weight, labels):
+            return reference.safedpo_loss(hidden @ weight.t(), labels, ref, cs, rs, beta=BETA).loss
+    elif variant.startswith("ours-"):
+        backend = variant[len("ours-"):]
+
+        def loss_fn(hidden, weight, labels):
+            return linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, beta=BETA, backend=backend).loss
+    elif variant == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False)
+
+        def loss_fn(hidden, weight, labels):
+            out = liger(weight, hidden, labels)
+            return out[0] if isinstance(out, tuple) else out
+    elif variant == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl = "cce" if cfg.device == "cuda" else "torch_compile"
+
+        def loss_fn(hidden, weight, labels):
+            # Exact gradients (filter_eps=None): CCE's default skips small softmax entries.
+            ce = linear_cross_entropy(hidden, weight, labels, reduction="none", filter_eps=None, impl=impl)
+            return _dpo_from_token_logps(-ce, labels)
+    else:
+        raise ValueError(f"unknown linear variant {variant!r}")
+
+    def step(hidden, weight, labels):
+        loss = loss_fn(hidden, weight, labels)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def build(op: str, variant: str, cfg: Config):
+    if op == "sequence_logps":
+        return _logits_inputs(cfg), _seq_logps_step(variant)
+    if op == "safedpo_loss":
+        return _logits_inputs(cfg), _loss_step(variant, cfg)
+    if op == "linear_safedpo_loss":
+        return _linear_inputs(cfg), _linear_step(variant, cfg)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def floor_bytes(op: str, cfg: Config) -> int:
+    """Bytes that must move at least once: read the logits forward, read them and write the gradient
+    backward (logits ops); hidden + weight in and their gradients out (linear)."""
+    elt = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    if op == "linear_safedpo_loss":
+        return 2 * elt * (cfg.N * cfg.T * cfg.H + cfg.V * cfg.H)
+    return 3 * elt * cfg.N * cfg.T * cfg.V
+
+
+def floor_flops(op: str, cfg: Config) -> int:
+    """Matmul work of the linear path: logits forward, recomputed backward, d hidden and d weight."""
+    if op != "linear_safedpo_loss":
+        return 0
+    return 4 * 2 * cfg.N * cfg.T * cfg.V * cfg.H

@@ -1,0 +1,186 @@
+"""The GPU benchmark of bench/gpu_check.sh: ceilings, then fused versus eager and the other libraries.
+
+    python -m bench.gpu_bench --out DIR            # on a CUDA machine
+    python -m bench.gpu_bench --dry-run --out DIR  # tiny sizes on the CPU (Triton interpreter)
+
+1. Ceilings: device-to-device copy bandwidth and the bf16 matmul rate.
+2. Logits path at N=8, T=4096, V=128256 bf16 (sequence_logps: triton vs eager vs torch.compile) and
+   fused-linear path with H=4096 (linear_safedpo_loss: triton vs Liger vs Cut Cross-Entropy vs eager),
+   forward + backward, median of 3 after a warm-up, peak memory (max_memory_allocated above the inputs),
+   and the time over its floor: bytes that must move / measured bandwidth for the logits path, matmul
+   work / measured matmul rate for the linear path.
+Writes gpu-<card>.csv and gpu-<card>.md under --out and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from bench import cases
+from bench.harness import measure
+
+
+def info(device: str) -> dict:
+    import triton
+
+    d = dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda)
+    if device == "cuda":
+        d["card"] = torch.cuda.get_device_name()
+        try:
+            d["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            d["driver"] = "unknown"
+    else:
+        d["card"] = "cpu (dry run)"
+    return d
+
+
+def _timed(fn, device: str, iters: int) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def ceilings(device: str, dry: bool) -> dict:
+    n_bytes = (1 << 20) if dry else (1 << 30)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = _timed(lambda: dst.copy_(src), device, 3 if dry else 20)
+    bandwidth = 2 * n_bytes / t  # read + write
+    del src, dst
+    n = 256 if dry else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = _timed(lambda: a @ b, device, 2 if dry else 20)
+    return dict(bandwidth_Bps=bandwidth, bf16_flops=2 * n**3 / t)
+
+
+def run(dry: bool, out: Path) -> list:
+    device = "cpu" if dry else "cuda"
+    meta = info(device)
+    print("== device ==")
+    for k, v in meta.items():
+        print(f"{k}: {v}")
+    ceil = ceilings(device, dry)
+    print(f"== ceilings ==\ndevice-to-device copy: {ceil['bandwidth_Bps'] / 1e9:.1f} GB/s, bf16 matmul: {ceil['bf16_flops'] / 1e12:.1f} TFLOP/s")
+
+    if dry:
+        logits_cfg = cases.Config(N=2, T=16, V=300, H=32, dtype="float32", device="cpu")
+        linear_cfg = logits_cfg
+    else:
+        logits_cfg = cases.Config(N=8, T=4096, V=128256, H=4096, dtype="bfloat16", device="cuda")
+        linear_cfg = logits_cfg
+    plan = [
+        ("sequence_logps", logits_cfg, ["eager", "compile", "triton", "triton-inplace"]),
+        ("linear_safedpo_loss", linear_cfg, ["eager", "ours-triton", "liger", "cce"]),
+    ]
+    rows = []
+    for op, cfg, names in plan:
+        available = cases.variants(op, "cuda") if not dry else names
+        eager_value = None
+        for variant in names:
+            row = dict(op=op, variant=variant, **cfg.as_dict())
+            if variant not in available:
+                row["status"] = "not installed"
+                rows.append(row)
+                continue
+            if dry and variant in ("compile", "liger", "cce"):
+                row["status"] = "skipped in dry run"
+                rows.append(row)
+                continue
+            try:
+                make_inputs, step = cases.build(op, variant, cfg)
+                r = measure(make_inputs, step, device, repeats=1 if dry else 3)
+            except Exception as exc:  # OOM for eager at full size is a result, not a crash
+                msg = str(exc).strip().splitlines()
+                row["status"] = "failed: " + (msg[0][:100] if msg else type(exc).__name__)
+                rows.append(row)
+                print(f"{op} {variant}: {row['status']}", flush=True)
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if variant == "eager":
+                eager_value = r["value"]
+            if op == "linear_safedpo_loss":
+                floor_s = cases.floor_flops(op, cfg) / ceil["bf16_flops"]
+            else:
+                floor_s = cases.floor_bytes(op, cfg) / ceil["bandwidth_Bps"]
+            row.update(
+                status="ok", median_s=r["median_s"], min_s=r["min_s"], max_s=r["max_s"], first_s=r["first_s"],
+                peak_mb=r["peak_bytes"] / 2**20, value=r["value"], floor_s=floor_s, x_floor=r["median_s"] / floor_s,
+                matches_eager="" if eager_value is None else
+                ("yes" if abs(r["value"] - eager_value) <= 2e-3 * max(1.0, abs(eager_value)) else "NO"),
+            )
+            rows.append(row)
+            print(f"{op} {variant}: {r['median_s'] * 1e3:.1f} ms, {row['peak_mb']:.0f} MB, {row['x_floor']:.1f}x floor", flush=True)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    out.mkdir(parents=True, exist_ok=True)
+    card = meta["card"].replace(" ", "-").replace("(", "").replace(")", "")
+    stem = out / f"gpu-{card}"
+    fields = ["op", "variant", "N", "T", "V", "H", "dtype", "device", "median_s", "min_s", "max_s", "first_s",
+              "peak_mb", "floor_s", "x_floor", "value", "matches_eager", "status"]
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        f"# GPU check: {meta['card']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta.get('cuda')}, driver {meta.get('driver', '-')}; "
+        f"copy bandwidth {ceil['bandwidth_Bps'] / 1e9:.1f} GB/s, bf16 matmul {ceil['bf16_flops'] / 1e12:.1f} TFLOP/s.",
+        "Forward + backward, median (min-max) of 3 after a warm-up; peak = max_memory_allocated above the inputs;",
+        "floor = bytes that must move / bandwidth (logits path) or matmul FLOPs / matmul rate (linear path).",
+        "",
+        "| op | N x T, V, H | variant | median ms (min-max) | peak MB | x floor | matches eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        size = f"{r['N']} x {r['T']}, {r['V']}, {r['H']}"
+        if r.get("status") != "ok":
+            lines.append(f"| {r['op']} | {size} | {r['variant']} | {r['status']} | | | |")
+        else:
+            lines.append(
+                f"| {r['op']} | {size} | {r['variant']} | {r['median_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}) "
+                f"| {r['peak_mb']:.0f} | {r['x_floor']:.2f} | {r['matches_eager']} |"
+            )
+    table = "\n".join(lines) + "\n"
+    Path(f"{stem}.md").write_text(table)
+    Path(f"{stem}.json").write_text(json.dumps(dict(info=meta, ceilings=ceil), indent=1))
+    print(table)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    a = p.parse_args()
+    rows = run(a.dry_run, Path(a.out))
+    bad = [r for r in rows if r.get("matches_eager") == "NO"]
+    if bad or (a.dry_run and any(r.get("status", "").startswith("failed") for r in rows)):
+        raise SystemExit("gpu_bench: a case failed or does not match eager")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Preference data: PKU-SafeRLHF-style rows -> checked rows -> pairs for a mode -> token ids.
+
+Columns (SPEC section 1): prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
+better_response_id, safer_response_id; ``columns`` maps these names to the file's own.
+
+Modes, all trained with the same loss (``loss_flags`` gives its delta / swap / drop settings):
+- safedpo:        y_w = better response, flags as given; the loss applies T and the delta margin.
+- noswap:         as safedpo, but T does not swap (the NoSwap ablation).
+- dpo-helpful:    y_w = better response, plain DPO.
+- dpo-harmless:   y_w = safer response (safer_response_id), plain DPO.
+- dpo-safebetter: pairs whose better response is unsafe are removed, plain DPO.
+``safety_label_noise = p`` flips each safety flag with probability p (seeded) before anything else.
+
+Tokenization: the tokenizer's chat template when it has one (one user turn, generation prompt added),
+else the plain template "User: {prompt}\\nAssistant: ". The response is followed by EOS. Truncation: the
+prompt keeps its last ``max_prompt_length`` tokens; then the response keeps its first
+``max_length - len(prompt)`` tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+COLUMNS = (
+    "prompt",
+    "response_0",
+    "response_1",
+    "is_response_0_safe",
+    "is_response_1_safe",
+    "better_response_id",
+    "safer_response_id",
+)
+PLAIN_TEMPLATE = "User: {prompt}\nAssistant: "
+
+
+class DataError(ValueError):
+    """A malformed row: the message names the file, the row and the column."""
+
+
+@dataclass
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_safe: bool
+    rejected_safe: bool
+
+
+@dataclass
+class Example:
+    prompt_ids: List[int]
+    chosen_ids: List[int]
+    rejected_ids: List[int]
+    chosen_safe: bool
+    rejected_safe: bool
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def _load_table(path: str):
+    """A datasets.Dataset from a local file or a saved dataset directory (no hub access)."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return ds
+    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported data file type (json, jsonl, parquet, csv or a saved dataset directory)")
+    if not p.exists():
+        raise DataError(f"{path}: no such file")
+    return datasets.load_dataset(kind, data_files=str(p), split="train")
+
+
+def _as_bool(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise DataError(f"{where}: expected a boolean safety flag, got {value!r}")
+
+
+def _as_id(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
+        raise DataError(f"{where}: expected 0 or 1, got {value!r}")
+    return value
+
+
+def check_row(row: dict, where: str) -> dict:
+    """The row with validated, normalized values, or DataError naming ``where`` and the column."""
+    for col in COLUMNS:
+        if col not in row or row[col] is None:
+            raise DataError(f"{where}, column {col!r}: missing")
+    out = {"prompt": row["prompt"]}
+    for col in ("prompt", "response_0", "response_1"):
+        if not isinstance(row[col], str) or not row[col].strip():
+            raise DataError(f"{where}, column {col!r}: expected a non-empty string, got {row[col]!r}")
+        out[col] = row[col]
+    for k in (0, 1):
+        col = f"is_response_{k}_safe"
+        out[col] = _as_bool(row[col], f"{where}, column {col!r}")
+    for col in ("better_response_id", "safer_response_id"):
+        out[col] = _as_id(row[col], f"{where}, column {col!r}")
+    return out
+
+
+def load_rows(files: Sequence[str], columns: Optional[dict] = None, skip_bad_rows: bool = False) -> Tuple[List[dict], int]:
+    """Checked rows from all files, in order, and the number of skipped malformed rows."""
+    rename = {v: k for k, v in (columns or {}).items()}
+    unknown = set((columns or {})) - set(COLUMNS)
+    if unknown:
+        raise DataError(f"columns: unknown standard column name(s) {sorted(unknown)}; they are {list(COLUMNS)}")
+    rows, skipped = [], 0
+    for path in files:
+        table = _load_table(path)
+        for i, raw in enumerate(table):
+            row = {rename.get(k, k): v for k, v in raw.items()}
+            try:
+                rows.append(check_row(row, f"{path}, row {i}"))
+            except DataError:
+                if not skip_bad_rows:
+                    raise
+                skipped += 1
+    return rows, skipped
+
+
+def flip_safety_labels(rows: List[dict], p: float, seed: int) -> List[dict]:
+    """Each safety flag flipped independently with probability p (the seed's label-noise ablation)."""
+    if p <= 0:
+        return rows
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        row = dict(row)
+        for col in ("is_response_0_safe", "is_response_1_safe"):
+            if rng.random() < p:
+                row[col] = not row[col]
+        out.append(row)
+    return out
+
+
+def build_pairs(rows: List[dict], mode: str) -> List[Pair]:
+    """Pairs (preferred first) for a mode; see the module docstring."""
+    pairs = []
+    for row in rows:
+        w = row["safer_response_id"] if mode == "dpo-harmless" else row["better_response_id"]
+        l = 1 - w
+        pair = Pair(
+            prompt=row["prompt"],
+            chosen=row[f"response_{w}"],
+            rejected=row[f"response_{l}"],
+            chosen_safe=row[f"is_response_{w}_safe"],
+            rejected_safe=row[f"is_response_{l}_safe"],
+        )
+        if mode == "dpo-safebetter" and not pair.chosen_safe:
+            continue
+        pairs.append(pair)
+    return pairs
+
+
+def loss_flags(mode: str, delta: float) -> dict:
+    """delta / swap / drop_both_unsafe of safedpo_loss for a mode."""
+    if mode == "safedpo":
+        return dict(delta=delta, swap=True, drop_both_unsafe=True)
+    if mode == "noswap":
+        return dict(delta=delta, swap=False, drop_both_unsafe=True)
+    return dict(delta=0.0, swap=False, drop_both_unsafe=False)
+
+
+def prompt_text(tokenizer, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return PLAIN_TEMPLATE.format(prompt=prompt)
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> List[int]:
+    ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+    return ids[-max_prompt_length:]
+
+
+def encode_pairs(pairs: List[Pair], tokenizer, max_prompt_length: int, max_length: int) -> List[Example]:
+    eos = tokenizer.eos_token_id
+    examples = []
+    for pair in pairs:
+        prompt_ids = encode_prompt(tokenizer, pair.prompt, max_prompt_length)
+        room = max_length - len(prompt_ids)
+
+        def response(text):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            return ids[:room]
+
+        examples.append(Example(prompt_ids, response(pair.chosen), response(pair.rejected), pair.chosen_safe, pair.rejected_safe))
+    return examples
+
+
+def load_examples(cfg, tokenizer, files: Sequence[str]) -> Tuple[List[Example], dict]:
+    """Files -> examples for cfg's mode, label noise and lengths; also a small report of what happened."""
+    rows, skipped = load_rows(files, cfg.columns, cfg.skip_bad_rows)
+    rows = flip_safety_labels(rows, cfg.safety_label_noise, cfg.seed)
+    pairs = build_pairs(rows, cfg.mode)
+    examples = encode_pairs(pairs, tokenizer, cfg.max_prompt_length, cfg.max_length)
+    return examples, dict(rows=len(rows), skipped_rows=skipped, pairs=len(pairs))

@@ -1,0 +1,96 @@
+"""Evaluation: held-out pair metrics of a saved model, and a generation-based harmless ratio.
+
+- ``evaluate_checkpoint(cfg, path)``: loss, reward accuracy, margin and safe-over-unsafe accuracy (on
+  pairs with one safe and one unsafe response: how often the implicit reward beta * (logp - ref_logp)
+  ranks the safe one higher) of the model saved at ``path`` against cfg's reference model.
+- ``generation_eval(model, tokenizer, items, judge)``: samples a response per prompt and asks a
+  user-supplied ``judge(item, response) -> {"unsafe": bool, "helpful": bool}``; returns the harmless ratio
+  on harmful prompts and the helpfulness on benign ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+
+from .data import encode_prompt, load_examples
+from .model import PolicyLogps, build_model, load_tokenizer
+
+
+def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
+    from .train import Dist, Reference, evaluate_pairs
+
+    cfg.validate()
+    if not cfg.eval_files:
+        raise ValueError("eval_files is empty: nothing to evaluate on")
+    dd = Dist(cfg.device)
+    tok = load_tokenizer(cfg.tokenizer or cfg.model or path)
+    examples, _ = load_examples(cfg, tok, cfg.eval_files)
+    initial = build_model(cfg, len(tok), dd.device)  # the reference: the policy before training
+    trained = build_model(cfg, len(tok), dd.device, path=path) if path else initial
+    policy = PolicyLogps(trained, cfg.loss_input, cfg.average_logps, cfg.backend)
+    cfg.reference = "live"
+    reference = Reference(cfg, PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend), {}, tok, dd, packed=False)
+    return evaluate_pairs(policy, reference, examples, cfg, tok.pad_token_id, False, dd.device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: List[str], max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
+             max_prompt_length: int = 128, batch_size: int = 64) -> List[str]:
+    """One sampled response per prompt (temperature 0: greedy), decoded without special tokens."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.eval()
+    responses = []
+    for b0 in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts[b0 : b0 + batch_size]]
+        # Left padding so that every row's next token is at the last position.
+        L = max(len(e) for e in encoded)
+        ids = torch.tensor([[pad] * (L - len(e)) + e for e in encoded], device=device)
+        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in encoded], device=device)
+        done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
+        out = []
+        for _ in range(max_new_tokens):
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt)
+            done |= nxt == eos
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, (~done | (nxt == eos)).long()[:, None]], 1)
+            if bool(done.all()):
+                break
+        gen_ids = torch.stack(out, 1).tolist()
+        for row in gen_ids:
+            row = row[: row.index(eos)] if eos in row else row
+            responses.append(tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True))
+    return responses
+
+
+def generation_eval(model, tokenizer, items: List[dict], judge: Callable[[dict, str], dict], samples: int = 2,
+                    seed: int = 0, **gen_kwargs) -> dict:
+    """Harmless ratio on harmful prompts and helpfulness on benign prompts, by a user-supplied judge.
+
+    ``items`` are dicts with at least "prompt" and "harmful" (bool); ``judge(item, response)`` returns
+    {"unsafe": bool, "helpful": bool}. Each prompt gets ``samples`` sampled responses.
+    """
+    harmful = [i for i in items if i["harmful"]]
+    benign = [i for i in items if not i["harmful"]]
+    result = {}
+    for name, group, key in (("harmless_ratio", harmful, "unsafe"), ("helpfulness", benign, "helpful")):
+        hits = total = 0
+        for s in range(samples):
+            responses = generate(model, tokenizer, [i["prompt"] for i in group], seed=seed * 1000 + s, **gen_kwargs)
+            for item, response in zip(group, responses):
+                verdict = judge(item, response)[key]
+                hits += (not verdict) if key == "unsafe" else verdict
+                total += 1
+        result[name] = hits / max(total, 1)
+    return result

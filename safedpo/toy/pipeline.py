@@ -1,0 +1,220 @@
+"""The toy pipeline: task files -> SFT -> preference training -> generation-based evaluation.
+
+``make train`` runs ``safedpo experiment default``: one seed, SFT then SafeDPO, ending with a table of
+the SFT and SafeDPO models' harmless ratio (harmful test prompts answered without unsafe content) and
+helpfulness (benign test prompts walked through). ``safedpo experiment NAME`` runs the paper's
+comparisons over seeds and writes a markdown table (mean and spread) and a PNG plot under runs/.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from . import generate as generate_task
+from . import judge, vocabulary
+from .tokenizer import build_tokenizer
+
+TOY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+# Preference-training settings of the toy runs (paper: beta 0.1, delta 10; the toy's responses are ~20
+# tokens, so the same scale of log-ratio margins is reached).
+PREF = dict(beta=0.1, delta=10.0, lr=2e-4, batch_size=16, max_steps=120, warmup_steps=10, max_prompt_length=32, max_length=64)
+SFT = dict(steps=400, batch_size=32, lr=3e-3)
+
+EXPERIMENTS = {
+    "default": [("SafeDPO", dict(mode="safedpo"))],
+    "baselines": [
+        ("DPO-HELPFUL", dict(mode="dpo-helpful")),
+        ("DPO-HARMLESS", dict(mode="dpo-harmless")),
+        ("DPO-SAFEBETTER", dict(mode="dpo-safebetter")),
+        ("SafeDPO", dict(mode="safedpo")),
+    ],
+    "delta-sweep": [(f"delta={d:g}", dict(mode="safedpo", delta=float(d))) for d in (0, 2, 5, 10, 20)],
+    "noswap": [("SafeDPO", dict(mode="safedpo")), ("NoSwap", dict(mode="noswap"))],
+    "label-noise": [(f"noise={p:g}", dict(mode="safedpo", safety_label_noise=p)) for p in (0.0, 0.1, 0.2)],
+}
+
+
+def write_task(out: str | Path, seed: int = 0) -> Dict[str, Path]:
+    """Data files (PKU-SafeRLHF columns), SFT data, test prompts and the tokenizer, under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = generate_task(seed)
+    paths = {}
+    for name in ("train", "test", "sft", "test_prompts"):
+        paths[name] = out / f"{name}.jsonl"
+        with open(paths[name], "w") as f:
+            for row in task[name]:
+                f.write(json.dumps(row) + "\n")
+    paths["tokenizer"] = out / "tokenizer"
+    build_tokenizer(vocabulary(), paths["tokenizer"])
+    return paths
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def train_sft(paths: Dict[str, Path], out_dir: Path, seed: int, steps: int, progress: bool = True) -> Path:
+    """Supervised fine-tuning of a tiny Llama on the SFT responses (response-token NLL, fused kernel)."""
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safedpo_kernels import sequence_logps
+
+    from ..data import encode_prompt
+    from ..model import load_tokenizer
+
+    tok = load_tokenizer(str(paths["tokenizer"]))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), attn_implementation="sdpa", **TOY_MODEL))
+    rows = _read_jsonl(paths["sft"])
+    seqs = []
+    for r in rows:
+        p = encode_prompt(tok, r["prompt"], PREF["max_prompt_length"])
+        seqs.append((p + tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id], len(p)))
+    opt = torch.optim.AdamW(model.parameters(), lr=SFT["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc="SFT", disable=not progress, leave=False):
+        idx = torch.randint(0, len(seqs), (SFT["batch_size"],), generator=g).tolist()
+        L = max(len(seqs[i][0]) for i in idx)
+        ids = torch.full((len(idx), L), tok.pad_token_id)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        labels = torch.full((len(idx), L), -100)
+        for n, i in enumerate(idx):
+            s, n_prompt = seqs[i]
+            ids[n, : len(s)] = torch.tensor(s)
+            mask[n, : len(s)] = 1
+            labels[n, n_prompt - 1 : len(s) - 1] = torch.tensor(s[n_prompt:])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logps = sequence_logps(logits, labels, inplace_backward=True)
+        loss = -logps.sum() / (labels != -100).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def generation_metrics(model_dir: Path, paths: Dict[str, Path], seed: int, samples: int = 4) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ..evaluate import generation_eval
+    from ..model import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    items = _read_jsonl(paths["test_prompts"])
+    return generation_eval(model, tok, items, judge, samples=samples, seed=seed, max_new_tokens=40)
+
+
+def preference_run(paths, sft_dir: Path, out_dir: Path, seed: int, overrides: dict, steps: int, progress: bool) -> Path:
+    from ..config import load_config
+    from ..train import train
+
+    settings = dict(PREF, max_steps=steps)
+    settings.update(overrides)
+    cfg = load_config(
+        None,
+        train_files=[str(paths["train"])],
+        eval_files=[str(paths["test"])],
+        model=str(sft_dir),
+        output_dir=str(out_dir),
+        cache_dir=str(out_dir.parent / ".cache"),
+        seed=seed,
+        resume="none",
+        progress=progress,
+        **settings,
+    )
+    train(cfg)
+    return out_dir / "final"
+
+
+def run_experiment(name: str, seeds: List[int], out: str | Path = "runs/experiments", quick: bool = False,
+                   progress: bool = True) -> dict:
+    """Runs one of EXPERIMENTS over seeds; writes <out>/<name>.md/.json/.png and prints the table."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; one of {sorted(EXPERIMENTS)}")
+    from ..model import quiet_libraries
+
+    quiet_libraries()
+    out = Path(out)
+    started = time.time()
+    sft_steps = 5 if quick else SFT["steps"]
+    pref_steps = 2 if quick else PREF["max_steps"]
+    samples = 1 if quick else 4
+    results: Dict[str, List[dict]] = {}
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        paths = write_task(root / "task", seed)
+        sft_dir = root / "sft"
+        if not (sft_dir / "config.json").exists() or quick:
+            print(f"[seed {seed}] SFT ({sft_steps} steps)", flush=True)
+            train_sft(paths, sft_dir, seed, sft_steps, progress)
+        results.setdefault("SFT", []).append(generation_metrics(sft_dir, paths, seed, samples))
+        for label, overrides in EXPERIMENTS[name]:
+            run_dir = root / name / label.replace("=", "")
+            print(f"[seed {seed}] {label}: preference training ({pref_steps} steps)", flush=True)
+            final = preference_run(paths, sft_dir, run_dir, seed, overrides, pref_steps, progress)
+            results.setdefault(label, []).append(generation_metrics(final, paths, seed, samples))
+    table = summarize(name, results, seeds)
+    (out / f"{name}.md").write_text(table)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    plot(name, results, out / f"{name}.png")
+    print(table)
+    print(f"{name}: {time.time() - started:.0f} s; wrote {out / (name + '.md')}, .json and .png")
+    return results
+
+
+def _mean_spread(values: List[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarize(name: str, results: Dict[str, List[dict]], seeds: List[int]) -> str:
+    lines = [
+        f"## Toy experiment: {name} (seeds {', '.join(map(str, seeds))}; mean ± std over seeds)",
+        "",
+        "| model | harmless ratio (harmful prompts) | helpfulness (benign prompts) |",
+        "|---|---|---|",
+    ]
+    for label, rows in results.items():
+        lines.append(f"| {label} | {_mean_spread([r['harmless_ratio'] for r in rows])} | {_mean_spread([r['helpfulness'] for r in rows])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(name: str, results: Dict[str, List[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, rows in results.items():
+        xs = [r["helpfulness"] for r in rows]
+        ys = [r["harmless_ratio"] for r in rows]
+        ax.errorbar(statistics.mean(xs), statistics.mean(ys),
+                    xerr=statistics.stdev(xs) if len(xs) > 1 else 0, yerr=statistics.stdev(ys) if len(ys) > 1 else 0,
+                    fmt="o", capsize=3, label=label)
+    ax.set_xlabel("helpfulness on benign prompts")
+    ax.set_ylabel("harmless ratio on harmful prompts")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"toy experiment: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)

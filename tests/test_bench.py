@@ -1,0 +1,48 @@
+"""The benchmark tooling runs end to end (not its numbers: those live in bench/results)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHON=sys.executable, **extra)
+    return env
+
+
+def test_gpu_check_dry_run(tmp_path):
+    res = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"],
+        env=_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    tables = list(tmp_path.glob("gpu-*.md"))
+    assert len(tables) == 1
+    text = tables[0].read_text()
+    assert "| sequence_logps |" in text and "| triton |" in text
+    with open(next(tmp_path.glob("gpu-*.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    ok = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
+    assert ("sequence_logps", "triton") in ok and ("linear_safedpo_loss", "ours-triton") in ok
+    assert all(r["matches_eager"] in ("yes", "") for r in rows if r["status"] == "ok")
+    # The table is printed last.
+    assert res.stdout.rstrip().splitlines()[-1].startswith("| linear_safedpo_loss")
+
+
+def test_suite_writes_csv_markdown_plot(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.suite", "--T", "8,16", "--V", "96", "--ops", "sequence_logps,linear_safedpo_loss",
+         "--variants", "eager,native-inplace,torch-inplace,ours-torch", "--repeats", "1", "--H", "16", "--out", str(tmp_path)],
+        env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stem = next(tmp_path.glob("*.csv")).with_suffix("")
+    assert Path(f"{stem}.md").exists() and Path(f"{stem}.png").stat().st_size > 1000
+    with open(f"{stem}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["op"] for r in rows} == {"sequence_logps", "linear_safedpo_loss"}
+    assert all(r["status"] == "ok" and r["matches_eager"] == "yes" for r in rows)
