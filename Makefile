@@ -23,11 +23,17 @@ native: $(VENV)/.test-deps
 test: native
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
 
-train: $(VENV)/.test-deps
-	@echo "make train: the trainer and its embedded default task are not built yet (issues #6 and #7)."
+# The main job: the embedded toy safety task, SFT then SafeDPO, ending with a table (runs/experiments/).
+train: native
+	$(PYTHON) -m safedpo experiment default --seeds 0
 
-bench: $(VENV)/.test-deps
-	$(PYTHON) -m bench.logits_memory
+# The CPU benchmark suite (about ten minutes on 2 cores): bench/results/<machine>-<date>.csv/.md/.png
+$(VENV)/.bench-deps: $(VENV)/.test-deps
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+bench: native $(VENV)/.bench-deps
+	$(PYTHON) -m bench.suite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

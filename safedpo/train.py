@@ -253,6 +253,15 @@ def cosine_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def full_model_state(model, cfg: TrainConfig, dd: Dist) -> dict:
+    """The whole model's state dict on every rank (a collective under FSDP, whose parameters are shards)."""
+    if cfg.fsdp and dd.world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
 def wrap_distributed(policy: PolicyLogps, cfg: TrainConfig, dd: Dist):
     if dd.world == 1:
         return policy
@@ -278,6 +287,9 @@ def train(cfg: TrainConfig) -> dict:
     check_loss_hparams(cfg.beta, cfg.delta, cfg.label_smoothing)
     quiet_libraries()
     dd = Dist(cfg.device)
+    if cfg.fsdp and dd.world > 1 and (cfg.save_every or cfg.resume not in ("none", "", "auto")):
+        raise ValueError("fsdp=true saves the final model only: set save_every=0 and resume=none (resumable "
+                         "FSDP checkpoints are not implemented yet)")
     out_dir = Path(cfg.output_dir)
     if dd.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,9 +392,14 @@ def train(cfg: TrainConfig) -> dict:
     if eval_set and dd.main and not (cfg.eval_every and step % cfg.eval_every == 0):
         last.update(evaluate_pairs(policy, reference, eval_set, cfg, tok.pad_token_id, packed, dd.device))
         metrics_file.write(json.dumps(dict(event="eval", **last)) + "\n")
-    if dd.main:
+    if cfg.fsdp and dd.world > 1:
+        state = full_model_state(policy.model, cfg, dd)
+        if dd.main:
+            policy.model.save_pretrained(out_dir / "final", state_dict=state)
+    elif dd.main:
         save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position)
         policy.model.save_pretrained(out_dir / "final")
+    if dd.main:
         tok.save_pretrained(out_dir / "final")
         metrics_file.close()
         if writer:

@@ -78,8 +78,7 @@ class LinearSequenceLogps(torch.autograd.Function):
         grad_hidden = None
         if need_h:
             grad_hidden = torch.zeros(layout.rows, H, dtype=hidden.dtype, device=h.device)
-            grad_hidden.index_copy_(0, idx, dh.to(hidden.dtype)).view(hidden.shape)
-            grad_hidden = grad_hidden.view(hidden.shape)
+            grad_hidden = grad_hidden.index_copy_(0, idx, dh.to(hidden.dtype)).view(hidden.shape)
         return (
             grad_hidden,
             None if dw is None else dw.to(weight.dtype),
