@@ -41,7 +41,7 @@ class TrainConfig:
     delta: float = 10.0
     label_smoothing: float = 0.0
     average_logps: bool = False
-    loss_input: str = "logits"  # logits (fused kernel, in-place backward) | linear (never materializes logits)
+    loss_input: str = "logits"  # logits (fused kernel, in-place backward) | linear (no logits) | eager (baseline)
     backend: str = "auto"
     reference: str = "precompute"  # precompute (cached on disk) | live (a frozen copy in memory)
     reference_model: str = ""  # defaults to the initial policy
@@ -70,8 +70,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.loss_input not in ("logits", "linear"):
-            raise ValueError(f"loss_input must be 'logits' or 'linear', got {self.loss_input!r}")
+        if self.loss_input not in ("logits", "linear", "eager"):
+            raise ValueError(f"loss_input must be 'logits', 'linear' or 'eager', got {self.loss_input!r}")
         if self.reference not in ("precompute", "live"):
             raise ValueError(f"reference must be 'precompute' or 'live', got {self.reference!r}")
         if not 0.0 <= self.safety_label_noise <= 1.0:

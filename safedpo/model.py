@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from safedpo_kernels import linear_sequence_logps, sequence_logps
+from safedpo_kernels import linear_sequence_logps, reference, sequence_logps
 
 TINY_LLAMA = dict(
     hidden_size=64,
@@ -82,6 +82,7 @@ class PolicyLogps(nn.Module):
     loss_input="logits": the model's logits through ``sequence_logps`` with an in-place backward (the
     logits' memory holds their gradient). loss_input="linear": the decoder's last hidden states and the
     LM head weight through ``linear_sequence_logps``, so the logits are never materialized.
+    loss_input="eager": the logits through plain PyTorch (log_softmax, gather, sum), as a baseline.
     """
 
     def __init__(self, model, loss_input: str = "logits", average: bool = False, backend: str = "auto"):
@@ -102,5 +103,7 @@ class PolicyLogps(nn.Module):
             return linear_sequence_logps(hidden, head.weight, batch["labels"], bias=head.bias, **kw)
         logits = self.model(**inputs).logits
         logits = logits[0] if packed else logits
+        if self.loss_input == "eager":  # the plain PyTorch baseline, for comparisons
+            return reference.sequence_logps(logits, batch["labels"], average=self.average, cu_seqlens=batch.get("cu_seqlens")).float()
         # In-place backward only where the logits are ours alone; under torch.no_grad nothing is saved.
         return sequence_logps(logits, batch["labels"], inplace_backward=torch.is_grad_enabled(), **kw)

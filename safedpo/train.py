@@ -335,7 +335,7 @@ def train(cfg: TrainConfig) -> dict:
     if dd.main and step == 0:
         metrics_file.write(json.dumps(dict(event="start", config=json.loads(config_json(cfg)), **report)) + "\n")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dd.device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="SafeDPO", disable=not (dd.main and cfg.progress), dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.mode, disable=not (dd.main and cfg.progress), dynamic_ncols=True)
     last = {}
     policy.train()
     t_last, tokens = time.perf_counter(), 0

@@ -213,37 +213,37 @@ def safedpo_loss(
     return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
 
 
-class SafeDPOLoss(nn.Module):
-    """nn.Module wrapper of ``safedpo_loss``: hyper-parameters at construction, tensors at call time.
+class LossOptions(nn.Module):
+    """Shared constructor of the loss modules: hyper-parameters checked once and kept in ``options``."""
 
-    ``forward(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput``.
-    """
-
-    def __init__(
-        self,
-        beta: float = 0.1,
-        delta: float = 10.0,
-        swap: bool = True,
-        drop_both_unsafe: bool = True,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        average: bool = False,
-        inplace_backward: bool = False,
-        backend: str = "auto",
-        validate: bool = True,
-    ):
+    def __init__(self, beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
+                 ignore_index=-100, average=False, backend="auto", validate=True, **extra):
         super().__init__()
         check_loss_hparams(beta, delta, label_smoothing)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.options = dict(
             beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, average=average, inplace_backward=inplace_backward, backend=backend,
-            validate=validate,
+            ignore_index=ignore_index, average=average, backend=backend, validate=validate, **extra,
         )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SafeDPOLoss(LossOptions):
+    """nn.Module wrapper of ``safedpo_loss``: hyper-parameters at construction, tensors at call time.
+
+    ``SafeDPOLoss(beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
+    ignore_index=-100, average=False, inplace_backward=False, backend="auto", validate=True)``;
+    ``forward(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput``.
+    """
+
+    def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
+                 label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
+                 inplace_backward: bool = False, backend: str = "auto", validate: bool = True):
+        super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate,
+                         inplace_backward=inplace_backward)
 
     def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput:
         return safedpo_loss(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=cu_seqlens, **self.options)

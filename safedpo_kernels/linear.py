@@ -13,11 +13,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ._checks import Layout, check_linear_weight, check_logits_and_labels, check_pair_inputs
 from ._loss import check_loss_hparams, loss_from_logps
-from .api import BACKENDS, backend_module, resolve_backend, segment_sums, token_grads
+from .api import LossOptions, backend_module, resolve_backend, segment_sums, token_grads
 from .reference import SafeDPOOutput
 
 
@@ -162,35 +161,16 @@ def linear_safedpo_loss(
     return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
 
 
-class LinearSafeDPOLoss(nn.Module):
-    """nn.Module wrapper of ``linear_safedpo_loss``.
-
-    ``forward(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None)``.
+class LinearSafeDPOLoss(LossOptions):
+    """nn.Module wrapper of ``linear_safedpo_loss`` (same constructor as SafeDPOLoss, without
+    inplace_backward). ``forward(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None,
+    cu_seqlens=None) -> SafeDPOOutput``.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        delta: float = 10.0,
-        swap: bool = True,
-        drop_both_unsafe: bool = True,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        average: bool = False,
-        backend: str = "auto",
-        validate: bool = True,
-    ):
-        super().__init__()
-        check_loss_hparams(beta, delta, label_smoothing)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.options = dict(
-            beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, average=average, backend=backend, validate=validate,
-        )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
+                 label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
+                 backend: str = "auto", validate: bool = True):
+        super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate)
 
     def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None):
         return linear_safedpo_loss(
