@@ -19,8 +19,10 @@ from .model import PolicyLogps, build_model, load_tokenizer
 
 
 def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
+    from .model import quiet_libraries
     from .train import Dist, Reference, evaluate_pairs
 
+    quiet_libraries()
     cfg.validate()
     if not cfg.eval_files:
         raise ValueError("eval_files is empty: nothing to evaluate on")
