@@ -74,11 +74,12 @@ def _logits_inputs(cfg: Config):
     dt = getattr(torch, cfg.dtype)
 
     def make_inputs():
-        g = torch.Generator().manual_seed(0)
-        labels = torch.randint(0, cfg.V, (cfg.N, cfg.T), generator=g)
+        # Generated on the device, in the target dtype: a GPU case's 4e9 logits are not made on the host.
+        g = torch.Generator(device=cfg.device).manual_seed(0)
+        labels = torch.randint(0, cfg.V, (cfg.N, cfg.T), generator=g, device=cfg.device)
         labels[:, : cfg.T // 4] = -100  # a quarter of each row is prompt
-        logits = torch.randn(cfg.N, cfg.T, cfg.V, generator=g).to(dt).to(cfg.device).requires_grad_()
-        return logits, labels.to(cfg.device)
+        logits = torch.randn(cfg.N, cfg.T, cfg.V, generator=g, device=cfg.device, dtype=dt).requires_grad_()
+        return logits, labels
 
     return make_inputs
 
@@ -135,12 +136,12 @@ def _linear_inputs(cfg: Config):
     dt = getattr(torch, cfg.dtype)
 
     def make_inputs():
-        g = torch.Generator().manual_seed(0)
-        labels = torch.randint(0, cfg.V, (cfg.N, cfg.T), generator=g)
+        g = torch.Generator(device=cfg.device).manual_seed(0)
+        labels = torch.randint(0, cfg.V, (cfg.N, cfg.T), generator=g, device=cfg.device)
         labels[:, : cfg.T // 4] = -100
-        hidden = torch.randn(cfg.N, cfg.T, cfg.H, generator=g).to(dt).to(cfg.device).requires_grad_()
-        weight = (torch.randn(cfg.V, cfg.H, generator=g) / cfg.H**0.5).to(dt).to(cfg.device).requires_grad_()
-        return hidden, weight, labels.to(cfg.device)
+        hidden = torch.randn(cfg.N, cfg.T, cfg.H, generator=g, device=cfg.device, dtype=dt).requires_grad_()
+        weight = (torch.randn(cfg.V, cfg.H, generator=g, device=cfg.device, dtype=dt) / cfg.H**0.5).requires_grad_()
+        return hidden, weight, labels
 
     return make_inputs
 
