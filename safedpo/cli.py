@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -20,7 +21,7 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    if "loss" in result:
+    if "loss" in result and os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, float) or v == v}, default=str))
     return 0
 

@@ -340,6 +340,8 @@ def train(cfg: TrainConfig) -> dict:
     policy.train()
     t_last, tokens = time.perf_counter(), 0
     end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+    # Under FSDP the policy's parameters are shards: every rank takes part in an evaluation's forwards.
+    evaluator = dd.main or (cfg.fsdp and dd.world > 1)
     while step < end:
         micro = []
         for _ in range(cfg.grad_accum):
@@ -373,7 +375,7 @@ def train(cfg: TrainConfig) -> dict:
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
                     tokens_per_s=tokens_all / max(now - t_last, 1e-9))
         t_last = now
-        if cfg.eval_every and step % cfg.eval_every == 0 and eval_set and dd.main:
+        if cfg.eval_every and step % cfg.eval_every == 0 and eval_set and evaluator:
             last.update(evaluate_pairs(policy, reference, eval_set, cfg, tok.pad_token_id, packed, dd.device))
         if dd.main:
             bar.update(1)
@@ -389,9 +391,10 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position)
         dd.barrier()
     bar.close()
-    if eval_set and dd.main and not (cfg.eval_every and step % cfg.eval_every == 0):
+    if eval_set and evaluator and not (cfg.eval_every and step % cfg.eval_every == 0):
         last.update(evaluate_pairs(policy, reference, eval_set, cfg, tok.pad_token_id, packed, dd.device))
-        metrics_file.write(json.dumps(dict(event="eval", **last)) + "\n")
+        if dd.main:
+            metrics_file.write(json.dumps(dict(event="eval", **last)) + "\n")
     if cfg.fsdp and dd.world > 1:
         state = full_model_state(policy.model, cfg, dd)
         if dd.main:

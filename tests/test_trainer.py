@@ -216,3 +216,15 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+    # FSDP2 (fully_shard, gloo on the CPU): the same losses, and a final model gathered from the shards.
+    config(task, tmp_path / "fsdp", max_steps=3, batch_size=2, fsdp=True, resume="none").save(cfg_file)
+    res = subprocess.run(cmd[:4] + ["--master_port=29518"] + cmd[5:], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    c = losses(tmp_path / "fsdp")
+    assert max(abs(x - y) for x, y in zip(a, c)) <= 1e-5
+    from transformers import AutoModelForCausalLM
+
+    one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "one" / "final")).state_dict()
+    sharded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "final")).state_dict()
+    assert max((one[k] - sharded[k]).abs().max().item() for k in one) <= 1e-4
