@@ -208,7 +208,8 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     train(config(task, tmp_path / "one", max_steps=3, batch_size=4))
     cfg_file = tmp_path / "two.yaml"
     config(task, tmp_path / "two", max_steps=3, batch_size=2).save(cfg_file)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "safedpo", "train",
+    # --standalone: a local rendezvous on a free port, so parallel runs on one machine do not collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "safedpo", "train",
            "--config", str(cfg_file)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
@@ -218,7 +219,7 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
     # FSDP2 (fully_shard, gloo on the CPU): the same losses, and a final model gathered from the shards.
     config(task, tmp_path / "fsdp", max_steps=3, batch_size=2, fsdp=True, resume="none").save(cfg_file)
-    res = subprocess.run(cmd[:4] + ["--master_port=29518"] + cmd[5:], capture_output=True, text=True, timeout=600, cwd=ROOT,
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-4000:]
     c = losses(tmp_path / "fsdp")
