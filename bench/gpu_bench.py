@@ -72,6 +72,28 @@ def ceilings(device: str, dry: bool) -> dict:
     return dict(bandwidth_Bps=bandwidth, bf16_flops=2 * n**3 / t)
 
 
+@torch.no_grad()
+def reference_value(op: str, cfg: cases.Config) -> float:
+    """The case's value computed in float32 by the chunked torch backend: what every variant, eager bf16
+    included, is compared with (eager rounds the bf16 logits it materializes, so it is no oracle here)."""
+    from safedpo_kernels import linear_safedpo_loss, sequence_logps
+
+    make_inputs, _ = cases.build(op, "eager", cfg)
+    inputs = [t.detach().float() if t.is_floating_point() else t for t in make_inputs()]
+    if op == "sequence_logps":
+        return float(sequence_logps(inputs[0], inputs[1], backend="torch").double().sum())
+    hidden, weight, labels = inputs
+    ref = torch.zeros(cfg.N, device=cfg.device)
+    safe = torch.ones(cfg.N // 2, dtype=torch.bool, device=cfg.device)
+    return float(linear_safedpo_loss(hidden, weight, labels, ref, safe, safe, beta=cases.BETA, backend="torch").loss)
+
+
+def tolerance(cfg: cases.Config) -> float:
+    """Relative deviation allowed: float32 cases are exact to 1e-4; bf16 ones carry bf16 rounding of
+    logits in the eager and library variants (thousands of tokens summed), so only gross errors fail."""
+    return 1e-4 if cfg.dtype == "float32" else 5e-2
+
+
 def run(dry: bool, out: Path) -> list:
     device = "cpu" if dry else "cuda"
     meta = info(device)
@@ -94,7 +116,7 @@ def run(dry: bool, out: Path) -> list:
     rows = []
     for op, cfg, names in plan:
         available = cases.variants(op, "cuda") if not dry else names
-        eager_value = None
+        truth = reference_value(op, cfg)
         for variant in names:
             row = dict(op=op, variant=variant, **cfg.as_dict())
             if variant not in available:
@@ -117,8 +139,6 @@ def run(dry: bool, out: Path) -> list:
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            if variant == "eager":
-                eager_value = r["value"]
             if op == "linear_safedpo_loss":
                 floor_s = cases.floor_flops(op, cfg) / ceil["bf16_flops"]
             else:
@@ -126,8 +146,8 @@ def run(dry: bool, out: Path) -> list:
             row.update(
                 status="ok", median_s=r["median_s"], min_s=r["min_s"], max_s=r["max_s"], first_s=r["first_s"],
                 peak_mb=r["peak_bytes"] / 2**20, value=r["value"], floor_s=floor_s, x_floor=r["median_s"] / floor_s,
-                matches_eager="" if eager_value is None else
-                ("yes" if abs(r["value"] - eager_value) <= 2e-3 * max(1.0, abs(eager_value)) else "NO"),
+                deviation=abs(r["value"] - truth) / max(1.0, abs(truth)),
+                matches=("yes" if abs(r["value"] - truth) <= tolerance(cfg) * max(1.0, abs(truth)) else "NO"),
             )
             rows.append(row)
             print(f"{op} {variant}: {r['median_s'] * 1e3:.1f} ms, {row['peak_mb']:.0f} MB, {row['x_floor']:.1f}x floor", flush=True)
@@ -139,7 +159,7 @@ def run(dry: bool, out: Path) -> list:
     card = meta["card"].replace(" ", "-").replace("(", "").replace(")", "")
     stem = out / f"gpu-{card}"
     fields = ["op", "variant", "N", "T", "V", "H", "dtype", "device", "median_s", "min_s", "max_s", "first_s",
-              "peak_mb", "floor_s", "x_floor", "value", "matches_eager", "status"]
+              "peak_mb", "floor_s", "x_floor", "value", "deviation", "matches", "status"]
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -152,17 +172,17 @@ def run(dry: bool, out: Path) -> list:
         "Forward + backward, median (min-max) of 3 after a warm-up; peak = max_memory_allocated above the inputs;",
         "floor = bytes that must move / bandwidth (logits path) or matmul FLOPs / matmul rate (linear path).",
         "",
-        "| op | N x T, V, H | variant | median ms (min-max) | peak MB | x floor | matches eager |",
-        "|---|---|---|---|---|---|---|",
+        "| op | N x T, V, H | variant | median ms (min-max) | peak MB | x floor | deviation from float32 | ok |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size = f"{r['N']} x {r['T']}, {r['V']}, {r['H']}"
         if r.get("status") != "ok":
-            lines.append(f"| {r['op']} | {size} | {r['variant']} | {r['status']} | | | |")
+            lines.append(f"| {r['op']} | {size} | {r['variant']} | {r['status']} | | | | |")
         else:
             lines.append(
                 f"| {r['op']} | {size} | {r['variant']} | {r['median_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}) "
-                f"| {r['peak_mb']:.0f} | {r['x_floor']:.2f} | {r['matches_eager']} |"
+                f"| {r['peak_mb']:.0f} | {r['x_floor']:.2f} | {r['deviation']:.1e} | {r['matches']} |"
             )
     table = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(table)
@@ -177,7 +197,7 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     rows = run(a.dry_run, Path(a.out))
-    bad = [r for r in rows if r.get("matches_eager") == "NO"]
+    bad = [r for r in rows if r.get("matches") == "NO"]
     if bad or (a.dry_run and any(r.get("status", "").startswith("failed") for r in rows)):
         raise SystemExit("gpu_bench: a case failed or does not match eager")
 
