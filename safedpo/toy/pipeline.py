@@ -27,7 +27,7 @@ TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, nu
 # tokens; the toy's responses have about 15, so its sequence log-ratios are an order of magnitude smaller
 # and delta 10 keeps the loss saturated for good (pushing on until the outputs degenerate). delta 2, also
 # in the paper's sweep, is the toy's default; `experiment delta-sweep` shows the others.
-PREF = dict(beta=0.1, delta=2.0, lr=1e-4, batch_size=16, max_steps=240, warmup_steps=10, max_prompt_length=32, max_length=64)
+PREF = dict(beta=0.1, delta=2.0, lr=1e-4, batch_size=32, max_steps=240, warmup_steps=10, max_prompt_length=32, max_length=64)
 SFT = dict(steps=400, batch_size=32, lr=3e-3)
 
 EXPERIMENTS = {
