@@ -32,6 +32,15 @@ class Layout:
     padded: bool
     cu_seqlens: Optional[torch.Tensor]  # int64 (N + 1,) on the logits' device, packed layout only
 
+    def row_strides(self, x: torch.Tensor):
+        """(stride_seq, stride_tok) in elements of x's token rows, as the kernels address them."""
+        return (x.stride(0), x.stride(1)) if self.padded else (0, x.stride(0))
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each token row is contiguous along V (all the kernels need), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
 
 def _name_tensor(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):

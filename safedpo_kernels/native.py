@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import torch_chunked
-from ._checks import Layout
+from ._checks import Layout, rows_contiguous
 
 _SOURCE_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "csrc" / "logprob.cpp",  # source checkout
@@ -96,29 +96,21 @@ def build_info() -> dict:
     return {k: v for k, v in _state.items() if k != "error"}
 
 
-def _row_strides(x: torch.Tensor, layout: Layout):
-    return (x.stride(0), x.stride(1)) if layout.padded else (0, x.stride(0))
-
-
-def _rows_ready(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int):
     """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
-    logits = _rows_ready(logits)
+    logits = rows_contiguous(logits)
     return torch.ops.safedpo_native.logp_forward(
-        logits, labels.long().contiguous(), layout.seq_len, *_row_strides(logits, layout), ignore_index
+        logits, labels.long().contiguous(), layout.seq_len, *layout.row_strides(logits), ignore_index
     )
 
 
 def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int) -> None:
     """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
-    src = _rows_ready(logits)
-    dst = grad if grad.stride(-1) == 1 else torch.empty_like(grad, memory_format=torch.contiguous_format)
+    src = rows_contiguous(logits)
+    dst = rows_contiguous(grad)
     torch.ops.safedpo_native.logp_backward(
         src, dst, labels.long().contiguous(), lse.contiguous(), g_tok.contiguous(), layout.seq_len,
-        *_row_strides(src, layout), *_row_strides(dst, layout),
+        *layout.row_strides(src), *layout.row_strides(dst),
     )
     if dst is not grad:
         grad.copy_(dst)

@@ -12,7 +12,7 @@ import os
 import torch
 import triton
 
-from .._checks import Layout
+from .._checks import Layout, rows_contiguous
 from .logprob_backward import logprob_backward_kernel
 from .logprob_forward import logprob_forward_kernel
 
@@ -46,18 +46,9 @@ def _tiles(V: int, rows: int):
     return block_r, block_v, num_warps
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _row_strides(x: torch.Tensor, layout: Layout):
-    """(stride_seq, stride_tok) in elements for addressing token row r (see Layout)."""
-    return (x.stride(0), x.stride(1)) if layout.padded else (0, x.stride(0))
-
-
 def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int):
     """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
-    logits = _last_dim_contiguous(logits)
+    logits = rows_contiguous(logits)
     tok = torch.empty(layout.rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(tok)
     if layout.rows == 0:
@@ -66,7 +57,7 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
     block_r, block_v, num_warps = _tiles(V, layout.rows)
     grid = (triton.cdiv(layout.rows, block_r),)
     logprob_forward_kernel[grid](
-        logits, labels, tok, lse, layout.rows, V, layout.seq_len, *_row_strides(logits, layout), ignore_index,
+        logits, labels, tok, lse, layout.rows, V, layout.seq_len, *layout.row_strides(logits), ignore_index,
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
     )
     return tok, lse
@@ -76,14 +67,14 @@ def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index
     """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
     if layout.rows == 0:
         return
-    src = _last_dim_contiguous(logits)
-    dst = grad if grad.stride(-1) == 1 else torch.empty_like(grad, memory_format=torch.contiguous_format)
+    src = rows_contiguous(logits)
+    dst = rows_contiguous(grad)
     V = logits.shape[-1]
     block_r, block_v, num_warps = _tiles(V, layout.rows)
     grid = (triton.cdiv(layout.rows, block_r),)
     logprob_backward_kernel[grid](
         src, dst, labels, lse, g_tok, layout.rows, V, layout.seq_len,
-        *_row_strides(src, layout), *_row_strides(dst, layout),
+        *layout.row_strides(src), *layout.row_strides(dst),
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
     )
     if dst is not grad:
