@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, List, Optional
 
 import torch
@@ -32,8 +33,7 @@ def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
     initial = build_model(cfg, len(tok), dd.device)  # the reference: the policy before training
     trained = build_model(cfg, len(tok), dd.device, path=path) if path else initial
     policy = PolicyLogps(trained, cfg.loss_input, cfg.average_logps, cfg.backend)
-    cfg.reference = "live"
-    reference = Reference(cfg, PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend), {}, tok, dd, packed=False)
+    reference = Reference(dataclasses.replace(cfg, reference="live"), PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend), {}, tok, dd, packed=False)
     return evaluate_pairs(policy, reference, examples, cfg, tok.pad_token_id, False, dd.device)
 
 
