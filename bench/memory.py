@@ -2,7 +2,9 @@
 
 On the CPU the peak is the process's resident-set high-water mark (VmHWM), which Linux lets us reset
 (``echo 5 > /proc/self/clear_refs``), so a case measures its own peak above what was resident when it
-started. On CUDA it is torch.cuda.max_memory_allocated above the allocation at the start.
+started, less the idle gradient buffers the native backend keeps for reuse: those are resident but
+free, like the blocks CUDA's caching allocator reserves, and a case that reuses one must be charged for
+it. On CUDA it is torch.cuda.max_memory_allocated above the allocation at the start.
 Each case should run in a fresh process (see ``run_isolated``) so that allocator caches from other cases
 do not hide or inflate its peak.
 """
@@ -15,6 +17,14 @@ import subprocess
 import sys
 
 import torch
+
+
+def _native_idle_bytes() -> int:
+    """Bytes of recycled gradient buffers the native backend holds idle (0 when it is not loaded)."""
+    native = sys.modules.get("safedpo_kernels.native")
+    if native is None or not native._state.get("ok"):
+        return 0
+    return native.cache_info()["idle_bytes"]
 
 
 def _status_kib(field: str) -> int:
@@ -40,7 +50,7 @@ class PeakMemory:
         else:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self._start = _status_kib("VmRSS") * 1024
+            self._start = _status_kib("VmRSS") * 1024 - _native_idle_bytes()
         return self
 
     def __exit__(self, *exc):

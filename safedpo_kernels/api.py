@@ -118,6 +118,8 @@ class SequenceLogps(torch.autograd.Function):
         g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
         if inplace:
             grad = logits
+        elif hasattr(impl, "grad_buffer"):
+            grad = impl.grad_buffer(logits.shape, logits.dtype)
         elif logits.device.type == "cpu":
             # A fresh CPU buffer is faulted in page by page on first write; a parallel zero-fill first is
             # markedly cheaper than taking those faults inside the kernel's exp loop.

@@ -5,6 +5,12 @@ The extension is compiled on first use with torch.utils.cpp_extension (ninja), i
 the flags and the torch version: later processes load the cached library without building, and any
 change to the source builds a fresh one. Without a compiler (or with a failed build) a one-time warning
 is issued and "auto" falls back to backend "torch". ``SAFEDPO_NATIVE=0`` turns the backend off.
+
+Gradient buffers of ``sequence_logps``'s backward are recycled, as CUDA's caching allocator does: a
+freed buffer stays with this process (counted in its RSS) for the next backward of a similar size,
+which then skips the page faults a fresh multi-GB allocation takes. Idle buffers are kept up to
+``$SAFEDPO_CPU_GRAD_CACHE_MB`` (default: a quarter of physical memory; 0 turns recycling off);
+``empty_cache()`` returns them to the OS.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ def _cpu_flags() -> list:
     except OSError:
         cpuinfo = ""
     words = set(cpuinfo.split())
-    if {"avx2", "fma", "f16c"} <= words:
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= words:
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif {"avx2", "fma", "f16c"} <= words:
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
@@ -74,6 +83,7 @@ def load(verbose: bool = False) -> bool:
             verbose=verbose,
         )
         _state.update(ok=True, built=not existed, library=str(library))
+        torch.ops.safedpo_native.set_cache_limit(_cache_limit_bytes())
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, loudly, once
         warnings.warn(
             f"safedpo_kernels: the native CPU kernels could not be built ({type(exc).__name__}: "
@@ -84,6 +94,40 @@ def load(verbose: bool = False) -> bool:
         )
         _state.update(ok=False, built=False, error=exc)
     return _state["ok"]
+
+
+def _cache_limit_bytes() -> int:
+    mb = os.environ.get("SAFEDPO_CPU_GRAD_CACHE_MB")
+    if mb is not None and mb.strip():
+        try:
+            return max(0, int(float(mb) * 2**20))
+        except ValueError:
+            raise ValueError(f"SAFEDPO_CPU_GRAD_CACHE_MB must be a number of MiB, got {mb!r}") from None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def grad_buffer(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor from the recycled buffers (or a new allocation)."""
+    return torch.ops.safedpo_native.grad_buffer(list(shape), dtype)
+
+
+def empty_cache() -> None:
+    """Free every idle recycled gradient buffer (buffers still referenced by tensors are unaffected)."""
+    if load():
+        limit = _cache_limit_bytes()
+        torch.ops.safedpo_native.set_cache_limit(0)
+        torch.ops.safedpo_native.set_cache_limit(limit)
+
+
+def cache_info() -> dict:
+    """Idle bytes and buffers kept, the byte limit, and how many requests were served from / missed it."""
+    if not load():
+        return {"idle_bytes": 0, "idle_buffers": 0, "limit_bytes": 0, "hits": 0, "misses": 0}
+    idle, n, limit, hits, misses = torch.ops.safedpo_native.cache_info()
+    return {"idle_bytes": idle, "idle_buffers": n, "limit_bytes": limit, "hits": hits, "misses": misses}
 
 
 def available() -> bool:

@@ -89,3 +89,72 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.stdout.strip().splitlines()[-1] == "torch torch 1", res.stdout + res.stderr
+
+
+def _grad_of(logits, labels, upstream, **kw):
+    x = logits.clone().requires_grad_()
+    out = sequence_logps(x, labels, backend="native", **kw)
+    (g,) = torch.autograd.grad((out * upstream).sum(), x)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_recycled_gradient_buffer_is_fully_overwritten(dtype):
+    """A freed gradient buffer is handed to the next backward; stale contents (NaN here) never leak."""
+    from safedpo_kernels import native
+    from safedpo_kernels.reference import sequence_logps as ref_logps
+
+    gen = torch.Generator().manual_seed(31)
+    N, T, V = 3, 17, 517
+    logits = make_logits((N, T, V), dtype, "cpu", gen)
+    labels = make_labels(N, T, V, gen, "cpu")
+    labels[1] = -100  # an all-ignored row: its gradient must be exact zeros, not stale bytes
+    upstream = torch.randn(N, generator=gen)
+    native.empty_cache()
+    before = native.cache_info()
+    stale = native.grad_buffer((N, T, V), dtype)
+    stale.fill_(float("nan"))
+    del stale  # back to the cache, NaN-filled
+    assert native.cache_info()["idle_bytes"] == before["idle_bytes"] + N * T * V * dtype.itemsize
+    _, grad = _grad_of(logits, labels, upstream)
+    assert native.cache_info()["hits"] == before["hits"] + 1
+    assert torch.isfinite(grad).all() and torch.equal(grad[1], torch.zeros_like(grad[1]))
+    x = logits.double().requires_grad_()
+    (want,) = torch.autograd.grad((ref_logps(x, labels) * upstream.double()).sum(), x)
+    err = (grad.double() - want).norm() / want.norm()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-2)
+    _, again = _grad_of(logits, labels, upstream)  # served from the cache again: same bits
+    assert torch.equal(grad, again)
+
+
+def test_cache_limit_and_empty_cache():
+    from safedpo_kernels import native
+
+    native.empty_cache()
+    assert native.cache_info()["idle_bytes"] == 0
+    buf = native.grad_buffer((64, 1000), torch.float32)
+    other = native.grad_buffer((64, 1000), torch.float32)
+    assert buf.data_ptr() != other.data_ptr()
+    ptr = buf.data_ptr()
+    del buf
+    assert native.cache_info()["idle_buffers"] == 1
+    same = native.grad_buffer((60, 1000), torch.float32)  # smaller, within 2x: reuses the block
+    assert same.data_ptr() == ptr
+    del same, other
+    assert native.cache_info()["idle_buffers"] == 2
+    native.empty_cache()
+    assert native.cache_info()["idle_bytes"] == 0
+
+
+def test_cache_off_by_environment():
+    env = dict(os.environ, SAFEDPO_CPU_GRAD_CACHE_MB="0")
+    code = (
+        "import torch\nfrom safedpo_kernels import native, sequence_logps\n"
+        "x = torch.randn(2, 5, 300, requires_grad=True)\n"
+        "sequence_logps(x, torch.randint(0, 300, (2, 5)), backend='native').sum().backward()\n"
+        "x.grad = None\nprint(native.cache_info())\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    info = eval(res.stdout.strip().splitlines()[-1])
+    assert info["limit_bytes"] == 0 and info["idle_bytes"] == 0 and info["misses"] == 1
