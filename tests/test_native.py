@@ -152,9 +152,9 @@ def test_cache_off_by_environment():
         "import torch\nfrom safedpo_kernels import native, sequence_logps\n"
         "x = torch.randn(2, 5, 300, requires_grad=True)\n"
         "sequence_logps(x, torch.randint(0, 300, (2, 5)), backend='native').sum().backward()\n"
-        "x.grad = None\nprint(native.cache_info())\n"
+        "x.grad = None\nimport json\nprint(json.dumps(native.cache_info()))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    info = eval(res.stdout.strip().splitlines()[-1])
+    info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["limit_bytes"] == 0 and info["idle_bytes"] == 0 and info["misses"] == 1
