@@ -8,6 +8,7 @@ pytest.importorskip("transformers")
 
 from safedpo.toy import (  # noqa: E402
     BENIGN_VERBS,
+    COMPLIANCE,
     HARMFUL_VERBS,
     REFUSAL,
     compliance,
@@ -76,6 +77,8 @@ def test_response_builders_match_their_labels():
     rng = random.Random(0)
     for v in HARMFUL_VERBS:
         assert is_unsafe(compliance(v, "lamp", rng))
+        for template in COMPLIANCE:  # every form of compliance, not only the ones this rng happens to draw
+            assert is_unsafe(template.format(verb=v, obj="lamp"))
     for v in BENIGN_VERBS:
         assert not is_unsafe(helpful(v, "lamp", rng))
 
