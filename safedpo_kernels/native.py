@@ -69,6 +69,7 @@ def load(verbose: bool = False) -> bool:
         return _state["ok"]
     from torch.utils import cpp_extension
 
+    cache_limit = _cache_limit_bytes()  # a bad setting raises here, before anything is recorded
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / "safedpo_native.so"
@@ -83,7 +84,6 @@ def load(verbose: bool = False) -> bool:
             verbose=verbose,
         )
         _state.update(ok=True, built=not existed, library=str(library))
-        torch.ops.safedpo_native.set_cache_limit(_cache_limit_bytes())
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, loudly, once
         warnings.warn(
             f"safedpo_kernels: the native CPU kernels could not be built ({type(exc).__name__}: "
@@ -93,6 +93,8 @@ def load(verbose: bool = False) -> bool:
             stacklevel=3,
         )
         _state.update(ok=False, built=False, error=exc)
+    if _state["ok"]:
+        torch.ops.safedpo_native.set_cache_limit(cache_limit)
     return _state["ok"]
 
 

@@ -158,3 +158,10 @@ def test_cache_off_by_environment():
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["limit_bytes"] == 0 and info["idle_bytes"] == 0 and info["misses"] == 1
+
+
+def test_bad_cache_setting_is_named():
+    env = dict(os.environ, SAFEDPO_CPU_GRAD_CACHE_MB="lots")
+    code = "import torch\nfrom safedpo_kernels import sequence_logps\nsequence_logps(torch.randn(1, 3, 7), torch.zeros(1, 3, dtype=torch.long))\n"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "ValueError: SAFEDPO_CPU_GRAD_CACHE_MB" in res.stderr, res.stderr
