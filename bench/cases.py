@@ -70,6 +70,15 @@ def trl_style_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (torch.stack(per_token) * counted).sum(-1)
 
 
+def _fused_variant(variant: str):
+    """"torch", "native-inplace", ... -> (backend, inplace_backward); anything else is an error (a typo
+    such as "torch-compile" must not silently run another variant)."""
+    backend, _, suffix = variant.partition("-")
+    if suffix not in ("", "inplace"):
+        raise ValueError(f"unknown variant {variant!r}")
+    return backend, suffix == "inplace"
+
+
 def _logits_inputs(cfg: Config):
     dt = getattr(torch, cfg.dtype)
 
@@ -100,10 +109,10 @@ def _seq_logps_step(variant: str):
     elif variant == "trl":
         fn = trl_style_logps
     else:
-        backend, _, inplace = variant.partition("-")
+        backend, inplace = _fused_variant(variant)
 
         def fn(logits, labels):
-            return sequence_logps(logits, labels, backend=backend, inplace_backward=bool(inplace))
+            return sequence_logps(logits, labels, backend=backend, inplace_backward=inplace)
 
     def step(logits, labels):
         out = fn(logits, labels)
@@ -118,13 +127,13 @@ def _loss_step(variant: str, cfg: Config):
     from safedpo_kernels import reference, safedpo_loss
 
     ref, cs, rs = _pair_extras(cfg)
+    backend, inplace = (None, False) if variant == "eager" else _fused_variant(variant)
 
     def step(logits, labels):
         if variant == "eager":
             loss = reference.safedpo_loss(logits, labels, ref, cs, rs, beta=BETA).loss
         else:
-            backend, _, inplace = variant.partition("-")
-            loss = safedpo_loss(logits, labels, ref, cs, rs, beta=BETA, backend=backend, inplace_backward=bool(inplace)).loss
+            loss = safedpo_loss(logits, labels, ref, cs, rs, beta=BETA, backend=backend, inplace_backward=inplace).loss
         (grad,) = torch.autograd.grad(loss, logits)
         del grad
         return loss.detach()
@@ -160,7 +169,9 @@ def _linear_step(variant: str, cfg: Config):
         def loss_fn(hidden, weight, labels):
             return reference.safedpo_loss(hidden @ weight.t(), labels, ref, cs, rs, beta=BETA).loss
     elif variant.startswith("ours-"):
-        backend = variant[len("ours-"):]
+        backend, inplace = _fused_variant(variant[len("ours-"):])
+        if inplace:
+            raise ValueError(f"unknown variant {variant!r}: the linear path has no in-place backward")
 
         def loss_fn(hidden, weight, labels):
             return linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, beta=BETA, backend=backend).loss

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,3 +48,12 @@ def test_suite_writes_csv_markdown_plot(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["op"] for r in rows} == {"sequence_logps", "linear_safedpo_loss"}
     assert all(r["status"] == "ok" and r["matches_eager"] == "yes" for r in rows)
+
+
+@pytest.mark.parametrize("op, variant", [("sequence_logps", "torch-compile"), ("safedpo_loss", "native-inplac"),
+                                         ("linear_safedpo_loss", "ours-torch-inplace")])
+def test_misspelled_variant_is_refused(op, variant):
+    from bench import cases
+
+    with pytest.raises(ValueError, match="unknown variant"):
+        cases.build(op, variant, cases.Config(N=2, T=4, V=8))
