@@ -35,6 +35,15 @@ def _flags(examples: Sequence[Example]) -> dict:
     )
 
 
+def response_labels(ids: Sequence[int], n_prompt: int) -> List[int]:
+    """Labels aligned with the full logits (position t predicts token t + 1): the response tokens
+    ids[n_prompt:] at positions n_prompt - 1 .. len - 2, IGNORE elsewhere (prompt and last position)."""
+    labels = [IGNORE] * len(ids)
+    start = max(n_prompt, 1)
+    labels[start - 1 : len(ids) - 1] = ids[start:]
+    return labels
+
+
 def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
     seqs = _sequences(examples)
     L = max(len(ids) for ids, _ in seqs)
@@ -44,9 +53,7 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
     for n, (ids, n_prompt) in enumerate(seqs):
         input_ids[n, : len(ids)] = torch.tensor(ids)
         attention_mask[n, : len(ids)] = 1
-        # Position t predicts token t + 1: the response tokens are targets n_prompt .. len - 1.
-        start = max(n_prompt, 1)
-        labels[n, start - 1 : len(ids) - 1] = torch.tensor(ids[start:])
+        labels[n, : len(ids)] = torch.tensor(response_labels(ids, n_prompt))
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **_flags(examples))
 
 
@@ -56,10 +63,7 @@ def collate_packed(examples: Sequence[Example]) -> dict:
     for ids, n_prompt in seqs:
         ids_all += ids
         pos_all += list(range(len(ids)))
-        lab = [IGNORE] * len(ids)
-        start = max(n_prompt, 1)
-        lab[start - 1 : len(ids) - 1] = ids[start:]
-        lab_all += lab
+        lab_all += response_labels(ids, n_prompt)
         cu.append(cu[-1] + len(ids))
     return dict(
         input_ids=torch.tensor([ids_all]),

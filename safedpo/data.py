@@ -98,7 +98,7 @@ def check_row(row: dict, where: str) -> dict:
     for col in COLUMNS:
         if col not in row or row[col] is None:
             raise DataError(f"{where}, column {col!r}: missing")
-    out = {"prompt": row["prompt"]}
+    out = {}
     for col in ("prompt", "response_0", "response_1"):
         if not isinstance(row[col], str) or not row[col].strip():
             raise DataError(f"{where}, column {col!r}: expected a non-empty string, got {row[col]!r}")

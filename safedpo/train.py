@@ -203,6 +203,13 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, po
 # ----------------------------------------------------------------------------- evaluation
 
 
+def reward_stats(out) -> tuple:
+    """(pairs whose chosen reward beats the rejected one, summed reward margin), over the kept pairs."""
+    correct = int(((out.chosen_rewards > out.rejected_rewards) & out.kept).sum())
+    margin = float(((out.chosen_rewards - out.rejected_rewards) * out.kept).sum())
+    return correct, margin
+
+
 @torch.no_grad()
 def evaluate_pairs(policy: PolicyLogps, reference: Reference, examples, cfg: TrainConfig, pad_id: int, packed: bool, device) -> dict:
     """Held-out loss, reward accuracy, safe-over-unsafe accuracy and mean margin (see README)."""
@@ -219,8 +226,9 @@ def evaluate_pairs(policy: PolicyLogps, reference: Reference, examples, cfg: Tra
         k = int(out.kept.sum())
         totals["loss"] += float(out.loss) * k
         totals["kept"] += k
-        totals["correct"] += int(((out.chosen_rewards > out.rejected_rewards) & out.kept).sum())
-        totals["margin"] += float(((out.chosen_rewards - out.rejected_rewards) * out.kept).sum())
+        c, m = reward_stats(out)
+        totals["correct"] += c
+        totals["margin"] += m
         # Safe over unsafe, on the data's own pairs (before T): one safe and one unsafe response.
         B = len(idx)
         reward = cfg.beta * (logps - ref)
@@ -253,13 +261,11 @@ def cosine_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def full_model_state(model, cfg: TrainConfig, dd: Dist) -> dict:
-    """The whole model's state dict on every rank (a collective under FSDP, whose parameters are shards)."""
-    if cfg.fsdp and dd.world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def full_model_state(model) -> dict:
+    """The whole FSDP-sharded model's state dict, gathered to the CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def wrap_distributed(policy: PolicyLogps, cfg: TrainConfig, dd: Dist):
@@ -359,8 +365,9 @@ def train(cfg: TrainConfig) -> dict:
             out = loss_from_logps(logps, ref, b["chosen_safe"], b["rejected_safe"], cfg.beta, label_smoothing=cfg.label_smoothing, **flags)
             (out.loss * (k * dd.world / max(global_kept, 1.0))).backward()
             loss_sum += float(out.loss.detach()) * k
-            correct += int(((out.chosen_rewards > out.rejected_rewards) & out.kept).sum())
-            margin += float(((out.chosen_rewards - out.rejected_rewards) * out.kept).sum())
+            c, m = reward_stats(out)
+            correct += c
+            margin += m
             tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
         optimizer.step()
@@ -385,7 +392,7 @@ def train(cfg: TrainConfig) -> dict:
                 metrics_file.flush()
                 if writer:
                     for k, v in last.items():
-                        if isinstance(v, (int, float)) and v is not None:
+                        if isinstance(v, (int, float)):
                             writer.add_scalar(k, v, step)
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position)
@@ -396,7 +403,7 @@ def train(cfg: TrainConfig) -> dict:
         if dd.main:
             metrics_file.write(json.dumps(dict(event="eval", **last)) + "\n")
     if cfg.fsdp and dd.world > 1:
-        state = full_model_state(policy.model, cfg, dd)
+        state = full_model_state(policy.model)
         if dd.main:
             policy.model.save_pretrained(out_dir / "final", state_dict=state)
     elif dd.main:

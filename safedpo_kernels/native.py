@@ -119,7 +119,7 @@ def grad_buffer(shape, dtype: torch.dtype) -> torch.Tensor:
 def empty_cache() -> None:
     """Free every idle recycled gradient buffer (buffers still referenced by tensors are unaffected)."""
     if load():
-        limit = _cache_limit_bytes()
+        limit = cache_info()["limit_bytes"]
         torch.ops.safedpo_native.set_cache_limit(0)
         torch.ops.safedpo_native.set_cache_limit(limit)
 

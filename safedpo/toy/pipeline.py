@@ -76,6 +76,7 @@ def train_sft(paths: Dict[str, Path], out_dir: Path, seed: int, steps: int, prog
 
     from safedpo_kernels import sequence_logps
 
+    from ..collate import response_labels
     from ..data import encode_prompt
     from ..model import load_tokenizer
 
@@ -101,7 +102,7 @@ def train_sft(paths: Dict[str, Path], out_dir: Path, seed: int, steps: int, prog
             s, n_prompt = seqs[i]
             ids[n, : len(s)] = torch.tensor(s)
             mask[n, : len(s)] = 1
-            labels[n, n_prompt - 1 : len(s) - 1] = torch.tensor(s[n_prompt:])
+            labels[n, : len(s)] = torch.tensor(response_labels(s, n_prompt))
         logits = model(input_ids=ids, attention_mask=mask).logits
         logps = sequence_logps(logits, labels, inplace_backward=True)
         loss = -logps.sum() / (labels != -100).sum()
