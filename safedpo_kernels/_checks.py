@@ -37,6 +37,16 @@ class Layout:
         return (x.stride(0), x.stride(1)) if self.padded else (0, x.stride(0))
 
 
+def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels as every backend reads them: (rows,) int64 and contiguous.
+
+    The kernels index labels[r] directly, and a strided view such as labels[:, ::2] can flatten to a
+    strided 1-D *view*; int32 labels are widened once (O(tokens)) so that each kernel exists for one
+    label type (int32 ones cost the Triton backward 55 registers instead of 32 on sm_80).
+    """
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     """x itself when each token row is contiguous along V (all the kernels need), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import Layout, check_logits_and_labels, check_pair_inputs
+from ._checks import Layout, flat_labels, check_logits_and_labels, check_pair_inputs
 from ._loss import check_loss_hparams, loss_from_logps
 from .reference import SafeDPOOutput
 
@@ -132,7 +132,7 @@ class SequenceLogps(torch.autograd.Function):
 
 def _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend):
     layout = check_logits_and_labels(logits, labels, cu_seqlens, ignore_index, validate)
-    return layout, labels.reshape(-1), resolve_backend(backend, logits.device)
+    return layout, flat_labels(labels), resolve_backend(backend, logits.device)
 
 
 def sequence_logps(
@@ -164,8 +164,8 @@ def sequence_logps(
     Returns:
         (N,) float32, differentiable with respect to logits.
     """
-    layout, flat_labels, name = _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend)
-    return SequenceLogps.apply(logits, flat_labels, layout, ignore_index, average, inplace_backward, name)
+    layout, flat, name = _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend)
+    return SequenceLogps.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
 
 
 def safedpo_loss(
@@ -208,10 +208,10 @@ def safedpo_loss(
         scalar float32 loss (0 with zero gradients when no pair is kept) and (B,) metrics in the roles
         after T, computed in the same pass.
     """
-    layout, flat_labels, name = _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend)
+    layout, flat, name = _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend)
     check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe)
     check_loss_hparams(beta, delta, label_smoothing)
-    policy = SequenceLogps.apply(logits, flat_labels, layout, ignore_index, average, inplace_backward, name)
+    policy = SequenceLogps.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
     return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
 
 

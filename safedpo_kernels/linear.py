@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import Layout, check_linear_weight, check_logits_and_labels, check_pair_inputs
+from ._checks import Layout, flat_labels, check_linear_weight, check_logits_and_labels, check_pair_inputs
 from ._loss import check_loss_hparams, loss_from_logps
 from .api import LossOptions, backend_module, resolve_backend, segment_sums, token_grads
 from .reference import SafeDPOOutput
@@ -91,7 +91,7 @@ def _prepare(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, b
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     V = check_linear_weight(hidden, weight, bias)
     layout = check_logits_and_labels(hidden, labels, cu_seqlens, ignore_index, validate, logits_name="hidden", vocab=V)
-    return layout, labels.reshape(-1), resolve_backend(backend, hidden.device)
+    return layout, flat_labels(labels), resolve_backend(backend, hidden.device)
 
 
 def linear_sequence_logps(
@@ -124,8 +124,8 @@ def linear_sequence_logps(
         (N,) float32, differentiable w.r.t. hidden, weight and bias. Under torch.no_grad() this is the
         intended way to compute ref_logps from a reference model's hidden states.
     """
-    layout, flat_labels, name = _prepare(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
-    return LinearSequenceLogps.apply(hidden, weight, bias, flat_labels, layout, ignore_index, average, name)
+    layout, flat, name = _prepare(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
+    return LinearSequenceLogps.apply(hidden, weight, bias, flat, layout, ignore_index, average, name)
 
 
 def linear_safedpo_loss(
@@ -154,10 +154,10 @@ def linear_safedpo_loss(
     Arguments as in ``linear_sequence_logps`` and ``safedpo_loss``. Returns a SafeDPOOutput; the loss is
     differentiable w.r.t. hidden, weight and bias.
     """
-    layout, flat_labels, name = _prepare(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
+    layout, flat, name = _prepare(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
     check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe)
     check_loss_hparams(beta, delta, label_smoothing)
-    policy = LinearSequenceLogps.apply(hidden, weight, bias, flat_labels, layout, ignore_index, average, name)
+    policy = LinearSequenceLogps.apply(hidden, weight, bias, flat, layout, ignore_index, average, name)
     return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
 
 

@@ -8,19 +8,19 @@ default 32 MiB of float32 per temporary).
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, Tuple
 
 import torch
 
 from ._checks import Layout
+from ._env import env_int
 
 DEFAULT_CHUNK_BYTES = 32 << 20
 
 
 def chunk_rows_for(vocab: int, budget_bytes: int | None = None) -> int:
     """Rows per chunk such that one float32 (rows x vocab) temporary stays within the budget."""
-    budget = budget_bytes if budget_bytes is not None else int(os.environ.get("SAFEDPO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    budget = budget_bytes if budget_bytes is not None else env_int("SAFEDPO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
     return max(1, budget // (4 * vocab))
 
 

@@ -138,3 +138,25 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "RAISED" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    "backend, name, value",
+    [
+        ("triton", "SAFEDPO_TRITON_TILE", "-1"),
+        ("triton", "SAFEDPO_TRITON_BLOCK_V", "0"),
+        ("triton", "SAFEDPO_TRITON_BLOCK_V", "100"),
+        ("triton", "SAFEDPO_TRITON_NUM_WARPS", "3"),
+        ("torch", "SAFEDPO_CHUNK_BYTES", "lots"),
+        ("torch", "SAFEDPO_CHUNK_BYTES", "0"),
+    ],
+)
+def test_bad_tuning_variable_is_named(monkeypatch, backend, name, value):
+    """A malformed tile or chunk size is an error naming the variable, never inf, NaN or a crash."""
+    from safedpo_kernels.api import triton_available
+
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        sequence_logps(torch.randn(2, 3, V), torch.zeros(2, 3, dtype=torch.long), backend=backend)

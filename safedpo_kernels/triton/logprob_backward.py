@@ -1,4 +1,4 @@
-"""Backward kernel: d loss / d logits = g[r] * (onehot(y) - softmax(z)), one pass over the vocabulary.
+"""Backward kernel of the logits path: d loss / d logits = g[r] * (onehot(y) - softmax(z)), one pass.
 
 g[r] is the token's share of the sequence gradient (0 for ignored tokens, 1/count-scaled for averages),
 lse[r] the forward's saved log-sum-exp, so softmax is recomputed as exp(z - lse) and nothing V-sized was
@@ -10,8 +10,14 @@ Memory traffic: rows with g != 0 read V logits and write V gradients; rows with 
 only write zeros.
 """
 
+from __future__ import annotations
+
 import triton
 import triton.language as tl
+
+from .._checks import Layout, rows_contiguous
+from ._utils import Launch
+from .logprob_forward import logprob_tiles
 
 
 @triton.jit
@@ -54,3 +60,30 @@ def logprob_backward_kernel(
             d.to(grad_ptr.dtype.element_ty),
             mask=row_ok[:, None] & col_ok,
         )
+
+
+def backward_launch(logits, grad, labels, lse, g_tok, layout: Layout) -> Launch:
+    """The launch that writes the gradient into ``grad`` (token rows contiguous; may be ``logits``).
+    Tiles as the forward's (``logprob_tiles``): the same row streamed once more, plus a store."""
+    V = logits.shape[-1]
+    block_r, block_v, num_warps = logprob_tiles(V, layout.rows)
+    return Launch(
+        logprob_backward_kernel,
+        (triton.cdiv(layout.rows, block_r),),
+        (logits, grad, labels, lse, g_tok, layout.rows, V, layout.seq_len,
+         *layout.row_strides(logits), *layout.row_strides(grad)),
+        dict(BLOCK_R=block_r, BLOCK_V=block_v),
+        num_warps,
+    )
+
+
+def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int) -> None:
+    """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
+    if layout.rows == 0:
+        return
+    src = rows_contiguous(logits)
+    # In place on logits that needed a copy: the copy is both source and destination.
+    dst = src if grad is logits else rows_contiguous(grad)
+    backward_launch(src, dst, labels, lse, g_tok, layout)()
+    if dst is not grad:
+        grad.copy_(dst)

@@ -1,4 +1,4 @@
-"""Forward kernel: per-token log-sum-exp and target log-prob, one pass over the vocabulary.
+"""Forward kernel of the logits path: per-token log-sum-exp and target log-prob, one pass over V.
 
 For each token row r (BLOCK_R rows per program), with z = logits[r, :] and y = labels[r]:
 
@@ -10,8 +10,15 @@ per row are written. No (rows x V) intermediate exists; the per-sequence sum is 
 done afterwards, in a fixed order.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
+
+from .._checks import Layout, rows_contiguous
+from .._env import env_int
+from ._utils import INTERPRETED, Launch, online_lse_update
 
 
 @triton.jit
@@ -46,12 +53,7 @@ def logprob_forward_kernel(
             mask=counted[:, None] & (cols[None, :] < V),
             other=float("-inf"),
         ).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        # While everything seen is -inf (an ignored row, or -inf logits) shift by 0, not by -inf:
-        # exp(-inf - (-inf)) would be NaN.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-        m = m_new
+        m, s = online_lse_update(m, s, x)
     # Ignored rows read nothing (s = 0); store lse = 0 for them rather than log(0).
     lse = tl.where(counted, m + tl.log(tl.where(counted, s, 1.0)), 0.0)
 
@@ -60,3 +62,53 @@ def logprob_forward_kernel(
     tok = tl.where(counted, tok, 0.0)
     tl.store(tok_ptr + r, tok, mask=row_ok)
     tl.store(lse_ptr + r, lse, mask=row_ok)
+
+
+def logprob_tiles(V: int, rows: int):
+    """(BLOCK_R, BLOCK_V, num_warps) of both logits-path kernels (forward and backward).
+
+    Compiled default: BLOCK_V = 8192 vocabulary entries per step and 16 warps, i.e. one token row per
+    program for any real vocabulary, 16 elements per thread and step (two 16-byte loads in bf16).
+    Chosen from the compile report (bench/results/gpu-compile-*.md, ``python -m bench.gpu_compile``):
+    no spills and at most 1.1 KiB of shared memory in any dtype; 31-32 registers, i.e. 4 resident
+    blocks = 100% occupancy, except the forward on sm_80 (40 registers, 3 blocks, 75%). Even there
+    1536 threads x 32 bytes = 48 KiB of bf16 loads are in flight per SM, several times the ~10 KiB an
+    A100 SM needs to cover DRAM latency at full bandwidth (H100: ~15 KiB), so the kernels stream at
+    the bandwidth limit. 4096 x 16 warps reaches 100% on sm_80 too but halves the bytes in flight per
+    thread and doubles the loop steps (each with two block-wide reductions); 16384 x 16 warps needs
+    48-64 registers (50% occupancy). Small vocabularies put several rows in a program (BLOCK_R), so
+    that a tile stays about 8192 elements.
+
+    The interpreter pays per block iteration, so it gets 65536-element tiles. Overrides (powers of two):
+    SAFEDPO_TRITON_BLOCK_V, SAFEDPO_TRITON_TILE (elements per program and step; the tests use small
+    values to cross block boundaries) and SAFEDPO_TRITON_NUM_WARPS.
+    """
+    default = 1 << 16 if INTERPRETED else 8192
+    max_tile = env_int("SAFEDPO_TRITON_TILE", default, power_of_two=True)
+    block_v = min(triton.next_power_of_2(V), env_int("SAFEDPO_TRITON_BLOCK_V", default, power_of_two=True), max_tile)
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), max_tile // block_v))
+    num_warps = env_int("SAFEDPO_TRITON_NUM_WARPS", min(16, max(4, block_r * block_v // 512)), power_of_two=True)
+    return block_r, block_v, num_warps
+
+
+def forward_launch(logits, labels, tok, lse, layout: Layout, ignore_index: int) -> Launch:
+    """The launch that fills tok and lse (rows,) float32 from logits whose token rows are contiguous."""
+    V = logits.shape[-1]
+    block_r, block_v, num_warps = logprob_tiles(V, layout.rows)
+    return Launch(
+        logprob_forward_kernel,
+        (triton.cdiv(layout.rows, block_r),),
+        (logits, labels, tok, lse, layout.rows, V, layout.seq_len, *layout.row_strides(logits), ignore_index),
+        dict(BLOCK_R=block_r, BLOCK_V=block_v),
+        num_warps,
+    )
+
+
+def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int):
+    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
+    logits = rows_contiguous(logits)
+    tok = torch.empty(layout.rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(tok)
+    if layout.rows:
+        forward_launch(logits, labels, tok, lse, layout, ignore_index)()
+    return tok, lse

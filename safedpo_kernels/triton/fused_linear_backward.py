@@ -10,10 +10,15 @@ Memory traffic: per tile, BLOCK_M x H hidden and BLOCK_N x H weight elements (mo
 BLOCK_M x BLOCK_N gradients out.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
-from .linear_forward import linear_logits_tile
+from .._env import env_int
+from ._utils import Launch
+from .fused_linear_forward import linear_logits_tile, linear_tiles
 
 
 @triton.jit
@@ -38,3 +43,33 @@ def linear_dlogits_kernel(
     dz = tl.where(live[:, None], g[:, None] * (onehot - p), 0.0)
     tl.store(dz_ptr + r[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+def dlogits_launch(hidden, weight, bias, labels, lse, g, dz) -> Launch:
+    """The launch that fills dz (rows, V) for hidden (rows, H) contiguous; tiles as the forward's."""
+    rows, H = hidden.shape
+    V = weight.shape[0]
+    constexprs, num_warps = linear_tiles(rows, H, hidden.dtype)
+    return Launch(
+        linear_dlogits_kernel,
+        (triton.cdiv(rows, constexprs["BLOCK_M"]), triton.cdiv(V, constexprs["BLOCK_N"])),
+        (hidden, weight, bias if bias is not None else hidden, labels, lse, g, dz,
+         rows, V, H, hidden.stride(0), weight.stride(0), dz.stride(0)),
+        dict(HAS_BIAS=bias is not None, **constexprs),
+        num_warps,
+    )
+
+
+def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:
+    """Rows per backward chunk: one (rows x V) gradient buffer within SAFEDPO_LINEAR_CHUNK_BYTES (1 GiB)."""
+    budget = env_int("SAFEDPO_LINEAR_CHUNK_BYTES", 1 << 30)
+    return max(1, budget // (V * torch.finfo(dtype).bits // 8))
+
+
+def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int) -> torch.Tensor:
+    """d loss / d logits (rows, V) in the hidden dtype for one chunk of rows, logits recomputed on chip."""
+    rows = hidden.shape[0]
+    dz = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    if rows:
+        dlogits_launch(hidden.contiguous(), weight, bias, labels, lse, g, dz)()
+    return dz

@@ -1,0 +1,46 @@
+"""Pieces shared by the Triton kernels and their launchers: the online log-sum-exp step and the
+description of one kernel launch, which the launchers run and ``bench.gpu_compile`` compiles for sm_80
+and sm_90 without a GPU (so the compile check sees exactly the configurations the launchers choose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_lse_update(m, s, z):
+    """Fold a (rows, cols) float32 tile ``z`` into each row's running max ``m`` and sum of exp ``s``.
+
+    Returns the new (m, s) with s = sum exp(z - m) over everything seen so far. While everything seen
+    is -inf (an ignored row, a masked vocabulary) the shift is 0, not -inf: exp(-inf - (-inf)) is NaN.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+    return m_new, s
+
+
+# Triton decides between compiling and interpreting when a kernel is defined (TRITON_INTERPRET=1).
+INTERPRETED = type(online_lse_update).__name__ == "InterpretedFunction"
+
+
+@dataclass
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=num_warps)``.
+
+    ``args`` are the runtime arguments in the kernel's order (tensors, ints); ``constexprs`` the
+    compile-time ones by name. Calling the object launches it.
+    """
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)

@@ -1,0 +1,165 @@
+"""Fused-linear forward kernel: log-sum-exp and target logit of hidden @ weight.T + bias, on chip.
+
+Program (i, j) takes BLOCK_M token rows and the j-th of SPLITS contiguous slices of the vocabulary. For
+each BLOCK_N-wide vocabulary tile it forms the logits tile with tl.dot over H in BLOCK_K steps (float32
+accumulation; IEEE precision for float32 inputs, so no TF32 rounding), then folds the tile into a running
+(max, sum of exp) per row and picks the target logit where the label falls in the tile. It writes one
+partial (max, sum, target) per row and slice; the slices are combined afterwards in a fixed order, so the
+result is deterministic (no atomics). Logits never leave the chip.
+
+Memory traffic: hidden rows are read once per vocabulary tile (from L2 in practice), the weight once per
+row block; 12 bytes per row and slice are written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._env import env_int
+from ._utils import INTERPRETED, Launch, online_lse_update
+
+
+@triton.jit
+def linear_logits_tile(h_ptr, w_ptr, b_ptr, rows_idx, row_ok, cols, col_ok, H, stride_h, stride_w,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 tile of hidden[rows] @ weight[cols].T (+ bias[cols]).
+
+    UPCAST is for the Triton interpreter only, whose tl.dot mishandles bf16 (stored as uint16) and
+    accumulates fp16 in fp16; compiled kernels feed the tensor cores the input dtype directly.
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        a = tl.load(h_ptr + rows_idx[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def linear_forward_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, sum_ptr, tgt_ptr,
+    rows, V, H, stride_h, stride_w, cols_per_split, SPLITS,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    split = tl.program_id(1)
+    r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = r < rows
+    label = tl.load(labels_ptr + r, mask=row_ok, other=-1).to(tl.int64)
+    v_begin = split * cols_per_split
+    v_end = tl.minimum(v_begin + cols_per_split, V)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    tgt = tl.zeros([BLOCK_M], tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < v_end
+        z = linear_logits_tile(h_ptr, w_ptr, b_ptr, r, row_ok, cols.to(tl.int64), col_ok, H, stride_h, stride_w,
+                               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m, s = online_lse_update(m, s, z)
+        tgt += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
+    out = r * SPLITS + split
+    tl.store(max_ptr + out, m, mask=row_ok)
+    tl.store(sum_ptr + out, s, mask=row_ok)
+    tl.store(tgt_ptr + out, tgt, mask=row_ok)
+
+
+def linear_tiles(rows: int, H: int, dtype: torch.dtype):
+    """Constexprs and num_warps of both fused-linear kernels: BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST.
+
+    Compiled defaults, from the compile report (bench/results/gpu-compile-*.md): 64 x 128 logits tiles
+    and 8 warps. bf16/fp16 take BLOCK_K = 64: tensor-core tiles (mma on sm_80; on sm_90 64 rows are what
+    a warpgroup MMA needs), 3 pipeline stages in 48 KiB (sm_80) / 73 KiB (sm_90) of shared memory,
+    74-176 registers, no spills, 1-3 blocks per SM -- a matmul-shaped kernel, fast through its tiles,
+    not its occupancy. float32 runs IEEE FMA products (TF32 would break the 1e-5 contract) and takes
+    BLOCK_K = 16: with 32 the forward used all 255 registers on sm_80 (the point where a compiler change
+    starts spilling); with 16 every float32 variant stays at 128-202 and halves the shared memory.
+
+    SAFEDPO_LINEAR_BLOCK_N overrides BLOCK_N (a power of two).
+    """
+    block_m = 64 if not INTERPRETED else max(16, min(64, triton.next_power_of_2(max(rows, 1))))
+    block_n = env_int("SAFEDPO_LINEAR_BLOCK_N", 128, minimum=16, power_of_two=True)
+    block_k = 16 if dtype == torch.float32 else 64
+    if INTERPRETED:
+        block_k = max(16, min(128, triton.next_power_of_2(H)))
+    # float32 inputs: IEEE products, since TF32 (10-bit mantissa) would break the 1e-5 contract.
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, UPCAST=INTERPRETED)
+    return constexprs, 8
+
+
+def prepare_weight(weight: torch.Tensor, bias, hidden_dtype: torch.dtype):
+    """tl.dot needs both operands in one dtype: a weight in another dtype is cast once (as autocast would).
+    The kernels address the weight by its row stride and the bias as contiguous."""
+    w = weight if weight.dtype == hidden_dtype else weight.to(hidden_dtype)
+    w = w if w.stride(1) == 1 else w.contiguous()
+    return w, None if bias is None else bias.contiguous()
+
+
+def _splits(rows: int, V: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """Vocabulary slices per row block: enough programs to fill the GPU when there are few rows."""
+    n_col_blocks = triton.cdiv(V, block_n)
+    if os.environ.get("SAFEDPO_LINEAR_SPLITS", "").strip():
+        want = env_int("SAFEDPO_LINEAR_SPLITS", 1)
+    elif device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(4 * sms, triton.cdiv(rows, block_m))
+    else:
+        want = 1
+    return max(1, min(want, n_col_blocks))
+
+
+def forward_launch(hidden, weight, bias, labels, ignore_index: int):
+    """(Launch, partials): the launch writing (max, sum of exp, target logit) per row and vocabulary
+    slice into ``partials`` (3, rows, splits) float32. hidden (rows, H) contiguous."""
+    rows, H = hidden.shape
+    V = weight.shape[0]
+    constexprs, num_warps = linear_tiles(rows, H, hidden.dtype)
+    block_m, block_n = constexprs["BLOCK_M"], constexprs["BLOCK_N"]
+    splits = _splits(rows, V, block_m, block_n, hidden.device)
+    cols_per_split = triton.cdiv(triton.cdiv(V, block_n), splits) * block_n
+    splits = triton.cdiv(V, cols_per_split)
+    part = torch.empty(3, rows, splits, dtype=torch.float32, device=hidden.device)
+    launch = Launch(
+        linear_forward_kernel,
+        (triton.cdiv(rows, block_m), splits),
+        (hidden, weight, bias if bias is not None else hidden, labels, part[0], part[1], part[2],
+         rows, V, H, hidden.stride(0), weight.stride(0), cols_per_split, splits),
+        dict(HAS_BIAS=bias is not None, **constexprs),
+        num_warps,
+    )
+    return launch, part
+
+
+def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int):
+    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32; logits stay on chip."""
+    rows = hidden.shape[0]
+    V = weight.shape[0]
+    tok = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    if rows == 0:
+        return tok, tok.clone()
+    launch, part = forward_launch(hidden.contiguous(), weight, bias, labels, ignore_index)
+    launch()
+    # Combine the slices' (max, sum) in a fixed order: deterministic, O(rows x splits).
+    mx, sm, tgt = part
+    top = mx.max(dim=1).values
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    lse = shift + torch.log((sm * torch.exp(mx - shift[:, None])).sum(dim=1))
+    counted = labels != ignore_index
+    valid = counted & (labels >= 0) & (labels < V)
+    tok = torch.where(valid, tgt.sum(dim=1) - lse, torch.full_like(lse, float("nan")))
+    return torch.where(counted, tok, torch.zeros_like(tok)), lse
