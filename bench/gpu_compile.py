@@ -1,0 +1,358 @@
+"""Compile every Triton kernel for A100 (sm_80) and H100 (sm_90) on a machine without a GPU.
+
+    python -m bench.gpu_compile                   # bench/results/gpu-compile-<date>.md
+    python -m bench.gpu_compile --json rows.json  # also every compiled variant, as JSON (the test reads it)
+    python -m bench.gpu_compile --quick           # a smaller shape matrix
+
+The launch configurations are not written down here: for each representative shape this asks the
+launchers themselves (``forward_launch``, ``backward_launch``, ``dlogits_launch`` in
+safedpo_kernels/triton/) for the launch they would make, on meta tensors (shapes, strides and dtypes,
+no memory). Each launch is specialized the way Triton's JIT specializes a real call (argument types,
+16-byte alignment and divisibility by 16, ints equal to 1 as constants), compiled to a cubin with
+``triton.compile`` for each target, and read back with the ``cuobjdump`` that ships inside the triton
+wheel: registers per thread, shared memory per block, local memory per thread (register spills).
+Occupancy (blocks per SM) follows from those, the block size and the SM's limits.
+
+Must run with the compiler, not the interpreter: TRITON_INTERPRET must be unset. Triton caches compiled
+kernels (~/.triton/cache), so a second run takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Per-SM and per-block limits of the targets (CUDA programming guide, compute capabilities 8.0 and 9.0).
+TARGETS = {
+    80: dict(card="A100", smem_per_block=163 * 1024, smem_per_sm=164 * 1024, regs_per_sm=65536,
+             max_threads_per_sm=2048, max_blocks_per_sm=32),
+    90: dict(card="H100", smem_per_block=227 * 1024, smem_per_sm=228 * 1024, regs_per_sm=65536,
+             max_threads_per_sm=2048, max_blocks_per_sm=32),
+}
+RESERVED_SMEM_PER_BLOCK = 1024  # the driver keeps 1 KiB of shared memory per resident block (cc >= 8.0)
+
+LOGITS_V = (32000, 128256, 151936, 256000)
+LOGITS_ROWS = (1, 7, 100, 4096, 32768)
+LINEAR_H = (2048, 4096, 8192)
+LINEAR_ROWS = (1, 100, 4096, 32768)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOGITS_KERNELS = ("logprob_forward_kernel", "logprob_backward_kernel")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled kernel: the kernel, its specialized signature and constexprs, and a target."""
+
+    kernel: str
+    module: str
+    signature: tuple  # ((name, type), ...)
+    constexprs: tuple  # ((name, value), ...)
+    attrs: tuple  # ((index, ((attr, value), ...)), ...)
+    num_warps: int
+    cap: int
+    dtype: str
+    config: str  # the human-readable tile configuration
+
+
+def _meta(shape, dtype, stride=None):
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _logits_layouts(rows: int, V: int, dtype: torch.dtype):
+    """(name, logits, Layout) for the padded, packed and shifted-view (logits[:, :-1]) layouts."""
+    from safedpo_kernels._checks import Layout
+
+    T = min(rows, 4096) if rows < 100 else max(50, min(rows // 2, 4096))
+    N = max(1, rows // T)
+    padded = _meta((N, T, V), dtype)
+    yield "padded", padded, Layout(n_seq=N, rows=N * T, seq_len=T, padded=True, cu_seqlens=None)
+    yield "packed", _meta((rows, V), dtype), Layout(n_seq=1, rows=rows, seq_len=rows, padded=False, cu_seqlens=None)
+    full = _meta((N, T + 1, V), dtype)
+    yield "shifted", full[:, :-1], Layout(n_seq=N, rows=N * T, seq_len=T, padded=True, cu_seqlens=None)
+
+
+def logits_launches(quick: bool = False):
+    """(dtype name, Launch) of both logits-path kernels for every representative shape."""
+    from safedpo_kernels.triton.logprob_backward import backward_launch
+    from safedpo_kernels.triton.logprob_forward import forward_launch
+
+    for V in LOGITS_V[:2] if quick else LOGITS_V:
+        for rows in LOGITS_ROWS[::2] if quick else LOGITS_ROWS:
+            for dtype in DTYPES:
+                for _, logits, layout in _logits_layouts(rows, V, dtype):
+                    labels = _meta((layout.rows,), torch.int64)  # int32 labels are widened first
+                    tok, lse, g = (_meta((layout.rows,), torch.float32) for _ in range(3))
+                    yield dtype, forward_launch(logits, labels, tok, lse, layout, -100)
+                    fresh = _meta(tuple(logits.shape), dtype)
+                    for grad in (fresh, logits):  # a new buffer, or in place
+                        yield dtype, backward_launch(logits, grad, labels, lse, g, layout)
+
+
+def linear_launches(quick: bool = False):
+    """(dtype name, Launch) of both fused-linear kernels for every representative shape."""
+    from safedpo_kernels.triton.fused_linear_backward import dlogits_launch
+    from safedpo_kernels.triton.fused_linear_forward import forward_launch
+
+    for H in LINEAR_H[1:2] if quick else LINEAR_H:
+        for V in LOGITS_V[:1] if quick else LOGITS_V:
+            for rows in LINEAR_ROWS[::2] if quick else LINEAR_ROWS:
+                for dtype in DTYPES:
+                    for has_bias in (False, True):
+                        hidden = _meta((rows, H), dtype)
+                        weight = _meta((V, H), dtype)
+                        bias = _meta((V,), dtype) if has_bias else None
+                        labels = _meta((rows,), torch.int64)
+                        lse, g = _meta((rows,), torch.float32), _meta((rows,), torch.float32)
+                        yield dtype, forward_launch(hidden, weight, bias, labels, -100)[0]
+                        yield dtype, dlogits_launch(hidden, weight, bias, labels, lse, g, _meta((rows, V), dtype))
+
+
+def _specializer():
+    """Triton's own argument specialization, arg -> (type, attribute key), across its versions."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime import jit
+
+    if hasattr(jit, "native_specialize_impl"):  # triton >= 3.6
+        return lambda arg: jit.native_specialize_impl(BaseBackend, arg, False, True, True)
+    params = jit.create_specialize_impl.__code__.co_varnames[: jit.create_specialize_impl.__code__.co_argcount]
+    if params:  # triton 3.4, 3.5
+        impl = jit.create_specialize_impl(BaseBackend.get_arg_specialization)
+        return lambda arg: impl(arg, False, True, True)
+    impl = jit.create_specialize_impl()  # triton 3.3
+    return lambda arg: impl(arg, BaseBackend.get_arg_specialization, False, True, True)
+
+
+def specialize(launch, cap: int, dtype: torch.dtype) -> Variant:
+    """The variant Triton's JIT would compile for this launch (same argument specialization rules)."""
+    from triton.backends.compiler import BaseBackend
+
+    spec = _specializer()
+    fn = launch.kernel
+    names = fn.arg_names
+    runtime_names = [n for n in names if n not in launch.constexprs]
+    assert len(runtime_names) == len(launch.args), (fn.__name__, runtime_names)
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
+    for name, value in zip(runtime_names, launch.args):
+        ty, desc = spec(value)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = desc
+        elif desc:
+            attrs[names.index(name)] = tuple(tuple(a) for a in BaseBackend.parse_attr(desc))
+    for name in launch.constexprs:
+        signature[name] = "constexpr"
+    signature = {n: signature[n] for n in names}
+    config = ", ".join(f"{k}={v}" for k, v in launch.constexprs.items()) + f", num_warps={launch.num_warps}"
+    return Variant(fn.__name__, fn.fn.__module__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+                   tuple(sorted(attrs.items())), launch.num_warps, cap, str(dtype).replace("torch.", ""), config)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_variant(v: Variant) -> dict:
+    """Compile one variant; registers, shared and local memory from its cubin."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(v.module), v.kernel)
+    src = ASTSource(fn, dict(v.signature), dict(v.constexprs), {(i,): [list(a) for a in spec] for i, spec in v.attrs})
+    row = dict(kernel=v.kernel, dtype=v.dtype, config=v.config, target=f"sm_{v.cap}", num_warps=v.num_warps,
+               signature=dict(v.signature))
+    t0 = time.perf_counter()
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", v.cap, 32), options=dict(num_warps=v.num_warps))
+    except Exception as exc:  # the point of the matrix: report, do not stop at the first failure
+        msg = str(exc).strip().splitlines()
+        return dict(row, ok=False, error=(msg[-1] if msg else type(exc).__name__)[:300])
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    row.update(
+        ok=True,
+        registers=int(fields.get("REG", -1)),
+        stack=int(fields.get("STACK", 0)),
+        local_bytes=int(fields.get("LOCAL", 0)),
+        static_shared=int(fields.get("SHARED", 0)),
+        dynamic_shared=int(compiled.metadata.shared),
+    )
+    row["shared_bytes"] = row["static_shared"] + row["dynamic_shared"]
+    row.update(occupancy(row["registers"], row["shared_bytes"], v.num_warps, v.cap))
+    return row
+
+
+def occupancy(registers: int, shared: int, num_warps: int, cap: int) -> dict:
+    """Resident blocks per SM and the fraction of the SM's warp slots they fill, with what limits them."""
+    t = TARGETS[cap]
+    threads = 32 * num_warps
+    regs_per_warp = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256 registers
+    limits = dict(
+        registers=t["regs_per_sm"] // max(regs_per_warp * num_warps, 1),
+        shared=t["smem_per_sm"] // (shared + RESERVED_SMEM_PER_BLOCK),
+        threads=t["max_threads_per_sm"] // threads,
+        blocks=t["max_blocks_per_sm"],
+    )
+    blocks = min(limits.values())
+    limiter = min(limits, key=limits.get)
+    return dict(blocks_per_sm=blocks, occupancy=blocks * threads / t["max_threads_per_sm"], limited_by=limiter)
+
+
+def check(row: dict) -> list:
+    """What is wrong with a compiled variant: a failed compile, too much shared memory, a spill in a
+    logits-path kernel (the fused-linear ones are reported, not failed)."""
+    problems = []
+    if not row["ok"]:
+        return [f"{row['kernel']} ({row['config']}, {row['dtype']}, {row['target']}) failed to compile: {row['error']}"]
+    limit = TARGETS[int(row["target"][3:])]["smem_per_block"]
+    if row["shared_bytes"] > limit:
+        problems.append(f"{row['kernel']} ({row['config']}, {row['dtype']}, {row['target']}) uses "
+                        f"{row['shared_bytes']} bytes of shared memory, over the {limit} per block")
+    if row["kernel"] in LOGITS_KERNELS and (row["local_bytes"] or row["stack"]):
+        problems.append(f"{row['kernel']} ({row['config']}, {row['dtype']}, {row['target']}) spills: "
+                        f"{row['local_bytes']} bytes of local memory, {row['stack']} of stack per thread")
+    return problems
+
+
+def variants(quick: bool = False) -> list:
+    """Every distinct variant the launchers produce for the representative shapes, both targets."""
+    seen, out = set(), []
+    for cap in TARGETS:
+        for dtype, launch in [*logits_launches(quick), *linear_launches(quick)]:
+            v = specialize(launch, cap, dtype)
+            if v not in seen:
+                seen.add(v)
+                out.append(v)
+    return out
+
+
+def run(quick: bool = False, workers: int = 0) -> list:
+    todo = variants(quick)
+    workers = workers or min(len(todo), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            return list(pool.map(compile_variant, todo))
+    return [compile_variant(v) for v in todo]
+
+
+def summary(rows: list) -> list:
+    """One line per (kernel, dtype, tile config, target): the worst case over its specializations."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["dtype"], r["config"], r["target"]), []).append(r)
+    out = []
+    for (kernel, dtype, config, target), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        worst = max(ok, key=lambda r: (r["local_bytes"], r["registers"], r["shared_bytes"])) if ok else None
+        out.append(dict(kernel=kernel, dtype=dtype, config=config, target=target, variants=len(rs),
+                        failed=len(rs) - len(ok), worst=worst))
+    return out
+
+
+def markdown(rows: list, meta: dict) -> str:
+    lines = [
+        f"# Triton kernels compiled for A100 (sm_80) and H100 (sm_90), {meta['date']}",
+        "",
+        f"triton {meta['triton']}, ptxas {meta['ptxas']}, torch {meta['torch']}; `python -m bench.gpu_compile` "
+        f"({len(rows)} compiled variants in {meta['seconds']:.0f} s on {meta['cpus']} CPU cores, no GPU).",
+        "",
+        "Shapes asked of the launchers: logits path V in " + ", ".join(map(str, LOGITS_V)) + ", rows in "
+        + ", ".join(map(str, LOGITS_ROWS)) + " (padded, packed and a shifted `logits[:, :-1]` view; "
+        "backward into a new buffer and in place); fused-linear path H in " + ", ".join(map(str, LINEAR_H))
+        + ", the same V, rows in " + ", ".join(map(str, LINEAR_ROWS)) + ", with and without bias. Every dtype: "
+        "float32, bfloat16, float16.",
+        "",
+        "One line per kernel, dtype, tile configuration and target; *variants* counts the specializations "
+        "(argument types, alignment, divisibility) compiled for it, and the figures are the worst of them. "
+        "Registers per thread; shared memory per block (static + dynamic, limits 163 KiB on sm_80 and "
+        "227 KiB on sm_90); local memory per thread (register spills); blocks per SM and occupancy (resident "
+        "warps / 64) from registers, shared memory and block size, with the limiting resource.",
+        "",
+        "| kernel | dtype | tile configuration | target | variants | registers | shared bytes | spill (local) bytes | blocks/SM | occupancy | limited by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary(rows):
+        w = s["worst"]
+        if w is None:
+            lines.append(f"| {s['kernel']} | {s['dtype']} | {s['config']} | {s['target']} | {s['variants']} | FAILED | | | | | |")
+            continue
+        lines.append(
+            f"| {s['kernel']} | {s['dtype']} | {s['config']} | {s['target']} | {s['variants']} | {w['registers']} | "
+            f"{w['shared_bytes']} | {w['local_bytes']} | {w['blocks_per_sm']} | {w['occupancy']:.0%} | {w['limited_by']} |"
+        )
+    problems = [p for r in rows for p in check(r)]
+    spills = sorted({(r["kernel"], r["dtype"], r["target"], r["local_bytes"]) for r in rows if r["ok"] and r["local_bytes"]})
+    lines += ["", "Problems (a failed compile, shared memory over the limit, a logits-path spill): "
+              + ("none." if not problems else "")]
+    lines += [f"- {p}" for p in problems]
+    lines += ["", "Spills of the fused-linear kernels: " + ("none." if not spills else "")]
+    lines += [f"- {k}, {d}, {t}: {b} bytes per thread" for k, d, t, b in spills]
+    return "\n".join(lines) + "\n"
+
+
+def _ptxas_version() -> str:
+    ptxas = os.path.join(os.path.dirname(_cuobjdump()), "ptxas")
+    try:
+        out = subprocess.run([ptxas, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return "unknown"
+    m = re.search(r"release ([\d.]+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results", help="directory of gpu-compile-<date>.md")
+    p.add_argument("--json", default=None, help="also write every compiled variant here")
+    p.add_argument("--quick", action="store_true", help="a smaller shape matrix")
+    p.add_argument("--workers", type=int, default=0, help="compile processes (default: one per CPU core)")
+    p.add_argument("--tag", default="", help="appended to the markdown file's name (e.g. triton3.6)")
+    p.add_argument("--no-markdown", action="store_true")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("bench.gpu_compile compiles the kernels: unset TRITON_INTERPRET")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated (silences a warning)
+    import triton
+
+    t0 = time.perf_counter()
+    rows = run(a.quick, a.workers)
+    meta = dict(date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
+                ptxas=_ptxas_version(), seconds=time.perf_counter() - t0, cpus=os.cpu_count())
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    text = markdown(rows, meta)
+    if not a.no_markdown:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"gpu-compile-{meta['date']}{'-' + a.tag if a.tag else ''}.md"
+        path.write_text(text)
+        print(f"wrote {path}", file=sys.stderr)
+    print(text)
+    problems = [p for r in rows for p in check(r)]
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
