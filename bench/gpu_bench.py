@@ -9,6 +9,9 @@
    forward + backward, median of 3 after a warm-up, peak memory (max_memory_allocated above the inputs),
    and the time over its floor: bytes that must move / measured bandwidth for the logits path, matmul
    work / measured matmul rate for the linear path.
+3. The same ops at the shape PKU-SafeRLHF training has: 64 pairs of short sequences (64-128 tokens per
+   side), V = 32000 and 151936, padded and packed (cu_seqlens).
+Cases that would start after --budget-s seconds are skipped, so that gpu_check.sh stays under 8 minutes.
 Writes gpu-<card>.csv and gpu-<card>.md under --out and prints the table last.
 """
 
@@ -79,13 +82,15 @@ def reference_value(op: str, cfg: cases.Config) -> float:
     from safedpo_kernels import linear_safedpo_loss, sequence_logps
 
     make_inputs, _ = cases.build(op, "eager", cfg)
-    inputs = [t.detach().float() if t.is_floating_point() else t for t in make_inputs()]
+    inputs = [t.detach().float() if t is not None and t.is_floating_point() else t for t in make_inputs()]
     if op == "sequence_logps":
-        return float(sequence_logps(inputs[0], inputs[1], backend="torch").double().sum())
-    hidden, weight, labels = inputs
+        logits, labels, cu = inputs
+        return float(sequence_logps(logits, labels, cu_seqlens=cu, backend="torch").double().sum())
+    hidden, weight, labels, cu = inputs
     ref = torch.zeros(cfg.N, device=cfg.device)
     safe = torch.ones(cfg.N // 2, dtype=torch.bool, device=cfg.device)
-    return float(linear_safedpo_loss(hidden, weight, labels, ref, safe, safe, beta=cases.BETA, backend="torch").loss)
+    return float(linear_safedpo_loss(hidden, weight, labels, ref, safe, safe, beta=cases.BETA, cu_seqlens=cu,
+                                     backend="torch").loss)
 
 
 def tolerance(cfg: cases.Config) -> float:
@@ -94,7 +99,28 @@ def tolerance(cfg: cases.Config) -> float:
     return 1e-4 if cfg.dtype == "float32" else 5e-2
 
 
-def run(dry: bool, out: Path) -> list:
+def plan(dry: bool) -> list:
+    """(op, cfg, variants): the long-sequence case, then the shape PKU-SafeRLHF training has -- 64 pairs
+    of short sequences (64-128 tokens per side, about 100 on average), padded and packed, at V = 32000
+    (Llama 2, Mistral) and 151936 (Qwen2)."""
+    logits_variants = ["eager", "compile", "triton", "triton-inplace"]
+    linear_variants = ["eager", "ours-triton", "liger", "cce"]
+    if dry:
+        long = cases.Config(N=2, T=16, V=300, H=32, dtype="float32", device="cpu")
+        short = [cases.Config(N=4, T=12, V=V, H=32, dtype="float32", device="cpu", ragged=True, packed=p)
+                 for V in (300,) for p in (False, True)]
+    else:
+        long = cases.Config(N=8, T=4096, V=128256, H=4096, dtype="bfloat16", device="cuda")
+        short = [cases.Config(N=128, T=128, V=V, H=4096, dtype="bfloat16", device="cuda", ragged=True, packed=p)
+                 for V in (32000, 151936) for p in (False, True)]
+    out = [("sequence_logps", long, logits_variants), ("linear_safedpo_loss", long, linear_variants)]
+    # torch.compile recompiles for every shape (about a minute each): measured on the long case only.
+    out += [("sequence_logps", cfg, ["eager", "trl", "triton", "triton-inplace"]) for cfg in short]
+    out += [("linear_safedpo_loss", cfg, linear_variants) for cfg in short]
+    return out
+
+
+def run(dry: bool, out: Path, budget_s: float = 330.0) -> list:
     device = "cpu" if dry else "cuda"
     meta = info(device)
     print("== device ==")
@@ -103,29 +129,26 @@ def run(dry: bool, out: Path) -> list:
     ceil = ceilings(device, dry)
     print(f"== ceilings ==\ndevice-to-device copy: {ceil['bandwidth_Bps'] / 1e9:.1f} GB/s, bf16 matmul: {ceil['bf16_flops'] / 1e12:.1f} TFLOP/s")
 
-    if dry:
-        logits_cfg = cases.Config(N=2, T=16, V=300, H=32, dtype="float32", device="cpu")
-        linear_cfg = logits_cfg
-    else:
-        logits_cfg = cases.Config(N=8, T=4096, V=128256, H=4096, dtype="bfloat16", device="cuda")
-        linear_cfg = logits_cfg
-    plan = [
-        ("sequence_logps", logits_cfg, ["eager", "compile", "triton", "triton-inplace"]),
-        ("linear_safedpo_loss", linear_cfg, ["eager", "ours-triton", "liger", "cce"]),
-    ]
     rows = []
-    for op, cfg, names in plan:
+    start = time.perf_counter()
+    for op, cfg, names in plan(dry):
         available = cases.variants(op, "cuda") if not dry else names
         truth = reference_value(op, cfg)
+        eager_s = None
         for variant in names:
             row = dict(op=op, variant=variant, **cfg.as_dict())
+            rows.append(row)
+            if cfg.packed and variant in cases.PADDED_ONLY:
+                row["status"] = "padded batches only"
+                continue
             if variant not in available:
                 row["status"] = "not installed"
-                rows.append(row)
                 continue
             if dry and variant in ("compile", "liger", "cce"):
                 row["status"] = "skipped in dry run"
-                rows.append(row)
+                continue
+            if time.perf_counter() - start > budget_s:
+                row["status"] = f"skipped: past the {budget_s:.0f} s budget"
                 continue
             try:
                 make_inputs, step = cases.build(op, variant, cfg)
@@ -133,8 +156,7 @@ def run(dry: bool, out: Path) -> list:
             except Exception as exc:  # OOM for eager at full size is a result, not a crash
                 msg = str(exc).strip().splitlines()
                 row["status"] = "failed: " + (msg[0][:100] if msg else type(exc).__name__)
-                rows.append(row)
-                print(f"{op} {variant}: {row['status']}", flush=True)
+                print(f"{op} {cfg.label()} {variant}: {row['status']}", flush=True)
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -143,14 +165,16 @@ def run(dry: bool, out: Path) -> list:
                 floor_s = cases.floor_flops(op, cfg) / ceil["bf16_flops"]
             else:
                 floor_s = cases.floor_bytes(op, cfg) / ceil["bandwidth_Bps"]
+            eager_s = r["median_s"] if variant == "eager" else eager_s
             row.update(
                 status="ok", median_s=r["median_s"], min_s=r["min_s"], max_s=r["max_s"], first_s=r["first_s"],
                 peak_mb=r["peak_bytes"] / 2**20, value=r["value"], floor_s=floor_s, x_floor=r["median_s"] / floor_s,
+                x_eager=(eager_s / r["median_s"]) if eager_s else None,
                 deviation=abs(r["value"] - truth) / max(1.0, abs(truth)),
                 matches=("yes" if abs(r["value"] - truth) <= tolerance(cfg) * max(1.0, abs(truth)) else "NO"),
             )
-            rows.append(row)
-            print(f"{op} {variant}: {r['median_s'] * 1e3:.1f} ms, {row['peak_mb']:.0f} MB, {row['x_floor']:.1f}x floor", flush=True)
+            print(f"{op} {cfg.label()} V={cfg.V} {variant}: {r['median_s'] * 1e3:.1f} ms, {row['peak_mb']:.0f} MB, "
+                  f"{row['x_floor']:.1f}x floor", flush=True)
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -158,8 +182,8 @@ def run(dry: bool, out: Path) -> list:
     out.mkdir(parents=True, exist_ok=True)
     card = meta["card"].replace(" ", "-").replace("(", "").replace(")", "")
     stem = out / f"gpu-{card}"
-    fields = ["op", "variant", "N", "T", "V", "H", "dtype", "device", "median_s", "min_s", "max_s", "first_s",
-              "peak_mb", "floor_s", "x_floor", "value", "deviation", "matches", "status"]
+    fields = ["op", "variant", "N", "T", "V", "H", "dtype", "device", "ragged", "packed", "median_s", "min_s", "max_s",
+              "first_s", "peak_mb", "floor_s", "x_floor", "x_eager", "value", "deviation", "matches", "status"]
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -170,19 +194,22 @@ def run(dry: bool, out: Path) -> list:
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta.get('cuda')}, driver {meta.get('driver', '-')}; "
         f"copy bandwidth {ceil['bandwidth_Bps'] / 1e9:.1f} GB/s, bf16 matmul {ceil['bf16_flops'] / 1e12:.1f} TFLOP/s.",
         "Forward + backward, median (min-max) of 3 after a warm-up; peak = max_memory_allocated above the inputs;",
-        "floor = bytes that must move / bandwidth (logits path) or matmul FLOPs / matmul rate (linear path).",
+        "floor = 3 passes over the logits / copy bandwidth (logits path) or 3 matmuls over the response tokens /",
+        "bf16 matmul rate (linear path). Short cases: 64 pairs of 64-128 tokens per side, padded (N x T with the",
+        "tail ignored) or packed (cu_seqlens, no padding).",
         "",
-        "| op | N x T, V, H | variant | median ms (min-max) | peak MB | x floor | deviation from float32 | ok |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | N x T, V, H | variant | median ms (min-max) | x eager | peak MB | x floor | deviation from float32 | ok |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        size = f"{r['N']} x {r['T']}, {r['V']}, {r['H']}"
+        size = f"{cases.Config(**{k: r[k] for k in cases.Config.__dataclass_fields__}).label()}, {r['V']}, {r['H']}"
         if r.get("status") != "ok":
-            lines.append(f"| {r['op']} | {size} | {r['variant']} | {r['status']} | | | | |")
+            lines.append(f"| {r['op']} | {size} | {r['variant']} | {r['status']} | | | | | |")
         else:
+            x_eager = f"{r['x_eager']:.2f}" if r.get("x_eager") else ""
             lines.append(
                 f"| {r['op']} | {size} | {r['variant']} | {r['median_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}) "
-                f"| {r['peak_mb']:.0f} | {r['x_floor']:.2f} | {r['deviation']:.1e} | {r['matches']} |"
+                f"| {x_eager} | {r['peak_mb']:.0f} | {r['x_floor']:.2f} | {r['deviation']:.1e} | {r['matches']} |"
             )
     table = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(table)
@@ -195,8 +222,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="cases that would start after this many seconds are skipped (keeps gpu_check.sh under 8 minutes)")
     a = p.parse_args()
-    rows = run(a.dry_run, Path(a.out))
+    rows = run(a.dry_run, Path(a.out), a.budget_s)
     bad = [r for r in rows if r.get("matches") == "NO"]
     if bad or (a.dry_run and any(r.get("status", "").startswith("failed") for r in rows)):
         raise SystemExit("gpu_bench: a case failed or does not match eager")

@@ -42,7 +42,7 @@ if [ $DRY = 1 ]; then
   TRITON_INTERPRET=1 "$PY" -m pytest tests/test_sequence_logps.py -q -x -k "padded_matches_reference and float32" || status=1
 else
   # The kernel tests on CUDA (the trainer's tests are CPU/gloo tests); no C++ CPU build needed there.
-  SAFEDPO_NATIVE=0 "$PY" -m pytest tests/test_sequence_logps.py tests/test_safedpo_loss.py tests/test_linear.py \
+  SAFEDPO_NATIVE=0 "$PY" -m pytest tests/test_sequence_logps.py tests/test_safedpo_loss.py tests/test_linear.py tests/test_noncontiguous.py \
     tests/test_validation.py -q -x -k "cuda or not torch-cpu" 2>&1 | tail -n 15
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
