@@ -6,9 +6,9 @@
 See README.md for the formula, the layouts and the backends.
 """
 
-from .api import SafeDPOLoss, safedpo_loss, sequence_logps
-from .linear import LinearSafeDPOLoss, linear_safedpo_loss, linear_sequence_logps
-from .reference import SafeDPOOutput
+from .api import LinearSafeDPOLoss, SafeDPOLoss, linear_safedpo_loss, linear_sequence_logps, safedpo_loss, sequence_logps
+from .dispatch import available_backends
+from .loss import SafeDPOOutput
 
 __all__ = [
     "sequence_logps",
@@ -18,5 +18,6 @@ __all__ = [
     "SafeDPOLoss",
     "LinearSafeDPOLoss",
     "SafeDPOOutput",
+    "available_backends",
 ]
 __version__ = "0.1.0"

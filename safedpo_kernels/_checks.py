@@ -1,7 +1,7 @@
 """Argument checks and the token layout shared by every backend.
 
 All validation happens here, once, in Python, so that every backend sees the same, already checked
-inputs and raises the same errors (SPEC section 3). Kernels still guard every memory access on their own,
+inputs and raises the same errors, each naming the argument. Kernels still guard every memory access on their own,
 so that a caller who passes ``validate=False`` gets wrong numbers (NaN) at worst, never an
 out-of-bounds access.
 """

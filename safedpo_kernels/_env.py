@@ -27,3 +27,20 @@ def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = F
     if power_of_two and value & (value - 1):
         raise ValueError(f"{name} must be a power of two, got {value}")
     return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty gives
+    ``default``; anything else is a ValueError naming the variable."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name} must be one of {_TRUE + _FALSE}, got {os.environ[name]!r}")

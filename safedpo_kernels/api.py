@@ -1,138 +1,35 @@
-"""Public entry points: argument checks, backend dispatch and the autograd Function.
+"""The public entry points: argument checks, then the autograd Function of the chosen backend.
 
-The autograd Function is deliberately plain (no torch.func transforms), which keeps it DDP- and
-checkpoint-friendly. Its forward asks a backend for per-token log-probs and log-sum-exps (O(tokens)),
-reduces them per sequence in a fixed order, and saves only O(tokens) values; its backward asks the same
-backend to write g * (onehot - softmax) into a fresh buffer or into the logits themselves.
+From logits: ``sequence_logps`` and ``safedpo_loss`` (module ``SafeDPOLoss``). From the last hidden
+states and the LM head, never materializing the logits: ``linear_sequence_logps`` and
+``linear_safedpo_loss`` (module ``LinearSafeDPOLoss``). Every check happens here, once, so every backend
+sees the same validated inputs and raises the same errors.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ._checks import Layout, flat_labels, check_logits_and_labels, check_pair_inputs
-from ._loss import check_loss_hparams, loss_from_logps
-from .reference import SafeDPOOutput
-
-BACKENDS = ("auto", "triton", "native", "torch")
-
-
-def native_available() -> bool:
-    """True when the C++ CPU kernels (backend "native") can be used in this process."""
-    if os.environ.get("SAFEDPO_NATIVE", "1") == "0":
-        return False
-    try:
-        from . import native
-    except ImportError:
-        return False
-    return native.available()
+from ._checks import check_linear_weight, check_logits_and_labels, check_pair_inputs, flat_labels
+from .autograd import LinearSequenceLogpsFunction, SequenceLogpsFunction
+from .dispatch import BACKENDS, resolve_backend
+from .loss import SafeDPOOutput, check_loss_hparams, loss_from_logps
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device`` (SPEC section 2, "backend")."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton" if triton_available() else "torch"
-        if device.type == "cpu" and native_available():
-            return "native"
-        return "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'triton>=3.0'")
-        importlib.import_module(".triton", __package__).check_device(device)
-    elif backend == "native":
-        if device.type != "cpu":
-            raise ValueError(f"backend='native' runs on CPU tensors, got {device.type} tensors")
-        if not native_available():
-            raise RuntimeError(
-                "backend='native' is not available (no C++ compiler, a failed build, or SAFEDPO_NATIVE=0); "
-                "use backend='torch' or 'auto'"
-            )
-    return backend
-
-
-def backend_module(name: str):
-    """The module implementing ``logp_forward`` / ``logp_backward`` for a resolved backend name."""
-    module = {"triton": ".triton", "native": ".native", "torch": ".torch_chunked"}[name]
-    return importlib.import_module(module, __package__)
-
-
-def segment_sums(tok: torch.Tensor, counted: torch.Tensor, layout: Layout):
-    """Per-sequence sums of per-token values (float64 accumulation, fixed order) and token counts."""
-    if layout.padded:
-        N, T = layout.n_seq, layout.seq_len
-        return tok.view(N, T).sum(1, dtype=torch.float64), counted.view(N, T).sum(1)
-    cu = layout.cu_seqlens
-    zero = tok.new_zeros(1, dtype=torch.float64)
-    # A float64 prefix sum (a deterministic scan) differenced at the boundaries: no atomics.
-    csum = torch.cat([zero, tok.double().cumsum(0)])
-    ccount = torch.cat([zero.long(), counted.long().cumsum(0)])
-    return csum[cu[1:]] - csum[cu[:-1]], ccount[cu[1:]] - ccount[cu[:-1]]
-
-
-def token_grads(grad_seq: torch.Tensor, counted: torch.Tensor, count: torch.Tensor, layout: Layout, average: bool):
-    """Spread each sequence's d loss / d logp over its counted tokens: (rows,) float32."""
-    g = grad_seq.to(torch.float64)
-    if average:
-        g = g / count.clamp(min=1)
-    g = g.to(torch.float32)
-    if layout.padded:
-        g_tok = g.repeat_interleave(layout.seq_len)
-    else:
-        lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
-        g_tok = g.repeat_interleave(lengths, output_size=layout.rows)
-    return torch.where(counted, g_tok, torch.zeros_like(g_tok))
-
-
-class SequenceLogps(torch.autograd.Function):
-    """logits (N, T, V) | (total, V) -> per-sequence log-probs (N,) float32; see ``sequence_logps``."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, layout: Layout, ignore_index: int, average: bool, inplace: bool, backend: str):
-        impl = backend_module(backend)
-        tok, lse = impl.logp_forward(logits, labels, layout, ignore_index)
-        counted = labels != ignore_index
-        seq, count = segment_sums(tok, counted, layout)
-        if average:
-            seq = seq / count.clamp(min=1)
-        ctx.save_for_backward(logits, labels, lse, count)
-        ctx.meta = (layout, ignore_index, average, inplace, impl)
-        return seq.to(torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad_seq):
-        logits, labels, lse, count = ctx.saved_tensors
-        layout, ignore_index, average, inplace, impl = ctx.meta
-        g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
-        if inplace:
-            grad = logits
-        elif hasattr(impl, "grad_buffer"):
-            grad = impl.grad_buffer(logits.shape, logits.dtype)
-        elif logits.device.type == "cpu":
-            # A fresh CPU buffer is faulted in page by page on first write; a parallel zero-fill first is
-            # markedly cheaper than taking those faults inside the kernel's exp loop.
-            grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        else:
-            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        impl.logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index)
-        return grad, None, None, None, None, None, None
-
-
-def _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend):
+def _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend):
     layout = check_logits_and_labels(logits, labels, cu_seqlens, ignore_index, validate)
     return layout, flat_labels(labels), resolve_backend(backend, logits.device)
+
+
+def _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend):
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    V = check_linear_weight(hidden, weight, bias)
+    layout = check_logits_and_labels(hidden, labels, cu_seqlens, ignore_index, validate, logits_name="hidden", vocab=V)
+    return layout, flat_labels(labels), resolve_backend(backend, hidden.device)
 
 
 def sequence_logps(
@@ -150,7 +47,7 @@ def sequence_logps(
 
     Args:
         logits: (N, T, V) padded, or (total_tokens, V) packed with ``cu_seqlens``; float32, bfloat16 or
-            float16. Each token row must be contiguous along V only (``logits[:, :-1]`` is fine).
+            float16. Any strides (``logits[:, :-1]`` is read in place; a strided vocabulary is copied).
         labels: (N, T) or (total_tokens,), int32/int64, already aligned with logits (labels[..., t] is
             the token logits[..., t, :] predicts); ``ignore_index`` marks tokens that do not count.
         average: divide each sum by its count of counted tokens (a row with none gives 0).
@@ -164,8 +61,8 @@ def sequence_logps(
     Returns:
         (N,) float32, differentiable with respect to logits.
     """
-    layout, flat, name = _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend)
-    return SequenceLogps.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
+    layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
+    return SequenceLogpsFunction.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
 
 
 def safedpo_loss(
@@ -208,14 +105,81 @@ def safedpo_loss(
         scalar float32 loss (0 with zero gradients when no pair is kept) and (B,) metrics in the roles
         after T, computed in the same pass.
     """
-    layout, flat, name = _prepare(logits, labels, cu_seqlens, ignore_index, validate, backend)
+    layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
     check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe)
     check_loss_hparams(beta, delta, label_smoothing)
-    policy = SequenceLogps.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
+    policy = SequenceLogpsFunction.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
     return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
 
 
-class LossOptions(nn.Module):
+def linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """``sequence_logps`` of logits = hidden @ weight.T + bias, without ever materializing the logits.
+
+    Args:
+        hidden: (N, T, H) padded or (total_tokens, H) packed last hidden states; float32/bfloat16/float16.
+        weight: (V, H) LM head weight (tied or not; frozen is fine). A dtype other than hidden's is cast
+            once for the kernels; its gradient comes back in its own dtype.
+        labels: (N, T) or (total_tokens,) int32/int64 token ids aligned with hidden, ``ignore_index`` for
+            prompt/padding tokens (those cost nothing: only counted tokens are computed).
+        bias: optional (V,) LM head bias.
+        ignore_index, average, cu_seqlens, backend, validate: as in ``sequence_logps``.
+        inplace_backward: accepted so that the logits and fused-linear entry points take the same
+            keywords; no logits exist here to overwrite, so it changes nothing.
+
+    Returns:
+        (N,) float32, differentiable w.r.t. hidden, weight and bias. Under torch.no_grad() this is the
+        intended way to compute ref_logps from a reference model's hidden states.
+    """
+    layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
+    return LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, ignore_index, average, name)
+
+
+def linear_safedpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    chosen_safe: torch.Tensor,
+    rejected_safe: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    beta: float = 0.1,
+    delta: float = 10.0,
+    swap: bool = True,
+    drop_both_unsafe: bool = True,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+) -> SafeDPOOutput:
+    """``safedpo_loss`` from hidden states (N = 2B rows) and the LM head, never materializing the logits.
+
+    Arguments as in ``linear_sequence_logps`` and ``safedpo_loss``. Returns a SafeDPOOutput; the loss is
+    differentiable w.r.t. hidden, weight and bias.
+    """
+    layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
+    check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe)
+    check_loss_hparams(beta, delta, label_smoothing)
+    policy = LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, ignore_index, average, name)
+    return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
+
+
+class _LossModule(nn.Module):
     """Shared constructor of the loss modules: hyper-parameters checked once and kept in ``options``."""
 
     def __init__(self, beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
@@ -233,7 +197,7 @@ class LossOptions(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-class SafeDPOLoss(LossOptions):
+class SafeDPOLoss(_LossModule):
     """nn.Module wrapper of ``safedpo_loss``: hyper-parameters at construction, tensors at call time.
 
     ``SafeDPOLoss(beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
@@ -249,3 +213,20 @@ class SafeDPOLoss(LossOptions):
 
     def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput:
         return safedpo_loss(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=cu_seqlens, **self.options)
+
+
+class LinearSafeDPOLoss(_LossModule):
+    """nn.Module wrapper of ``linear_safedpo_loss`` (same constructor as SafeDPOLoss, without
+    inplace_backward). ``forward(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None,
+    cu_seqlens=None) -> SafeDPOOutput``.
+    """
+
+    def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
+                 label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
+                 backend: str = "auto", validate: bool = True):
+        super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate)
+
+    def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None):
+        return linear_safedpo_loss(
+            hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=bias, cu_seqlens=cu_seqlens, **self.options
+        )

@@ -36,7 +36,7 @@ def _source() -> Path:
     for path in _SOURCE_CANDIDATES:
         if path.exists():
             return path
-    raise FileNotFoundError("csrc/logprob.cpp not found next to safedpo_kernels")
+    raise FileNotFoundError(f"csrc/logprob.cpp not found (looked in {', '.join(str(p.parent) for p in _SOURCE_CANDIDATES)})")
 
 
 def _cpu_flags() -> list:
@@ -56,62 +56,88 @@ def _cpu_flags() -> list:
 
 
 def build_dir() -> Path:
-    """Cache directory of the build for this source, these flags and this torch version."""
+    """Cache directory of the build for this source, these flags and this torch version (FileNotFoundError
+    when the source is missing)."""
     src = _source().read_bytes()
     key = hashlib.sha256(src + " ".join(_cpu_flags()).encode() + torch.__version__.encode()).hexdigest()[:16]
     root = Path(os.environ.get("SAFEDPO_CACHE_DIR", Path.home() / ".cache" / "safedpo_kernels"))
     return root / f"native-{key}"
 
 
-def load(verbose: bool = False) -> bool:
-    """Build (if needed) and load the extension; True on success. Records whether a build happened."""
-    if "ok" in _state:
-        return _state["ok"]
+# What a usable build registers; a stale or foreign library that lacks one is not used.
+_OPS = ("logp_forward", "logp_backward", "grad_buffer", "set_cache_limit", "cache_info")
+
+
+def _build(verbose: bool):
+    """Compile (when the cache has no current build) and load the library; (path, whether it was built)."""
     from torch.utils import cpp_extension
 
-    cache_limit = _cache_limit_bytes()  # a bad setting raises here, before anything is recorded
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / "safedpo_native.so"
     existed = library.exists()
+    cpp_extension.load(
+        name="safedpo_native",
+        sources=[str(_source())],
+        extra_cflags=_cpu_flags(),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    missing = [op for op in _OPS if not hasattr(torch.ops.safedpo_native, op)]
+    if missing:
+        raise RuntimeError(f"{library} does not provide {', '.join(missing)} (a stale or foreign build)")
+    return library, not existed
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (if needed) and load the extension; True on success. Records whether a build happened.
+
+    Any failure -- no source (an installation without csrc/), no compiler or ninja, a failed build, a
+    cached library that does not load or lacks a symbol -- warns once and returns False, so that "auto"
+    falls back to backend "torch".
+    """
+    if "ok" in _state:
+        return _state["ok"]
+    cache_limit = _cache_limit_bytes()  # a bad setting is the caller's error: it raises, it does not fall back
     try:
-        cpp_extension.load(
-            name="safedpo_native",
-            sources=[str(_source())],
-            extra_cflags=_cpu_flags(),
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=verbose,
-        )
-        _state.update(ok=True, built=not existed, library=str(library))
-    except Exception as exc:  # no compiler, no ninja, a failed build: fall back, loudly, once
+        library, built = _build(verbose)
+        torch.ops.safedpo_native.set_cache_limit(cache_limit)
+        _state.update(ok=True, built=built, library=str(library))
+    except Exception as exc:
+        text = str(exc).strip()
         warnings.warn(
-            f"safedpo_kernels: the native CPU kernels could not be built ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using backend 'torch'. "
-            "Set SAFEDPO_NATIVE=0 to silence this.",
+            f"safedpo_kernels: the native CPU kernels are not available ({type(exc).__name__}: "
+            f"{text.splitlines()[-1] if text else exc}); using backend 'torch'. Set SAFEDPO_NATIVE=0 to silence this.",
             RuntimeWarning,
             stacklevel=3,
         )
         _state.update(ok=False, built=False, error=exc)
-    if _state["ok"]:
-        torch.ops.safedpo_native.set_cache_limit(cache_limit)
     return _state["ok"]
 
 
+def is_loaded() -> bool:
+    """True when this process has loaded the extension (never builds it, unlike ``available``)."""
+    return bool(_state.get("ok"))
+
+
 def _cache_limit_bytes() -> int:
-    mb = os.environ.get("SAFEDPO_CPU_GRAD_CACHE_MB")
-    if mb is not None and mb.strip():
+    mb = os.environ.get("SAFEDPO_CPU_GRAD_CACHE_MB", "").strip()
+    if mb:
         try:
-            return max(0, int(float(mb) * 2**20))
+            value = float(mb)
         except ValueError:
-            raise ValueError(f"SAFEDPO_CPU_GRAD_CACHE_MB must be a number of MiB, got {mb!r}") from None
+            value = float("nan")
+        if not (0 <= value < 2**43):  # NaN, inf and negatives fail this
+            raise ValueError(f"SAFEDPO_CPU_GRAD_CACHE_MB must be a finite number of MiB >= 0, got {mb!r}")
+        return int(value * 2**20)
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     except (ValueError, OSError, AttributeError):
         return 4 * 2**30
 
 
-def grad_buffer(shape, dtype: torch.dtype) -> torch.Tensor:
+def grad_buffer(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor from the recycled buffers (or a new allocation)."""
     return torch.ops.safedpo_native.grad_buffer(list(shape), dtype)
 

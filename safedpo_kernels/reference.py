@@ -2,34 +2,18 @@
 
 Written for reading, not for speed: it materializes the full log-softmax (one float32 or float64 copy of
 the logits), gathers, masks and sums, then applies the safety-aware transformation T pair by pair and
-the loss of SPEC section 1. Pass float64 tensors to get the float64 oracle. No argument checking: the
+the SafeDPO loss. Pass float64 tensors to get the float64 oracle. No argument checking: the
 public API does that.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-
-class SafeDPOOutput(NamedTuple):
-    """Result of a SafeDPO loss. Per-pair fields are (B,) and describe the pairs AFTER transformation T.
-
-    loss: scalar float32, mean of the per-pair loss over the kept pairs (0 when none is kept).
-    chosen_logps / rejected_logps: the policy's sequence log-probs of the (transformed) preferred and
-        dispreferred responses.
-    chosen_rewards / rejected_rewards: beta * (logp - ref_logp) of the same.
-    kept: bool, False for pairs dropped by T (both responses unsafe, when drop_both_unsafe).
-    """
-
-    loss: torch.Tensor
-    chosen_logps: torch.Tensor
-    rejected_logps: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    kept: torch.Tensor
+from .loss import SafeDPOOutput
 
 
 def sequence_logps(

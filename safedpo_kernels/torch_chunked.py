@@ -92,6 +92,14 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
     return tok, lse
 
 
+def grad_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The backward's output buffer. On the CPU a fresh buffer is faulted in page by page on first
+    write; a (parallel) zero-fill first is markedly cheaper than taking those faults inside the kernel."""
+    if torch.device(device).type == "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int) -> None:
     """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
     chunk = chunk_rows_for(logits.shape[-1])

@@ -1,4 +1,4 @@
-"""Backend "native" specifics (issue #4): thread-count independence and the build cache.
+"""Backend "native" specifics: thread-count independence and the build cache.
 
 The numerical tests of every backend (test_sequence_logps, test_safedpo_loss, test_linear) run on
 "native" too through the shared ``case`` fixture.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from safedpo_kernels import sequence_logps
-from safedpo_kernels.api import native_available, resolve_backend
+from safedpo_kernels.dispatch import native_available, resolve_backend
 from conftest import make_labels, make_logits
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native extension not available")
@@ -66,7 +66,7 @@ def test_second_load_takes_no_build():
 def test_disabled_by_environment():
     env = dict(os.environ, SAFEDPO_NATIVE="0")
     code = (
-        "import torch\nfrom safedpo_kernels.api import resolve_backend\n"
+        "import torch\nfrom safedpo_kernels.dispatch import resolve_backend\n"
         "print(resolve_backend('auto', torch.device('cpu')))\n"
         "try:\n    resolve_backend('native', torch.device('cpu'))\nexcept RuntimeError as e:\n    print('RAISED', e)\n"
     )
@@ -80,12 +80,12 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     env = dict(os.environ, SAFEDPO_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++", CC="/nonexistent/cc")
     code = (
         "import warnings, torch\nwarnings.simplefilter('always')\n"
-        "from safedpo_kernels.api import resolve_backend\n"
+        "from safedpo_kernels.dispatch import resolve_backend\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    a = resolve_backend('auto', torch.device('cpu'))\n"
         "    b = resolve_backend('auto', torch.device('cpu'))\n"
-        "print(a, b, sum('native CPU kernels could not be built' in str(x.message) for x in w))\n"
+        "print(a, b, sum('native CPU kernels are not available' in str(x.message) for x in w))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.stdout.strip().splitlines()[-1] == "torch torch 1", res.stdout + res.stderr
@@ -160,8 +160,77 @@ def test_cache_off_by_environment():
     assert info["limit_bytes"] == 0 and info["idle_bytes"] == 0 and info["misses"] == 1
 
 
-def test_bad_cache_setting_is_named():
-    env = dict(os.environ, SAFEDPO_CPU_GRAD_CACHE_MB="lots")
+@pytest.mark.parametrize("value", ["lots", "inf", "nan", "-5"])
+def test_bad_cache_setting_is_named(value):
+    env = dict(os.environ, SAFEDPO_CPU_GRAD_CACHE_MB=value)
     code = "import torch\nfrom safedpo_kernels import sequence_logps\nsequence_logps(torch.randn(1, 3, 7), torch.zeros(1, 3, dtype=torch.long))\n"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "ValueError: SAFEDPO_CPU_GRAD_CACHE_MB" in res.stderr, res.stderr
+
+
+def test_bad_native_switch_is_named():
+    env = dict(os.environ, SAFEDPO_NATIVE="nope")
+    code = "import torch\nfrom safedpo_kernels import sequence_logps\nsequence_logps(torch.randn(1, 3, 7), torch.zeros(1, 3, dtype=torch.long))\n"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "ValueError: SAFEDPO_NATIVE" in res.stderr, res.stderr
+
+
+FALLBACK = (
+    "import warnings, torch\n"
+    "from safedpo_kernels import native, sequence_logps, available_backends\n"
+    "with warnings.catch_warnings(record=True) as w:\n"
+    "    warnings.simplefilter('always')\n"
+    "    backends = available_backends('cpu')\n"
+    "    out = sequence_logps(torch.zeros(1, 2, 5), torch.zeros(1, 2, dtype=torch.long))\n"
+    "    available_backends('cpu')\n"
+    "msgs = [str(x.message) for x in w if 'native CPU kernels are not available' in str(x.message)]\n"
+    "print(backends[0], round(float(out), 4), len(msgs))\n"
+    "print(msgs[0] if msgs else '')\n"
+)
+
+
+def _fallback(env_extra, setup=None):
+    env = dict(os.environ, **env_extra)
+    code = (setup or "") + FALLBACK
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary, message = res.stdout.strip().splitlines()[-2:]
+    # "auto" ran on the torch backend; one warning however often the backend is asked for.
+    assert summary == "torch -3.2189 1", res.stdout
+    return message
+
+
+def test_missing_source_falls_back(tmp_path):
+    """An installation without csrc/ (as the wheel had once): one warning, then backend 'torch'."""
+    setup = "from safedpo_kernels import native\nfrom pathlib import Path\nnative._SOURCE_CANDIDATES = (Path('/nonexistent/csrc/logprob.cpp'),)\n"
+    message = _fallback(dict(SAFEDPO_CACHE_DIR=str(tmp_path)), setup)
+    assert "FileNotFoundError" in message and "logprob.cpp" in message
+
+
+def _cached_build_copy(tmp_path):
+    """The current build, copied (timestamps kept) under a fresh cache root: the same key finds it."""
+    import shutil
+
+    from safedpo_kernels import native
+
+    root = tmp_path / "cache"
+    target = root / native.build_dir().name
+    shutil.copytree(native.build_dir(), target)
+    return root, target / "safedpo_native.so"
+
+
+def test_corrupt_cached_library_falls_back(tmp_path):
+    root, library = _cached_build_copy(tmp_path)
+    library.write_bytes(b"not an ELF file")  # newer than its objects: ninja keeps it
+    message = _fallback(dict(SAFEDPO_CACHE_DIR=str(root)))
+    assert "safedpo_native.so" in message or "OSError" in message
+
+
+def test_cached_library_without_the_kernels_falls_back(tmp_path):
+    """A library that loads but registers none of the kernels (stale or foreign): not used."""
+    root, library = _cached_build_copy(tmp_path)
+    src = tmp_path / "empty.c"
+    src.write_text("int safedpo_placeholder(void) { return 0; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(src)], check=True)
+    message = _fallback(dict(SAFEDPO_CACHE_DIR=str(root)))
+    assert "does not provide" in message and "logp_forward" in message

@@ -23,9 +23,14 @@ from .logprob_backward import logp_backward
 from .logprob_forward import logp_forward
 
 __all__ = [
-    "INTERPRETED", "check_device", "logp_forward", "logp_backward",
+    "INTERPRETED", "check_device", "logp_forward", "logp_backward", "grad_buffer",
     "prepare_weight", "linear_forward", "linear_dlogits", "dlogits_chunk_rows",
 ]
+
+
+def grad_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The backward's output buffer: every element is written by the kernel, so it starts empty."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def check_device(device: torch.device) -> None:

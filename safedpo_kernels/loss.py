@@ -7,11 +7,30 @@ d loss / d logp, which the kernels' backward turns into d loss / d logits.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_range
-from .reference import SafeDPOOutput
+
+
+class SafeDPOOutput(NamedTuple):
+    """Result of a SafeDPO loss. Per-pair fields are (B,) and describe the pairs AFTER transformation T.
+
+    loss: scalar float32, mean of the per-pair loss over the kept pairs (0 when none is kept).
+    chosen_logps / rejected_logps: the policy's sequence log-probs of the (transformed) preferred and
+        dispreferred responses.
+    chosen_rewards / rejected_rewards: beta * (logp - ref_logp) of the same.
+    kept: bool, False for pairs dropped by T (both responses unsafe, when drop_both_unsafe).
+    """
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    kept: torch.Tensor
 
 
 def check_loss_hparams(beta: float, delta: float, label_smoothing: float) -> None:

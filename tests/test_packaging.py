@@ -1,0 +1,54 @@
+"""The package as users install it: a wheel built from the project, installed into a fresh virtual
+environment outside the checkout, builds and runs the C++ CPU kernels from the sources it ships."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CODE = """
+import json, torch, safedpo_kernels
+from safedpo_kernels import native, sequence_logps
+g = torch.Generator().manual_seed(0)
+x = torch.randn(3, 7, 301, generator=g)
+labels = torch.randint(0, 301, (3, 7), generator=g)
+a = sequence_logps(x, labels, backend="native")
+b = sequence_logps(x, labels, backend="torch")
+print(json.dumps(dict(module=safedpo_kernels.__file__, info=native.build_info(), native=a.tolist(), torch=b.tolist())))
+"""
+
+
+def test_wheel_in_a_fresh_venv_builds_and_runs_native(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, capture_output=True, timeout=600, cwd=tmp_path)
+    (wheel,) = wheels.glob("safedpo_kernels-*.whl")
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, timeout=600)
+    # torch, numpy and ninja come from this environment's site-packages (added as a plain path: its .pth
+    # files, among them the editable install of the checkout, are not processed).
+    (site / "_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SAFEDPO_NATIVE")}
+    env["SAFEDPO_CACHE_DIR"] = str(tmp_path / "cache")  # a cold cache: the build starts from the wheel's sources
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # ninja
+    res = subprocess.run([str(python), "-c", CODE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert Path(out["module"]).is_relative_to(site), out["module"]  # the installed copy, not the checkout
+    assert out["info"]["ok"] and out["info"]["built"], out["info"]
+    assert Path(out["info"]["library"]).is_relative_to(tmp_path / "cache")
+    assert torch.allclose(torch.tensor(out["native"]), torch.tensor(out["torch"]), rtol=1e-5, atol=1e-5)
+    assert "warn" not in res.stderr.lower(), res.stderr
