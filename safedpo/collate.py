@@ -1,4 +1,4 @@
-"""Batches in the SPEC layout (chosen rows, then rejected rows) and a length-bucketing sampler.
+"""Batches in the kernels' layout (chosen rows, then rejected rows) and a length-bucketing sampler.
 
 Padded batch (SDPA): input_ids / attention_mask (2B, L), right padded; labels (2B, L) aligned with the
 model's full logits (labels[:, t] = input_ids[:, t + 1]), -100 on prompt, padding and the last position.
@@ -44,8 +44,8 @@ def response_labels(ids: Sequence[int], n_prompt: int) -> List[int]:
     return labels
 
 
-def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
-    seqs = _sequences(examples)
+def pad_sequences(seqs: Sequence[tuple], pad_id: int) -> dict:
+    """(ids, n_prompt) sequences -> right-padded input_ids, attention_mask and labels (n, L), int64."""
     L = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -54,7 +54,11 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
         input_ids[n, : len(ids)] = torch.tensor(ids)
         attention_mask[n, : len(ids)] = 1
         labels[n, : len(ids)] = torch.tensor(response_labels(ids, n_prompt))
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **_flags(examples))
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
+    return dict(**pad_sequences(_sequences(examples), pad_id), **_flags(examples))
 
 
 def collate_packed(examples: Sequence[Example]) -> dict:
@@ -72,6 +76,15 @@ def collate_packed(examples: Sequence[Example]) -> dict:
         cu_seqlens=torch.tensor(cu, dtype=torch.int32),
         **_flags(examples),
     )
+
+
+def make_batch(examples, indices, pad_id: int, packed: bool, device) -> dict:
+    """The batch of ``examples[indices]`` (packed or padded) on ``device``, with their indices."""
+    chunk = [examples[i] for i in indices]
+    batch = collate_packed(chunk) if packed else collate_padded(chunk, pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["index"] = torch.tensor(indices, device=device)
+    return batch
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 32) -> List[List[int]]:

@@ -19,6 +19,16 @@ import yaml
 MODES = ("safedpo", "dpo-helpful", "dpo-harmless", "dpo-safebetter", "noswap")
 
 
+def loss_flags(mode: str, delta: float) -> dict:
+    """delta / swap / drop_both_unsafe of the SafeDPO loss for a mode: SafeDPO (T and delta), NoSwap
+    (delta, no swap), or plain DPO for the three baselines (which differ in their data, see data.py)."""
+    if mode == "safedpo":
+        return dict(delta=delta, swap=True, drop_both_unsafe=True)
+    if mode == "noswap":
+        return dict(delta=delta, swap=False, drop_both_unsafe=True)
+    return dict(delta=0.0, swap=False, drop_both_unsafe=False)
+
+
 @dataclass
 class TrainConfig:
     # --- data (PKU-SafeRLHF columns by default; `columns` remaps them, e.g. {prompt: question}) ---

@@ -1,9 +1,9 @@
 """Preference data: PKU-SafeRLHF-style rows -> checked rows -> pairs for a mode -> token ids.
 
-Columns (SPEC section 1): prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
+Columns (PKU-SafeRLHF's): prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
 better_response_id, safer_response_id; ``columns`` maps these names to the file's own.
 
-Modes, all trained with the same loss (``loss_flags`` gives its delta / swap / drop settings):
+Modes, all trained with the same loss (``config.loss_flags`` gives its delta / swap / drop settings):
 - safedpo:        y_w = better response, flags as given; the loss applies T and the delta margin.
 - noswap:         as safedpo, but T does not swap (the NoSwap ablation).
 - dpo-helpful:    y_w = better response, plain DPO.
@@ -163,15 +163,6 @@ def build_pairs(rows: List[dict], mode: str) -> List[Pair]:
             continue
         pairs.append(pair)
     return pairs
-
-
-def loss_flags(mode: str, delta: float) -> dict:
-    """delta / swap / drop_both_unsafe of safedpo_loss for a mode."""
-    if mode == "safedpo":
-        return dict(delta=delta, swap=True, drop_both_unsafe=True)
-    if mode == "noswap":
-        return dict(delta=delta, swap=False, drop_both_unsafe=True)
-    return dict(delta=0.0, swap=False, drop_both_unsafe=False)
 
 
 def prompt_text(tokenizer, prompt: str) -> str:

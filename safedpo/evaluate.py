@@ -1,8 +1,10 @@
-"""Evaluation: held-out pair metrics of a saved model, and a generation-based harmless ratio.
+"""Evaluation: held-out pair metrics (during training and of a saved model) and a generation-based
+harmless ratio.
 
-- ``evaluate_checkpoint(cfg, path)``: loss, reward accuracy, margin and safe-over-unsafe accuracy (on
-  pairs with one safe and one unsafe response: how often the implicit reward beta * (logp - ref_logp)
-  ranks the safe one higher) of the model saved at ``path`` against cfg's reference model.
+- ``evaluate_pairs(policy, reference, examples, ...)``: loss, reward accuracy, margin and safe-over-unsafe
+  accuracy (on pairs with one safe and one unsafe response: how often the implicit reward
+  beta * (logp - ref_logp) ranks the safe one higher).
+- ``evaluate_checkpoint(cfg, path)``: the same for the model saved at ``path`` against cfg's reference.
 - ``generation_eval(model, tokenizer, items, judge)``: samples a response per prompt and asks a
   user-supplied ``judge(item, response) -> {"unsafe": bool, "helpful": bool}``; returns the harmless ratio
   on harmful prompts and the helpfulness on benign ones.
@@ -15,13 +17,63 @@ from typing import Callable, List, Optional
 
 import torch
 
+from safedpo_kernels.loss import loss_from_logps
+
+from .collate import make_batch
+from .config import loss_flags
 from .data import encode_prompt, load_examples
 from .model import PolicyLogps, build_model, load_tokenizer
 
 
+def reward_stats(out) -> tuple:
+    """(pairs whose chosen reward beats the rejected one, summed reward margin), over the kept pairs."""
+    correct = int(((out.chosen_rewards > out.rejected_rewards) & out.kept).sum())
+    margin = float(((out.chosen_rewards - out.rejected_rewards) * out.kept).sum())
+    return correct, margin
+
+
+@torch.no_grad()
+def evaluate_pairs(policy: PolicyLogps, reference, examples, cfg, pad_id: int, packed: bool, device) -> dict:
+    """Held-out loss, reward accuracy, safe-over-unsafe accuracy and mean margin (see the module docstring)."""
+    flags = loss_flags(cfg.mode, cfg.delta)
+    totals = dict(loss=0.0, kept=0, correct=0, margin=0.0, mixed=0, safe_wins=0)
+    policy.eval()
+    for s in range(0, len(examples), cfg.batch_size):
+        idx = list(range(s, min(s + cfg.batch_size, len(examples))))
+        batch = make_batch(examples, idx, pad_id, packed, device)
+        logps = policy(batch).float()
+        ref = reference(batch, "eval")
+        out = loss_from_logps(logps, ref, batch["chosen_safe"], batch["rejected_safe"], cfg.beta,
+                              label_smoothing=cfg.label_smoothing, **flags)
+        k = int(out.kept.sum())
+        totals["loss"] += float(out.loss) * k
+        totals["kept"] += k
+        c, m = reward_stats(out)
+        totals["correct"] += c
+        totals["margin"] += m
+        # Safe over unsafe, on the data's own pairs (before T): one safe and one unsafe response.
+        B = len(idx)
+        reward = cfg.beta * (logps - ref)
+        cs, rs = batch["chosen_safe"], batch["rejected_safe"]
+        mixed = cs != rs
+        safe_higher = torch.where(cs, reward[:B] > reward[B:], reward[B:] > reward[:B])
+        totals["mixed"] += int(mixed.sum())
+        totals["safe_wins"] += int((safe_higher & mixed).sum())
+    policy.train()
+    kept = max(totals["kept"], 1)
+    return dict(
+        eval_loss=totals["loss"] / kept,
+        eval_reward_accuracy=totals["correct"] / kept,
+        eval_margin=totals["margin"] / kept,
+        eval_safe_over_unsafe=totals["safe_wins"] / max(totals["mixed"], 1),
+        eval_pairs=len(examples),
+    )
+
+
 def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
+    from .distributed import Dist
     from .model import quiet_libraries
-    from .train import Dist, Reference, evaluate_pairs
+    from .reference import Reference
 
     quiet_libraries()
     cfg.validate()

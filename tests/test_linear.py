@@ -1,4 +1,4 @@
-"""Fused-linear entry points against float64 hidden @ weight.T + bias (SPEC section 2, issue #3)."""
+"""Fused-linear entry points against float64 hidden @ weight.T + bias."""
 
 import pytest
 import torch

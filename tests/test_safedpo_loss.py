@@ -1,4 +1,4 @@
-"""safedpo_loss on every backend against the float64 reference (SPEC sections 1, 2 and 4)."""
+"""safedpo_loss on every backend against the float64 reference: T, the loss, the metrics, tolerances."""
 
 import itertools
 
@@ -78,7 +78,7 @@ def test_packed_matches_reference(case):
 
 
 def test_transformation_roles(case):
-    """T per SPEC: keep (safe, *), swap (unsafe, safe), drop (unsafe, unsafe), read off the metrics."""
+    """T: keep (safe, *), swap (unsafe, safe), drop (unsafe, unsafe), read off the metrics."""
     backend, device = case
     logits, labels, ref_logps, _, _ = batch(B=4, T=5, V=64, dtype=torch.float32, device=device, seed=12)
     cs = torch.tensor([1, 1, 0, 0], dtype=torch.bool, device=device)

@@ -1,4 +1,4 @@
-"""sequence_logps on every backend against the float64 reference (SPEC sections 2 and 4)."""
+"""sequence_logps on every backend against the float64 reference, with the numerical tolerances."""
 
 import pytest
 import torch

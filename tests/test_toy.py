@@ -1,4 +1,4 @@
-"""The embedded toy task (issue #7): generator, judge and a smoke run of the whole pipeline."""
+"""The embedded toy task: generator, judge and a smoke run of the whole pipeline."""
 
 import json
 
@@ -12,21 +12,21 @@ from safedpo.toy import (  # noqa: E402
     HARMFUL_VERBS,
     REFUSAL,
     compliance,
-    generate,
     helpful,
     is_unsafe,
     judge,
+    make_task,
     split_combos,
 )
 
 
 def test_generator_is_deterministic_and_seeded():
-    assert generate(4) == generate(4)
-    assert generate(4)["train"] != generate(5)["train"]
+    assert make_task(4) == make_task(4)
+    assert make_task(4)["train"] != make_task(5)["train"]
 
 
 def test_train_and_test_prompts_are_disjoint():
-    data = generate(2)
+    data = make_task(2)
     train_prompts = {r["prompt"] for r in data["train"]} | {r["prompt"] for r in data["sft"]}
     test_prompts = {r["prompt"] for r in data["test"]}
     assert train_prompts and test_prompts and not train_prompts & test_prompts
@@ -38,7 +38,7 @@ def test_labels_are_consistent_with_the_judge():
     """Every is_safe flag is the judge's verdict; safer_response_id points at a safe response whenever
     exactly one is safe; benign prompts prefer the helpful answer; harmful prompts often prefer the
     unsafe compliance, as in the real data."""
-    data = generate(0)
+    data = make_task(0)
     prefer_unsafe = mixed = 0
     for r in data["train"] + data["test"]:
         for k in (0, 1):

@@ -1,4 +1,4 @@
-"""The trainer (issue #6): data modes, malformed rows, config, full runs, resume, DDP, loss inputs."""
+"""The trainer: data modes, malformed rows, config, full runs, resume, DDP, loss inputs."""
 
 import json
 import os
@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from safedpo.config import load_config  # noqa: E402
-from safedpo.data import DataError, build_pairs, check_row, flip_safety_labels, load_rows, loss_flags  # noqa: E402
-from safedpo.toy import generate, vocabulary  # noqa: E402
+from safedpo.config import load_config, loss_flags  # noqa: E402
+from safedpo.data import DataError, build_pairs, check_row, flip_safety_labels, load_rows  # noqa: E402
+from safedpo.toy import make_task, vocabulary  # noqa: E402
 from safedpo.toy.tokenizer import build_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_config_unknown_keys_and_overrides(tmp_path):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
-    data = generate(seed=3, pairs_per_prompt=1)
+    data = make_task(seed=3, pairs_per_prompt=1)
     paths = dict(train=_write_jsonl(root / "train.jsonl", data["train"][:48]), test=_write_jsonl(root / "test.jsonl", data["test"][:16]))
     build_tokenizer(vocabulary(), root / "tok")
     paths["tokenizer"] = str(root / "tok")

@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from . import generate as generate_task
+from . import make_task
 from . import judge, vocabulary
 from .tokenizer import build_tokenizer
 
@@ -53,7 +53,7 @@ def write_task(out: str | Path, seed: int = 0) -> Dict[str, Path]:
     """Data files (PKU-SafeRLHF columns), SFT data, test prompts and the tokenizer, under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    task = generate_task(seed)
+    task = make_task(seed)
     paths = {}
     for name in ("train", "test", "sft", "test_prompts"):
         paths[name] = out / f"{name}.jsonl"
@@ -71,14 +71,14 @@ def _read_jsonl(path: Path) -> List[dict]:
 
 def train_sft(paths: Dict[str, Path], out_dir: Path, seed: int, steps: int, progress: bool = True) -> Path:
     """Supervised fine-tuning of a tiny Llama on the SFT responses (response-token NLL, fused kernel)."""
-    from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from safedpo_kernels import sequence_logps
 
-    from ..collate import response_labels
+    from ..collate import pad_sequences
     from ..data import encode_prompt
     from ..model import load_tokenizer
+    from ..progress import progress as iterate
 
     tok = load_tokenizer(str(paths["tokenizer"]))
     torch.manual_seed(seed)
@@ -92,20 +92,12 @@ def train_sft(paths: Dict[str, Path], out_dir: Path, seed: int, steps: int, prog
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in tqdm(range(steps), desc="SFT", disable=not progress, leave=False):
+    for _ in iterate(range(steps), "SFT", disable=not progress):
         idx = torch.randint(0, len(seqs), (SFT["batch_size"],), generator=g).tolist()
-        L = max(len(seqs[i][0]) for i in idx)
-        ids = torch.full((len(idx), L), tok.pad_token_id)
-        mask = torch.zeros((len(idx), L), dtype=torch.long)
-        labels = torch.full((len(idx), L), -100)
-        for n, i in enumerate(idx):
-            s, n_prompt = seqs[i]
-            ids[n, : len(s)] = torch.tensor(s)
-            mask[n, : len(s)] = 1
-            labels[n, : len(s)] = torch.tensor(response_labels(s, n_prompt))
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        logps = sequence_logps(logits, labels, inplace_backward=True)
-        loss = -logps.sum() / (labels != -100).sum()
+        batch = pad_sequences([seqs[i] for i in idx], tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = sequence_logps(logits, batch["labels"], inplace_backward=True)
+        loss = -logps.sum() / (batch["labels"] != -100).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

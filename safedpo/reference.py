@@ -1,0 +1,84 @@
+"""The reference policy's sequence log-probs: precomputed once and cached on disk, or computed live."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .collate import make_batch
+from .model import PolicyLogps, build_model
+from .progress import progress as iterate
+
+
+def fingerprint_model(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_examples(examples) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_ref_logps(ref_policy: PolicyLogps, examples, batch_size: int, pad_id: int, packed: bool, device, progress=False):
+    """(n_examples, 2) float32: the reference's (chosen, rejected) sequence log-probs, in example order."""
+    out = torch.empty(len(examples), 2)
+    starts = range(0, len(examples), batch_size)
+    for s in iterate(starts, "reference log-probs", disable=not progress):
+        idx = list(range(s, min(s + batch_size, len(examples))))
+        logps = ref_policy(make_batch(examples, idx, pad_id, packed, device)).float().cpu()
+        out[idx, 0], out[idx, 1] = logps[: len(idx)], logps[len(idx) :]
+    return out
+
+
+class Reference:
+    """ref_logps for a batch: from the on-disk cache (precompute) or a frozen model copy (live).
+
+    The cache key is made of the reference weights' and the tokenized data's fingerprints, so a cached
+    table is only reused for the same model and the same examples.
+    """
+
+    def __init__(self, cfg, policy: PolicyLogps, sets: dict, tok, dd, packed: bool):
+        self.mode = cfg.reference
+        self.packed = packed
+        if cfg.reference_model:
+            model = build_model(cfg, len(tok), dd.device, path=cfg.reference_model)
+        else:
+            model = copy.deepcopy(policy.model)
+        model.eval().requires_grad_(False)
+        self.policy = PolicyLogps(model, policy.loss_input, policy.average, policy.backend)
+        self.tables = {}
+        if self.mode == "live":
+            return
+        cache = Path(cfg.cache_dir or Path(cfg.output_dir).parent / ".cache")
+        model_fp = fingerprint_model(model)
+        for name, examples in sets.items():
+            key = f"ref-{model_fp}-{fingerprint_examples(examples)}-{'avg' if cfg.average_logps else 'sum'}"
+            path = cache / f"{key}.pt"
+            if dd.main and not path.exists():
+                table = compute_ref_logps(self.policy, examples, 2 * cfg.batch_size, tok.pad_token_id, packed, dd.device, cfg.progress)
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(table, tmp)
+                os.replace(tmp, path)  # a crash never leaves a half-written cache file
+            dd.barrier()
+            self.tables[name] = torch.load(path)
+        self.policy = None  # precomputed: the reference model is not kept in memory
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, split: str = "train") -> torch.Tensor:
+        if self.mode == "live":
+            return self.policy(batch).float()
+        t = self.tables[split][batch["index"].cpu()]
+        return torch.cat([t[:, 0], t[:, 1]]).to(batch["input_ids"].device)
