@@ -1,4 +1,4 @@
-"""Largest errors against the float64 reference, per backend and logits dtype (SPEC section 4 metrics).
+"""Largest errors against the float64 reference, per backend and logits dtype (the metrics of the numerical contract).
 
     TRITON_INTERPRET=1 python -m bench.accuracy [--trials 5]
 
@@ -11,7 +11,6 @@ loss) and of the gradient's relative error ||g - g_ref|| / ||g_ref||.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -20,15 +19,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=5)
     a = p.parse_args()
-    from safedpo_kernels import reference, safedpo_loss, sequence_logps
-    from safedpo_kernels.api import native_available, triton_available
+    from safedpo_kernels import available_backends, reference, safedpo_loss, sequence_logps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backends = ["torch"]
-    if triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        backends.append("triton")
-    if device == "cpu" and native_available():
-        backends.append("native")
+    backends = available_backends(device)
     print(f"{'backend':8} {'dtype':9} {'logps/loss err':>15} {'grad rel err':>13}")
     for backend in backends:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -63,13 +63,11 @@ def _has(module: str) -> bool:
 
 def variants(op: str, device: str) -> list:
     """The variants that can run here, eager first."""
-    from safedpo_kernels.api import native_available, triton_available
+    from safedpo_kernels import available_backends
 
-    ours = ["torch", "torch-inplace"]
-    if device == "cpu" and native_available():
-        ours += ["native", "native-inplace"]
-    if device == "cuda" and triton_available():
-        ours += ["triton", "triton-inplace"]
+    # The Triton interpreter (CPU tensors under TRITON_INTERPRET=1) checks math; it is not timed.
+    backends = [b for b in available_backends(device) if not (b == "triton" and device == "cpu")]
+    ours = [v for b in backends for v in (b, f"{b}-inplace")]
     if op == "sequence_logps":
         return ["eager", "compile", "trl"] + ours
     if op == "safedpo_loss":

@@ -18,7 +18,6 @@ Writes gpu-<card>.csv and gpu-<card>.md under --out and prints the table last.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import os
@@ -30,6 +29,7 @@ import torch
 
 from bench import cases
 from bench.harness import measure
+from bench.report import markdown_table, write_csv
 
 
 def info(device: str) -> dict:
@@ -184,10 +184,19 @@ def run(dry: bool, out: Path, budget_s: float = 330.0) -> list:
     stem = out / f"gpu-{card}"
     fields = ["op", "variant", "N", "T", "V", "H", "dtype", "device", "ragged", "packed", "median_s", "min_s", "max_s",
               "first_s", "peak_mb", "floor_s", "x_floor", "x_eager", "value", "deviation", "matches", "status"]
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(f"{stem}.csv", rows, fields)
+    cells = []
+    for r in rows:
+        size = f"{cases.Config(**{k: r[k] for k in cases.Config.__dataclass_fields__}).label()}, {r['V']}, {r['H']}"
+        if r.get("status") != "ok":
+            cells.append([r["op"], size, r["variant"], r["status"]])
+            continue
+        cells.append([r["op"], size, r["variant"],
+                      f"{r['median_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f})",
+                      f"{r['x_eager']:.2f}" if r.get("x_eager") else "", f"{r['peak_mb']:.0f}", f"{r['x_floor']:.2f}",
+                      f"{r['deviation']:.1e}", r["matches"]])
+    columns = ["op", "N x T, V, H", "variant", "median ms (min-max)", "x eager", "peak MB", "x floor",
+               "deviation from float32", "ok"]
     lines = [
         f"# GPU check: {meta['card']}",
         "",
@@ -198,19 +207,8 @@ def run(dry: bool, out: Path, budget_s: float = 330.0) -> list:
         "bf16 matmul rate (linear path). Short cases: 64 pairs of 64-128 tokens per side, padded (N x T with the",
         "tail ignored) or packed (cu_seqlens, no padding).",
         "",
-        "| op | N x T, V, H | variant | median ms (min-max) | x eager | peak MB | x floor | deviation from float32 | ok |",
-        "|---|---|---|---|---|---|---|---|---|",
+        markdown_table(columns, cells),
     ]
-    for r in rows:
-        size = f"{cases.Config(**{k: r[k] for k in cases.Config.__dataclass_fields__}).label()}, {r['V']}, {r['H']}"
-        if r.get("status") != "ok":
-            lines.append(f"| {r['op']} | {size} | {r['variant']} | {r['status']} | | | | | |")
-        else:
-            x_eager = f"{r['x_eager']:.2f}" if r.get("x_eager") else ""
-            lines.append(
-                f"| {r['op']} | {size} | {r['variant']} | {r['median_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}) "
-                f"| {x_eager} | {r['peak_mb']:.0f} | {r['x_floor']:.2f} | {r['deviation']:.1e} | {r['matches']} |"
-            )
     table = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(table)
     Path(f"{stem}.json").write_text(json.dumps(dict(info=meta, ceilings=ceil), indent=1))

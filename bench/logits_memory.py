@@ -8,30 +8,7 @@ reported apart), the peak memory increase above the resident logits (RSS high-wa
 max_memory_allocated on CUDA) and the result's deviation from eager's. A quarter of each row is prompt.
 """
 
-from __future__ import annotations
-
-import argparse
-
-import torch
-
-from bench import cases
-from bench.cli import run_variants
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--N", type=int, default=8)
-    p.add_argument("--T", type=int, default=1024)
-    p.add_argument("--V", type=int, default=32000)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default=None)
-    a = p.parse_args()
-    cfg = cases.Config(N=a.N, T=a.T, V=a.V, dtype=a.dtype, device=a.device)
-    print(f"sequence_logps fwd+bwd, N={a.N} T={a.T} V={a.V} {a.dtype} on {a.device}, median of {a.repeats} after a warm-up")
-    run_variants("sequence_logps", cfg, a.variants, a.repeats)
-
+from bench.variant_table import main
 
 if __name__ == "__main__":
-    main()
+    main("sequence_logps", __doc__, N=8, T=1024, V=32000, repeats=5)

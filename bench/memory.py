@@ -22,7 +22,7 @@ import torch
 def _native_idle_bytes() -> int:
     """Bytes of recycled gradient buffers the native backend holds idle (0 when it is not loaded)."""
     native = sys.modules.get("safedpo_kernels.native")
-    if native is None or not native._state.get("ok"):
+    if native is None or not native.is_loaded():  # never build the extension just to measure
         return 0
     return native.cache_info()["idle_bytes"]
 

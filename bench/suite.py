@@ -18,7 +18,6 @@ against T), and prints the tables.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench import cases
+from bench.report import markdown_table, write_csv
 
 FIELDS = ["op", "variant", "N", "T", "V", "H", "dtype", "device", "median_s", "min_s", "max_s", "first_s",
           "peak_mb", "value", "matches_eager", "status"]
@@ -82,27 +82,26 @@ def sizes(op, T_list, V_list, device, dtype, H, tokens, max_elements):
 
 
 def markdown(rows) -> str:
+    columns = ["N x T", "V", "variant", "median s (min-max)", "speed-up vs eager", "peak MB", "memory vs eager", "matches"]
     out = []
     for op in cases.OPS:
         op_rows = [r for r in rows if r["op"] == op]
         if not op_rows:
             continue
-        out.append(f"\n### {op}\n")
-        out.append("| N x T | V | variant | median s (min-max) | speed-up vs eager | peak MB | memory vs eager | matches |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        cells = []
         for key in sorted({(r["V"], r["T"], r["N"]) for r in op_rows}):
             group = [r for r in op_rows if (r["V"], r["T"], r["N"]) == key]
             eager = next((r for r in group if r["variant"] == "eager" and r["status"] == "ok"), None)
             for r in group:
+                size = [f"{key[2]} x {key[1]}", key[0], r["variant"]]
                 if r["status"] != "ok":
-                    out.append(f"| {key[2]} x {key[1]} | {key[0]} | {r['variant']} | {r['status']} | | | | |")
+                    cells.append(size + [r["status"]])
                     continue
                 tx = f"{eager['median_s'] / r['median_s']:.2f}x" if eager else ""
                 mx = f"{r['peak_mb'] / eager['peak_mb']:.3f}" if eager and eager["peak_mb"] > 0 else ""
-                out.append(
-                    f"| {key[2]} x {key[1]} | {key[0]} | {r['variant']} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
-                    f"| {tx} | {r['peak_mb']:.1f} | {mx} | {r['matches_eager']} |"
-                )
+                cells.append(size + [f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})", tx, f"{r['peak_mb']:.1f}",
+                                     mx, r["matches_eager"]])
+        out.append(f"\n### {op}\n\n" + markdown_table(columns, cells))
     return "\n".join(out) + "\n"
 
 
@@ -186,10 +185,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{machine_name(a.device)}-{datetime.date.today().isoformat()}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(f"{stem}.csv", rows, FIELDS)
     header = (f"# bench.suite: {machine_name(a.device)}, torch {torch.__version__}, {a.dtype}\n\n"
               f"Forward + backward, median (min-max) of {a.repeats} runs after a warm-up, each case in a fresh process;"
               f" peak = memory increase above the inputs. Command: `{' '.join(['python -m bench.suite'] + sys.argv[1:])}`\n")
