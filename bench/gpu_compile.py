@@ -13,8 +13,12 @@ no memory). Each launch is specialized the way Triton's JIT specializes a real c
 wheel: registers per thread, shared memory per block, local memory per thread (register spills).
 Occupancy (blocks per SM) follows from those, the block size and the SM's limits.
 
-Must run with the compiler, not the interpreter: TRITON_INTERPRET must be unset. Triton caches compiled
-kernels (~/.triton/cache), so a second run takes seconds.
+Must run with the compiler, not the interpreter: TRITON_INTERPRET must be unset. A compiled variant's
+figures depend only on the kernel sources, the variant and the triton / ptxas versions, so they are
+cached under that key: in bench/results/gpu-compile-cache.json (committed, written by --update-cache,
+so that CI does not spend two minutes recompiling unchanged kernels) and in ~/.cache/safedpo_kernels.
+A change to any kernel file, or another triton, compiles everything afresh (about two minutes on two
+cores); --no-cache forces that.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ LOGITS_ROWS = (1, 7, 100, 4096, 32768)
 LINEAR_H = (2048, 4096, 8192)
 LINEAR_ROWS = (1, 100, 4096, 32768)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOGITS_KERNELS = ("logprob_forward_kernel", "logprob_backward_kernel")
+LOGITS_KERNELS = ("logprob_forward_kernel", "logprob_backward_kernel")  # must not spill
 
 
 @dataclass(frozen=True)
@@ -103,22 +107,37 @@ def logits_launches(quick: bool = False):
 
 
 def linear_launches(quick: bool = False):
-    """(dtype name, Launch) of both fused-linear kernels for every representative shape."""
+    """(dtype name, Launch) of the fused-linear kernels for every representative shape: the recompute
+    path's two tile kernels (linear_sequence_logps), and the gradient-in-forward loss's chunk of float32
+    logits followed by the logits-path kernels on it, its gradient stored in the matmul dtype. Every
+    kernel with and without a softcap (Gemma 2/3); the softcap is a compile-time switch."""
+    from safedpo_kernels._checks import Layout
     from safedpo_kernels.triton.fused_linear_backward import dlogits_launch
-    from safedpo_kernels.triton.fused_linear_forward import forward_launch
+    from safedpo_kernels.triton.fused_linear_forward import forward_launch, logits_launch
+    from safedpo_kernels.triton.logprob_backward import backward_launch
+    from safedpo_kernels.triton.logprob_forward import forward_launch as logprob_forward_launch
 
     for H in LINEAR_H[1:2] if quick else LINEAR_H:
         for V in LOGITS_V[:1] if quick else LOGITS_V:
             for rows in LINEAR_ROWS[::2] if quick else LINEAR_ROWS:
                 for dtype in DTYPES:
-                    for has_bias in (False, True):
+                    # The softcap adds compile-time variants; a chunk of pairs is rarely a single row.
+                    transforms = ((False, None), (True, None)) + (((False, 30.0),) if rows > 1 else ())
+                    labels = _meta((rows,), torch.int64)
+                    lse, g = _meta((rows,), torch.float32), _meta((rows,), torch.float32)
+                    z = _meta((rows, V), torch.float32)
+                    for has_bias, softcap in transforms:
                         hidden = _meta((rows, H), dtype)
                         weight = _meta((V, H), dtype)
                         bias = _meta((V,), dtype) if has_bias else None
-                        labels = _meta((rows,), torch.int64)
-                        lse, g = _meta((rows,), torch.float32), _meta((rows,), torch.float32)
-                        yield dtype, forward_launch(hidden, weight, bias, labels, -100)[0]
-                        yield dtype, dlogits_launch(hidden, weight, bias, labels, lse, g, _meta((rows, V), dtype))
+                        yield dtype, forward_launch(hidden, weight, bias, labels, -100, 1.0, softcap)[0]
+                        yield dtype, dlogits_launch(hidden, weight, bias, labels, lse, g, _meta((rows, V), dtype), 1.0, softcap)
+                        yield dtype, logits_launch(hidden, weight, bias, z, 1.0, softcap)
+                    # The loss chunk's log-prob kernels: float32 logits, gradient in the matmul dtype.
+                    chunk = Layout(n_seq=1, rows=rows, seq_len=rows, padded=False, cu_seqlens=None)
+                    yield dtype, logprob_forward_launch(z, labels, lse, lse, chunk, -100)
+                    for _, softcap in transforms[1:]:
+                        yield dtype, backward_launch(z, _meta((rows, V), dtype), labels, lse, g, chunk, softcap)
 
 
 def _specializer():
@@ -248,13 +267,84 @@ def variants(quick: bool = False) -> list:
     return out
 
 
-def run(quick: bool = False, workers: int = 0) -> list:
+CACHE_FILE = Path(__file__).resolve().parent / "results" / "gpu-compile-cache.json"
+
+
+def cache_key() -> str:
+    """What a variant's figures depend on besides the variant itself: the kernel sources and the
+    versions of triton and ptxas. Any change to a kernel file compiles everything afresh."""
+    import hashlib
+
+    import triton
+
+    h = hashlib.sha256(f"{triton.__version__} {_ptxas_version()}".encode())
+    for path in sorted((Path(__file__).resolve().parent.parent / "safedpo_kernels" / "triton").glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _variant_id(v: Variant) -> str:
+    return json.dumps([v.kernel, v.signature, v.constexprs, v.attrs, v.num_warps, v.cap, v.dtype], default=str)
+
+
+def _user_cache() -> Path:
+    root = Path(os.environ.get("SAFEDPO_CACHE_DIR", Path.home() / ".cache" / "safedpo_kernels"))
+    return root / f"gpu-compile-{cache_key()}.json"
+
+
+def _read_cache(path: Path, key: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("rows", {}) if data.get("key") == key else {}
+
+
+def run(quick: bool = False, workers: int = 0, use_cache: bool = True) -> tuple:
+    """(rows, number compiled now). Results of identical variants (same key: sources, triton, ptxas)
+    come from the committed cache (bench/results/gpu-compile-cache.json) or this machine's cache."""
     todo = variants(quick)
-    workers = workers or min(len(todo), os.cpu_count() or 1)
+    key = cache_key()
+    cached = {}
+    if use_cache:
+        cached = {**_read_cache(CACHE_FILE, key), **_read_cache(_user_cache(), key)}
+    missing = [v for v in todo if _variant_id(v) not in cached]
+    workers = workers or min(max(len(missing), 1), os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(compile_variant, todo))
-    return [compile_variant(v) for v in todo]
+            fresh = list(pool.map(compile_variant, missing))
+    else:
+        fresh = [compile_variant(v) for v in missing]
+    cached.update({_variant_id(v): r for v, r in zip(missing, fresh)})
+    if fresh:
+        path = _user_cache()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(key=key, rows=cached)))
+    return [cached[_variant_id(v)] for v in todo], len(fresh)
+
+
+FIGURES = ("ok", "registers", "stack", "local_bytes", "static_shared", "dynamic_shared")
+
+
+def verify(rows: list, quick: bool, count: int) -> list:
+    """Recompile ``count`` variants (the first of each kernel, then evenly spread) and list every
+    figure that differs from ``rows``: a check that cached results are what the compiler gives."""
+    todo = variants(quick)
+    first = {}
+    for i, v in enumerate(todo):
+        first.setdefault(v.kernel, i)
+    picks = sorted(set(list(first.values())[:count]) | set(range(0, len(todo), max(1, len(todo) // count))))[:count]
+    workers = min(len(picks), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers) as pool:
+        fresh = list(pool.map(compile_variant, [todo[i] for i in picks]))
+    return [f"{todo[i].kernel} {todo[i].config} sm_{todo[i].cap}: {k} cached {rows[i].get(k)} vs {f.get(k)}"
+            for i, f in zip(picks, fresh) for k in FIGURES if rows[i].get(k) != f.get(k)]
+
+
+def write_cache(rows: list, quick: bool) -> None:
+    """The committed cache: these rows under the current key (what CI reuses while nothing changed)."""
+    CACHE_FILE.write_text(json.dumps(dict(key=cache_key(), rows={_variant_id(v): r for v, r in zip(variants(quick), rows)}),
+                                      indent=0, sort_keys=True) + "\n")
 
 
 def summary(rows: list) -> list:
@@ -276,7 +366,8 @@ def markdown(rows: list, meta: dict) -> str:
         f"# Triton kernels compiled for A100 (sm_80) and H100 (sm_90), {meta['date']}",
         "",
         f"triton {meta['triton']}, ptxas {meta['ptxas']}, torch {meta['torch']}; `python -m bench.gpu_compile` "
-        f"({len(rows)} compiled variants in {meta['seconds']:.0f} s on {meta['cpus']} CPU cores, no GPU).",
+        f"({len(rows)} variants, {meta['compiled']} compiled in {meta['seconds']:.0f} s on {meta['cpus']} CPU cores, "
+        "the rest from the cache of identical sources and versions; no GPU).",
         "",
         "Shapes asked of the launchers: logits path V in " + ", ".join(map(str, LOGITS_V)) + ", rows in "
         + ", ".join(map(str, LOGITS_ROWS)) + " (padded, packed and a shifted `logits[:, :-1]` view; "
@@ -329,6 +420,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a smaller shape matrix")
     p.add_argument("--workers", type=int, default=0, help="compile processes (default: one per CPU core)")
     p.add_argument("--tag", default="", help="appended to the markdown file's name (e.g. triton3.6)")
+    p.add_argument("--no-cache", action="store_true", help="compile every variant, reusing no earlier result")
+    p.add_argument("--verify", type=int, default=0,
+                   help="recompile this many cached variants (one per kernel first) and fail if their figures differ")
+    p.add_argument("--update-cache", action="store_true", help=f"write the results to {CACHE_FILE.name} (committed)")
     p.add_argument("--no-markdown", action="store_true")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -337,9 +432,16 @@ def main(argv=None) -> int:
     import triton
 
     t0 = time.perf_counter()
-    rows = run(a.quick, a.workers)
+    rows, compiled = run(a.quick, a.workers, use_cache=not a.no_cache)
     meta = dict(date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
-                ptxas=_ptxas_version(), seconds=time.perf_counter() - t0, cpus=os.cpu_count())
+                ptxas=_ptxas_version(), seconds=time.perf_counter() - t0, cpus=os.cpu_count(), compiled=compiled)
+    if a.update_cache:
+        write_cache(rows, a.quick)
+    if a.verify:
+        mismatches = verify(rows, a.quick, a.verify)
+        meta["verified"] = a.verify
+        if mismatches:
+            raise SystemExit("bench.gpu_compile: cached figures differ from a fresh compile:\n" + "\n".join(mismatches))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     text = markdown(rows, meta)

@@ -6,7 +6,9 @@
 //                                  outside [0, V) (possible only with validate=False; nothing is read)
 // Backward, per row: grad[r, v] = g[r] * (onehot(y)_v - exp(z_v - lse[r])), rows with g == 0 set to 0
 // without reading the logits. grad may alias the logits (in-place backward): each element is read
-// before it is written, by the same thread.
+// before it is written, by the same thread. With softcap c > 0 the logits are soft-capped values
+// z = c * tanh(y / c) and each gradient is also multiplied by dz/dy = 1 - (z / c)^2 (the gradient with
+// respect to the logits before the cap, for the fused-linear path of Gemma 2/3-style models).
 //
 // Rows are independent and each is reduced by one thread in a fixed order, so results do not depend on
 // the number of threads. A row lives at (r / seq_len) * stride_seq + (r % seq_len) * stride_tok
@@ -112,7 +114,7 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& labels, at::Tensor
 template <typename scalar_t>
 void backward_impl(const at::Tensor& logits, at::Tensor& grad, const at::Tensor& labels, const at::Tensor& lse,
                    const at::Tensor& g, int64_t rows, int64_t V, int64_t seq_len, int64_t stride_seq,
-                   int64_t stride_tok, int64_t grad_stride_seq, int64_t grad_stride_tok) {
+                   int64_t stride_tok, int64_t grad_stride_seq, int64_t grad_stride_tok, float softcap) {
   const scalar_t* src_base = logits.data_ptr<scalar_t>();
   scalar_t* dst_base = grad.data_ptr<scalar_t>();
   const int64_t* lab = labels.data_ptr<int64_t>();
@@ -130,8 +132,9 @@ void backward_impl(const at::Tensor& logits, at::Tensor& grad, const at::Tensor&
       }
       const float* x = as_float(src_base + row_offset(r, seq_len, stride_seq, stride_tok), V, buf);
       const int64_t y = lab[r];
-      // The true-class term, formed in float32 before anything is rounded or overwritten.
-      const float target = (y >= 0 && y < V) ? gr * (1.f - std::exp(x[y] - lse_p[r])) : 0.f;
+      // The true-class term, formed in float32 before anything is rounded or overwritten (o may alias x).
+      float target = (y >= 0 && y < V) ? gr * (1.f - std::exp(x[y] - lse_p[r])) : 0.f;
+      if (softcap > 0.f && y >= 0 && y < V) target *= 1.f - (x[y] / softcap) * (x[y] / softcap);
       float* o;
       if constexpr (std::is_same_v<scalar_t, float>) {
         o = dst;  // may alias x: element-wise, read before write
@@ -141,8 +144,19 @@ void backward_impl(const at::Tensor& logits, at::Tensor& grad, const at::Tensor&
       }
       const Vec vl(lse_p[r]), vng(-gr);
       int64_t v = 0;
-      for (; v + Vec::size() <= V; v += Vec::size()) (vng * (Vec::loadu(x + v) - vl).exp()).store(o + v);
-      for (; v < V; ++v) o[v] = -gr * std::exp(x[v] - lse_p[r]);
+      if (softcap > 0.f) {
+        const float inv = 1.f / softcap;
+        const Vec vinv(inv), one(1.f);
+        for (; v + Vec::size() <= V; v += Vec::size()) {
+          const Vec xv = Vec::loadu(x + v);
+          const Vec t = xv * vinv;
+          (vng * (xv - vl).exp() * (one - t * t)).store(o + v);
+        }
+        for (; v < V; ++v) o[v] = -gr * std::exp(x[v] - lse_p[r]) * (1.f - (x[v] * inv) * (x[v] * inv));
+      } else {
+        for (; v + Vec::size() <= V; v += Vec::size()) (vng * (Vec::loadu(x + v) - vl).exp()).store(o + v);
+        for (; v < V; ++v) o[v] = -gr * std::exp(x[v] - lse_p[r]);
+      }
       if (y >= 0 && y < V) o[y] = target;
       if constexpr (!std::is_same_v<scalar_t, float>) {
         for (int64_t i = 0; i < V; ++i) dst[i] = static_cast<scalar_t>(o[i]);
@@ -255,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> logp_forward(const at::Tensor& logits, const 
 
 void logp_backward(const at::Tensor& logits, at::Tensor grad, const at::Tensor& labels, const at::Tensor& lse,
                    const at::Tensor& g, int64_t seq_len, int64_t stride_seq, int64_t stride_tok,
-                   int64_t grad_stride_seq, int64_t grad_stride_tok) {
+                   int64_t grad_stride_seq, int64_t grad_stride_tok, double softcap) {
   check_common(logits, labels);
   TORCH_CHECK(grad.scalar_type() == logits.scalar_type() && grad.stride(-1) == 1, "grad must match logits");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat && lse.is_contiguous() &&
@@ -266,7 +280,7 @@ void logp_backward(const at::Tensor& logits, at::Tensor grad, const at::Tensor& 
   const int64_t V = logits.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "safedpo_logp_backward", [&] {
     backward_impl<scalar_t>(logits, grad, labels, lse, g, rows, V, seq_len, stride_seq, stride_tok, grad_stride_seq,
-                            grad_stride_tok);
+                            grad_stride_tok, static_cast<float>(softcap));
   });
 }
 
@@ -276,7 +290,7 @@ TORCH_LIBRARY(safedpo_native, m) {
   m.def("logp_forward(Tensor logits, Tensor labels, int seq_len, int stride_seq, int stride_tok, int ignore_index)"
         " -> (Tensor, Tensor)");
   m.def("logp_backward(Tensor logits, Tensor(a!) grad, Tensor labels, Tensor lse, Tensor g, int seq_len,"
-        " int stride_seq, int stride_tok, int grad_stride_seq, int grad_stride_tok) -> ()");
+        " int stride_seq, int stride_tok, int grad_stride_seq, int grad_stride_tok, float softcap) -> ()");
   m.def("grad_buffer(int[] sizes, ScalarType dtype) -> Tensor", &grad_buffer);
   m.def("set_cache_limit(int limit_bytes) -> ()", &set_cache_limit);
   m.def("cache_info() -> int[]", &cache_info);

@@ -8,6 +8,8 @@ out-of-bounds access.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,13 +67,16 @@ def check_same_device(device: torch.device, ref_name: str, **others) -> None:
 
 
 def check_range(**kwargs) -> None:
-    """Finite scalar hyper-parameters: ``name=(value, low, low_inclusive, high)``."""
+    """Finite scalar hyper-parameters: ``name=(value, low, low_inclusive, high)``; inf, NaN, a bool or
+    anything that is not a real number is a ValueError naming the parameter."""
     for name, (value, low, inclusive, high) in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a real number, got {value!r}")
         v = float(value)
-        ok = (v >= low if inclusive else v > low) and v <= high and v == v
+        ok = (v >= low if inclusive else v > low) and v <= high and math.isfinite(v)
         if not ok:
-            bracket = "[" if inclusive else "("
-            raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+            span = f"{'[' if inclusive else '('}{low}, {high}{')' if math.isinf(high) else ']'}"
+            raise ValueError(f"{name} must be a finite number in {span}, got {value}")
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, padded: bool) -> None:
@@ -155,18 +160,20 @@ def check_logits_and_labels(
     return layout
 
 
-def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, rejected_safe) -> int:
-    """Validate the loss-only inputs; returns B (the number of pairs)."""
+def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, rejected_safe,
+                      rows_name: str = "the logits") -> int:
+    """Validate the loss-only inputs (ref_logps may be None: reference-free); returns B (the pairs)."""
     if n_seq % 2:
         raise ValueError(
-            f"a preference loss needs N = 2B rows (chosen rows then rejected rows), got an odd N = {n_seq}"
+            f"a preference loss needs N = 2B rows (chosen rows then rejected rows), got an odd N = {n_seq} in {rows_name}"
         )
     B = n_seq // 2
-    _name_tensor(ref_logps, "ref_logps")
-    if not ref_logps.is_floating_point():
-        raise TypeError(f"ref_logps must be a floating-point tensor, got {ref_logps.dtype}")
-    if tuple(ref_logps.shape) != (n_seq,):
-        raise ValueError(f"ref_logps must have shape ({n_seq},) = (2B,), got {tuple(ref_logps.shape)}")
+    if ref_logps is not None:
+        _name_tensor(ref_logps, "ref_logps")
+        if not ref_logps.is_floating_point():
+            raise TypeError(f"ref_logps must be a floating-point tensor, got {ref_logps.dtype}")
+        if tuple(ref_logps.shape) != (n_seq,):
+            raise ValueError(f"ref_logps must have shape ({n_seq},) = (2B,), got {tuple(ref_logps.shape)}")
     for name, flag in (("chosen_safe", chosen_safe), ("rejected_safe", rejected_safe)):
         _name_tensor(flag, name)
         if flag.is_floating_point() or flag.is_complex():
@@ -175,8 +182,16 @@ def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, 
             raise ValueError(f"{name} must have shape ({B},) = (B,), got {tuple(flag.shape)}")
         if flag.dtype != torch.bool and bool(((flag != 0) & (flag != 1)).any()):
             raise ValueError(f"{name} must hold only 0/1 (or True/False) values")
-    check_same_device(device, "the logits", ref_logps=ref_logps, chosen_safe=chosen_safe, rejected_safe=rejected_safe)
+    check_same_device(device, rows_name, ref_logps=ref_logps, chosen_safe=chosen_safe, rejected_safe=rejected_safe)
     return B
+
+
+def check_logit_transform(logit_scale: float, softcap) -> None:
+    """logit_scale > 0 and, when set, softcap > 0, both finite: ValueError naming the bad one."""
+    inf = float("inf")
+    check_range(logit_scale=(logit_scale, 0.0, False, inf))
+    if softcap is not None:
+        check_range(softcap=(softcap, 0.0, False, inf))
 
 
 def check_linear_weight(hidden: torch.Tensor, weight, bias) -> int:

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_linear_weight, check_logits_and_labels, check_pair_inputs, flat_labels
-from .autograd import LinearSequenceLogpsFunction, SequenceLogpsFunction
+from ._checks import check_linear_weight, check_logit_transform, check_logits_and_labels, check_pair_inputs, flat_labels
+from .autograd import LinearSafeDPOLossFunction, LinearSequenceLogpsFunction, SequenceLogpsFunction
 from .dispatch import BACKENDS, resolve_backend
 from .loss import SafeDPOOutput, check_loss_hparams, loss_from_logps
 
@@ -68,7 +68,7 @@ def sequence_logps(
 def safedpo_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logps: Optional[torch.Tensor],
     chosen_safe: torch.Tensor,
     rejected_safe: torch.Tensor,
     *,
@@ -83,6 +83,8 @@ def safedpo_loss(
     inplace_backward: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    loss_type: str = "sigmoid",
+    reduction: str = "mean",
 ) -> SafeDPOOutput:
     """SafeDPO loss (arXiv 2505.20065, Eq. 12) from the policy's logits, fused with the log-prob pass.
 
@@ -96,9 +98,12 @@ def safedpo_loss(
         logits, labels, ignore_index, average, cu_seqlens, inplace_backward, backend, validate: as in
             ``sequence_logps``; N = 2B.
         ref_logps: (2B,) float, the reference policy's sequence log-probs in the same row order, computed
-            with the same ``average``. Carries no gradient.
+            with the same ``average``, or None (reference-free: zeros). Carries no gradient.
         chosen_safe, rejected_safe: (B,) bool or 0/1 integers, True / 1 = safe.
         beta: > 0. delta: >= 0, the safety margin (not multiplied by beta). label_smoothing: in [0, 0.5].
+        loss_type: "sigmoid" (SafeDPO), "robust", "hinge" or "ipo" (see ``safedpo_loss_from_logps``).
+        reduction: "mean" over kept pairs, or "sum" over kept pairs (a trainer that accumulates
+            gradients divides by the kept-pair count of its whole global batch).
 
     Returns:
         SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept): the
@@ -107,9 +112,10 @@ def safedpo_loss(
     """
     layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
     check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe)
-    check_loss_hparams(beta, delta, label_smoothing)
+    check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
     policy = SequenceLogpsFunction.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
-    return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
+    return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe,
+                           label_smoothing, loss_type, reduction)
 
 
 def linear_sequence_logps(
@@ -124,8 +130,14 @@ def linear_sequence_logps(
     inplace_backward: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """``sequence_logps`` of logits = hidden @ weight.T + bias, without ever materializing the logits.
+    """``sequence_logps`` of the logits of hidden states and an LM head, without ever materializing them.
+
+    The logits are z = softcap * tanh(logit_scale * z0 / softcap) when ``softcap`` is set, else
+    logit_scale * z0, with z0 = hidden @ weight.T + bias: Gemma 2/3's final_logit_softcapping, Cohere's
+    logit_scale, Granite's 1 / logits_scaling, a sampling temperature 1 / logit_scale.
 
     Args:
         hidden: (N, T, H) padded or (total_tokens, H) packed last hidden states; float32/bfloat16/float16.
@@ -137,20 +149,24 @@ def linear_sequence_logps(
         ignore_index, average, cu_seqlens, backend, validate: as in ``sequence_logps``.
         inplace_backward: accepted so that the logits and fused-linear entry points take the same
             keywords; no logits exist here to overwrite, so it changes nothing.
+        logit_scale: > 0 (default 1). softcap: None or > 0.
 
     Returns:
-        (N,) float32, differentiable w.r.t. hidden, weight and bias. Under torch.no_grad() this is the
-        intended way to compute ref_logps from a reference model's hidden states.
+        (N,) float32, differentiable w.r.t. hidden, weight and bias (the logits are recomputed chunk by
+        chunk in backward, since the upstream gradient is unknown in forward). Under torch.no_grad()
+        this is the intended way to compute ref_logps from a reference model's hidden states.
     """
     layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
-    return LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, ignore_index, average, name)
+    check_logit_transform(logit_scale, softcap)
+    return LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, ignore_index, average, name,
+                                             float(logit_scale), None if softcap is None else float(softcap))
 
 
 def linear_safedpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logps: Optional[torch.Tensor],
     chosen_safe: torch.Tensor,
     rejected_safe: torch.Tensor,
     *,
@@ -166,31 +182,53 @@ def linear_safedpo_loss(
     inplace_backward: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    loss_type: str = "sigmoid",
+    reduction: str = "mean",
 ) -> SafeDPOOutput:
     """``safedpo_loss`` from hidden states (N = 2B rows) and the LM head, never materializing the logits.
 
     Arguments as in ``linear_sequence_logps`` and ``safedpo_loss``. Returns a SafeDPOOutput; the loss is
     differentiable w.r.t. hidden, weight and bias.
+
+    The gradients are formed during the forward, a chunk of pairs at a time (a pair's loss needs only
+    its own two log-probs): 3 matmuls over the response tokens (logits, d hidden, d weight) instead of
+    the 4 of recomputing the logits in backward; backward only scales them by the upstream gradient.
+    Only the gradients of inputs that require grad are formed, none under torch.no_grad(); a second
+    backward through the same graph raises. SAFEDPO_LINEAR_LOSS_CHUNK_BYTES bounds a chunk's float32
+    logits (default 4 GiB on CUDA, 512 MiB elsewhere); a pair larger than that alone is computed in two
+    passes (4 matmuls), so memory stays bounded at any length.
     """
     layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
     check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe)
-    check_loss_hparams(beta, delta, label_smoothing)
-    policy = LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, ignore_index, average, name)
-    return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing)
+    check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
+    check_logit_transform(logit_scale, softcap)
+    options = dict(ignore_index=ignore_index, average=average, beta=float(beta), delta=float(delta), swap=swap,
+                   drop_both_unsafe=drop_both_unsafe, label_smoothing=float(label_smoothing), loss_type=loss_type,
+                   reduction=reduction, logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap))
+    grad_on = torch.is_grad_enabled()
+    wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    out = LinearSafeDPOLossFunction.apply(hidden, weight, bias, flat, ref_logps, chosen_safe, rejected_safe, layout,
+                                          options, name, wants)
+    return SafeDPOOutput(*out)
 
 
 class _LossModule(nn.Module):
     """Shared constructor of the loss modules: hyper-parameters checked once and kept in ``options``."""
 
     def __init__(self, beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
-                 ignore_index=-100, average=False, backend="auto", validate=True, **extra):
+                 ignore_index=-100, average=False, backend="auto", validate=True, loss_type="sigmoid",
+                 reduction="mean", **extra):
         super().__init__()
-        check_loss_hparams(beta, delta, label_smoothing)
+        check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.options = dict(
             beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, average=average, backend=backend, validate=validate, **extra,
+            ignore_index=ignore_index, average=average, backend=backend, validate=validate, loss_type=loss_type,
+            reduction=reduction, **extra,
         )
 
     def extra_repr(self) -> str:
@@ -201,30 +239,35 @@ class SafeDPOLoss(_LossModule):
     """nn.Module wrapper of ``safedpo_loss``: hyper-parameters at construction, tensors at call time.
 
     ``SafeDPOLoss(beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
-    ignore_index=-100, average=False, inplace_backward=False, backend="auto", validate=True)``;
+    ignore_index=-100, average=False, inplace_backward=False, backend="auto", validate=True,
+    loss_type="sigmoid", reduction="mean")``;
     ``forward(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput``.
     """
 
     def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
-                 inplace_backward: bool = False, backend: str = "auto", validate: bool = True):
+                 inplace_backward: bool = False, backend: str = "auto", validate: bool = True,
+                 loss_type: str = "sigmoid", reduction: str = "mean"):
         super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate,
-                         inplace_backward=inplace_backward)
+                         loss_type, reduction, inplace_backward=inplace_backward)
 
     def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput:
         return safedpo_loss(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=cu_seqlens, **self.options)
 
 
 class LinearSafeDPOLoss(_LossModule):
-    """nn.Module wrapper of ``linear_safedpo_loss`` (same constructor as SafeDPOLoss, without
-    inplace_backward). ``forward(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None,
-    cu_seqlens=None) -> SafeDPOOutput``.
+    """nn.Module wrapper of ``linear_safedpo_loss``: SafeDPOLoss's constructor without inplace_backward,
+    with the logit transform (``logit_scale=1.0, softcap=None``). ``forward(hidden, weight, labels,
+    ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None) -> SafeDPOOutput``.
     """
 
     def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
-                 backend: str = "auto", validate: bool = True):
-        super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate)
+                 backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, loss_type: str = "sigmoid", reduction: str = "mean"):
+        check_logit_transform(logit_scale, softcap)
+        super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate,
+                         loss_type, reduction, logit_scale=logit_scale, softcap=softcap)
 
     def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None):
         return linear_safedpo_loss(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import Layout
+from ._env import env_int
 from .dispatch import backend_module
+from .loss import loss_from_logps
 
 
 def segment_sums(tok: torch.Tensor, counted: torch.Tensor, layout: Layout):
@@ -83,64 +85,229 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         acc.add_(a @ b)
 
 
+class _Grads:
+    """The fused-linear gradients being formed: d hidden rows (float32 or the matmul dtype), d weight and
+    d bias accumulated in float32 in a fixed order (chunk after chunk: deterministic)."""
+
+    def __init__(self, rows: int, V: int, H: int, hidden, need_h: bool, need_w: bool, need_b: bool):
+        device = hidden.device
+        self.hidden = torch.zeros(rows, H, dtype=hidden.dtype, device=device) if need_h else None
+        self.weight = torch.zeros(V, H, dtype=torch.float32, device=device) if need_w else None
+        self.bias = torch.zeros(V, dtype=torch.float32, device=device) if need_b else None
+
+    def add(self, dz: torch.Tensor, h: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> None:
+        """Fold d loss / d logits ``dz`` of the rows ``rows`` (whose hidden states are ``h``) in:
+        d hidden[rows] = dz @ w, d weight += dz.T @ h, d bias += the column sums of dz."""
+        if self.hidden is not None:
+            self.hidden.index_copy_(0, rows, (dz @ w).to(self.hidden.dtype))
+        if self.weight is not None:
+            _accumulate_product(self.weight, dz.t(), h.to(dz.dtype))
+        if self.bias is not None:
+            self.bias += dz.sum(dim=0, dtype=torch.float32)
+
+    def recompute(self, impl, h, w, b, lab, lse, g, rows, ignore_index, logit_scale, softcap) -> None:
+        """The gradients of rows whose logits were not kept: recomputed a chunk of rows at a time."""
+        chunk = impl.dlogits_chunk_rows(w.shape[0], h.dtype)
+        for r0 in range(0, h.shape[0], chunk):
+            r1 = min(r0 + chunk, h.shape[0])
+            dz = impl.linear_dlogits(h[r0:r1], w, b, lab[r0:r1], lse[r0:r1], g[r0:r1], ignore_index, logit_scale, softcap)
+            self.add(dz, h[r0:r1], w, rows[r0:r1])
+            del dz
+
+    def results(self, specs, scale=None) -> tuple:
+        """(d hidden, d weight, d bias) in their inputs' (shape, dtype) ``specs``, times ``scale`` if given."""
+        def out(g, spec):
+            if g is None:
+                return None
+            if scale is not None:
+                g = g.mul_(scale.to(g.dtype))
+            return g.to(spec[1]).view(spec[0])
+        return tuple(out(g, spec) for g, spec in zip((self.hidden, self.weight, self.bias), specs))
+
+
+def _specs(*tensors) -> tuple:
+    return tuple(None if t is None else (t.shape, t.dtype) for t in tensors)
+
+
 class LinearSequenceLogpsFunction(torch.autograd.Function):
     """hidden (N, T, H) | (total, H), weight (V, H), bias (V,) -> (N,) float32 sequence log-probs.
 
     Only the counted (response) tokens are computed at all: their hidden rows are gathered first (an
     O(tokens x H) copy), so prompt and padding tokens cost nothing. Forward keeps one float32
-    log-sum-exp per counted token; backward recomputes the logits chunk by chunk, turns each chunk into
-    d logits, and takes d hidden = d logits @ weight and d weight += d logits.T @ hidden with matmuls,
-    d weight accumulated in float32 over the chunks in a fixed order.
+    log-sum-exp per counted token; backward recomputes the logits chunk by chunk (the upstream gradient
+    is unknown in forward), turns each chunk into d logits, and takes d hidden = d logits @ weight and
+    d weight += d logits.T @ hidden with matmuls, d weight accumulated in float32 in a fixed order.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, layout: Layout, ignore_index: int, average: bool, backend: str):
+    def forward(ctx, hidden, weight, bias, labels, layout: Layout, ignore_index: int, average: bool, backend: str,
+                logit_scale: float, softcap):
         impl = backend_module(backend)
         counted = labels != ignore_index
         idx = counted.nonzero().squeeze(1)
         h = hidden.reshape(layout.rows, hidden.shape[-1]).index_select(0, idx)
         lab = labels.index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        tok_c, lse = impl.linear_forward(h, w, b, lab, ignore_index)
+        tok_c, lse = impl.linear_forward(h, w, b, lab, ignore_index, logit_scale, softcap)
         tok = torch.zeros(layout.rows, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, tok_c)
         seq, count = sequence_values(tok, counted, layout, average)
         ctx.save_for_backward(hidden, weight, bias, labels, idx, lse, count)
-        ctx.meta = (layout, ignore_index, average, impl)
+        ctx.meta = (layout, ignore_index, average, impl, logit_scale, softcap)
         return seq
 
     @staticmethod
     def backward(ctx, grad_seq):
         hidden, weight, bias, labels, idx, lse, count = ctx.saved_tensors
-        layout, ignore_index, average, impl = ctx.meta
+        layout, ignore_index, average, impl, logit_scale, softcap = ctx.meta
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        counted = labels != ignore_index
-        g = token_grads(grad_seq, counted, count, layout, average).index_select(0, idx)
         H = hidden.shape[-1]
+        g = token_grads(grad_seq, labels != ignore_index, count, layout, average).index_select(0, idx)
         h = hidden.reshape(layout.rows, H).index_select(0, idx)
-        lab = labels.index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        V = weight.shape[0]
-        dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
-        dw = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_w else None
-        db = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
-        chunk = impl.dlogits_chunk_rows(V, hidden.dtype)
-        for r0 in range(0, h.shape[0], chunk):
-            r1 = min(r0 + chunk, h.shape[0])
-            dz = impl.linear_dlogits(h[r0:r1], w, b, lab[r0:r1], lse[r0:r1], g[r0:r1], ignore_index)
-            if need_h:
-                dh[r0:r1] = dz @ w
-            if need_w:
-                _accumulate_product(dw, dz.t(), h[r0:r1].to(dz.dtype))
-            if need_b:
-                db += dz.sum(dim=0, dtype=torch.float32)
-            del dz
-        grad_hidden = None
-        if need_h:
-            grad_hidden = torch.zeros(layout.rows, H, dtype=hidden.dtype, device=h.device)
-            grad_hidden = grad_hidden.index_copy_(0, idx, dh.to(hidden.dtype)).view(hidden.shape)
-        return (
-            grad_hidden,
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype),
-            None, None, None, None, None,
-        )
+        grads = _Grads(layout.rows, weight.shape[0], H, hidden, need_h, need_w, need_b)
+        grads.recompute(impl, h, w, b, labels.index_select(0, idx), lse, g, idx, ignore_index, logit_scale, softcap)
+        return (*grads.results(_specs(hidden, weight, bias)), None, None, None, None, None, None, None)
+
+
+def _sequence_ids(layout: Layout, device) -> torch.Tensor:
+    """(rows,) int64: the sequence each token row belongs to."""
+    if layout.padded:
+        return torch.arange(layout.rows, device=device) // layout.seq_len
+    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+    return torch.arange(layout.n_seq, device=device).repeat_interleave(lengths, output_size=layout.rows)
+
+
+def _pair_chunks(rows_per_pair: list, budget_rows: int) -> list:
+    """Consecutive runs of pairs [p0, p1) whose counted rows fit in ``budget_rows``; a pair that alone
+    exceeds it is a run of its own (computed in two passes)."""
+    chunks, p0, used = [], 0, 0
+    for p, n in enumerate(rows_per_pair):
+        if p > p0 and used + n > budget_rows:
+            chunks.append((p0, p))
+            p0, used = p, 0
+        used += n
+    chunks.append((p0, len(rows_per_pair)))
+    return chunks
+
+
+def loss_chunk_rows(V: int, device: torch.device) -> int:
+    """Token rows per chunk of pairs in linear_safedpo_loss: float32 logits within
+    SAFEDPO_LINEAR_LOSS_CHUNK_BYTES (default 4 GiB on CUDA, 512 MiB elsewhere)."""
+    default = (4 << 30) if torch.device(device).type == "cuda" else (512 << 20)
+    return max(1, env_int("SAFEDPO_LINEAR_LOSS_CHUNK_BYTES", default) // (4 * V))
+
+
+class LinearSafeDPOLossFunction(torch.autograd.Function):
+    """The SafeDPO loss from hidden states and the LM head, with its gradients formed in the forward.
+
+    A pair's loss depends only on that pair's two log-probs (and its reference log-probs and flags),
+    and the number of kept pairs is known from the flags before anything is computed. So the pairs are
+    processed in chunks (chosen row i with rejected row B + i): the chunk's logits (one matmul), its
+    log-probs, its loss and d loss / d log-prob, d loss / d logits in place, then d hidden = dz @ W and
+    d weight += dz.T @ h (two more matmuls), and the chunk is freed: 3 matmuls over the tokens instead of
+    the 4 of a design that recomputes the logits in backward. Backward only scales the stored gradients
+    by the upstream gradient (a scalar). Gradients are formed only for the inputs that need them, and
+    under torch.no_grad not at all. A pair whose logits alone exceed the chunk budget is computed in two
+    passes (log-probs, then recomputed gradients), which keeps memory bounded at any sequence length.
+
+    Returns (loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept), the last five
+    without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, layout: Layout, options: dict,
+                backend: str, wants: tuple):
+        impl = backend_module(backend)
+        o = options
+        device, H, V = hidden.device, hidden.shape[-1], weight.shape[0]
+        B = layout.n_seq // 2
+        w, b = impl.prepare_weight(weight, bias, hidden.dtype)
+        flat = hidden.reshape(layout.rows, H)
+        need_h, need_w, need_b = wants
+        grads = _Grads(layout.rows, V, H, hidden, need_h, need_w, need_b) if any(wants) else None
+
+        # Counted tokens, grouped by chunk of pairs; within a chunk in row order, so that each
+        # sequence's tokens are one run and the chunk's chosen sequences come before its rejected ones.
+        idx = (labels != o["ignore_index"]).nonzero().squeeze(1)
+        tok_seq = _sequence_ids(layout, device).index_select(0, idx)
+        pair = tok_seq % B
+        rows_per_pair = torch.bincount(pair, minlength=B)
+        budget = loss_chunk_rows(V, device)
+        chunks = _pair_chunks(rows_per_pair.tolist(), budget)
+        chunk_of_pair = torch.repeat_interleave(torch.arange(len(chunks), device=device),
+                                                torch.tensor([p1 - p0 for p0, p1 in chunks], device=device))
+        chunk_of_tok = chunk_of_pair.index_select(0, pair)
+        order = torch.argsort(chunk_of_tok, stable=True)
+        idx, tok_seq = idx.index_select(0, order), tok_seq.index_select(0, order)
+        ends = torch.bincount(chunk_of_tok, minlength=len(chunks)).cumsum(0).tolist()
+
+        kept_all = ~(~chosen_safe.bool() & ~rejected_safe.bool()) if o["drop_both_unsafe"] else torch.ones(B, dtype=torch.bool, device=device)
+        norm = max(int(kept_all.sum()), 1) if o["reduction"] == "mean" else 1
+        ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.detach().float()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        metrics = []
+        start = 0
+        for (p0, p1), end in zip(chunks, ends):
+            rows_c = idx[start:end]
+            seq_c = tok_seq[start:end]
+            start = end
+            P = p1 - p0
+            loc = torch.where(seq_c < B, seq_c - p0, seq_c - B - p0 + P)  # 0..2P-1, non-decreasing
+            h_c = flat.index_select(0, rows_c)
+            lab_c = labels.index_select(0, rows_c)
+            chunk_layout = Layout(n_seq=1, rows=rows_c.numel(), seq_len=max(rows_c.numel(), 1), padded=False, cu_seqlens=None)
+            two_pass = rows_c.numel() > budget
+            if two_pass:
+                tok, lse = impl.linear_forward(h_c, w, b, lab_c, o["ignore_index"], o["logit_scale"], o["softcap"])
+            else:
+                z = impl.linear_logits(h_c, w, b, o["logit_scale"], o["softcap"])
+                tok, lse = impl.logp_forward(z, lab_c, chunk_layout, o["ignore_index"])
+            counts = torch.bincount(loc, minlength=2 * P)
+            csum = torch.cat([tok.new_zeros(1, dtype=torch.float64), tok.double().cumsum(0)])
+            bounds = counts.cumsum(0)
+            logps = csum[bounds] - csum[bounds - counts]
+            if o["average"]:
+                logps = logps / counts.clamp(min=1)
+            logps = logps.float()
+            pair_rows = torch.cat([torch.arange(p0, p1, device=device), torch.arange(B + p0, B + p1, device=device)])
+            leaf = logps.requires_grad_(grads is not None)
+            with torch.enable_grad():
+                out = loss_from_logps(leaf, ref.index_select(0, pair_rows), chosen_safe[p0:p1], rejected_safe[p0:p1],
+                                      o["beta"], o["delta"], o["swap"], o["drop_both_unsafe"], o["label_smoothing"],
+                                      o["loss_type"], "sum")
+            total += out.loss.detach().double()
+            metrics.append(out[1:])
+            if grads is None or rows_c.numel() == 0:
+                continue
+            (dlogp,) = torch.autograd.grad(out.loss, leaf)
+            g = dlogp.double() / norm
+            if o["average"]:
+                g = g / counts.clamp(min=1)
+            g = g.float().index_select(0, loc)
+            if two_pass:
+                grads.recompute(impl, h_c, w, b, lab_c, lse, g, rows_c, o["ignore_index"], o["logit_scale"], o["softcap"])
+                continue
+            # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
+            dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=device)
+            impl.logp_backward(z, lab_c, lse, g * o["logit_scale"], dz, chunk_layout, o["ignore_index"], o["softcap"])
+            grads.add(dz, h_c.to(w.dtype), w, rows_c)
+            del z, dz
+
+        loss = (total / norm).float()
+        chosen, rejected, chosen_rewards, rejected_rewards, kept = (torch.cat(m) for m in zip(*metrics))
+        ctx.grads = grads
+        ctx.specs = _specs(hidden, weight, bias)
+        ctx.mark_non_differentiable(chosen, rejected, chosen_rewards, rejected_rewards, kept)
+        return loss, chosen, rejected, chosen_rewards, rejected_rewards, kept
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "linear_safedpo_loss: its gradients were formed in the forward and consumed by the first backward; "
+                "a second backward through the same graph (retain_graph=True) is not supported"
+            )
+        ctx.grads = None
+        scale = None if bool(grad_loss == 1) else grad_loss
+        return (*grads.results(ctx.specs, scale), None, None, None, None, None, None, None, None)

@@ -28,14 +28,20 @@ class Backend(Protocol):
     Logits path, token rows r addressed through ``layout`` (see ``_checks.Layout``):
         logp_forward(logits, labels, layout, ignore_index) -> (tok, lse): per-token log-prob (0 where
             ignored, NaN for an out-of-range label) and log-sum-exp, both (rows,) float32.
-        logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index) -> None: writes
-            g_tok[r] * (onehot(label) - softmax(logits[r])) into ``grad`` (logits' shape and dtype; may
-            be ``logits`` itself, for the in-place backward). Rows with g_tok == 0 get exact zeros.
+        logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index, softcap=None) -> None:
+            writes g_tok[r] * (onehot(label) - softmax(logits[r])) into ``grad`` (logits' shape; may be
+            ``logits`` itself, for the in-place backward, or of another dtype), times the softcap
+            derivative 1 - (logits / softcap)^2 when softcap is set. Rows with g_tok == 0 get exact zeros.
         grad_buffer(shape, dtype, device) -> Tensor: the buffer that backward fills (contents undefined).
-    Fused-linear path, on the counted rows only (hidden (rows, H), labels (rows,) int64):
-        prepare_weight(weight, bias, hidden_dtype) -> (weight, bias) as the two functions below read them.
-        linear_forward(hidden, weight, bias, labels, ignore_index) -> (tok, lse), as logp_forward.
-        linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index) -> (rows, V) d loss / d logits.
+    Fused-linear path, on the counted rows only (hidden (rows, H), labels (rows,) int64), with the logit
+    transform z = softcap * tanh(logit_scale * z0 / softcap) (or logit_scale * z0), z0 = hidden @ W.T + b:
+        prepare_weight(weight, bias, hidden_dtype) -> (weight, bias) as the functions below read them;
+            their dtype is the one the gradient matmuls run in.
+        linear_logits(hidden, weight, bias, logit_scale, softcap) -> (rows, V) float32 transformed logits.
+        linear_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap) -> (tok, lse), as
+            logp_forward, without keeping the logits.
+        linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index, logit_scale, softcap) -> (rows, V)
+            d loss / d z0 in the weight's dtype, logits recomputed.
         dlogits_chunk_rows(V, dtype) -> int: rows per linear_dlogits call (bounds its buffer).
     """
 
@@ -43,18 +49,23 @@ class Backend(Protocol):
                      ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
     def logp_backward(self, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g_tok: torch.Tensor,
-                      grad: torch.Tensor, layout: Layout, ignore_index: int) -> None: ...
+                      grad: torch.Tensor, layout: Layout, ignore_index: int, softcap: Optional[float] = None) -> None: ...
 
     def grad_buffer(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
 
     def prepare_weight(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        hidden_dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
+    def linear_logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      logit_scale: float, softcap: Optional[float]) -> torch.Tensor: ...
+
     def linear_forward(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       labels: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]: ...
+                       labels: torch.Tensor, ignore_index: int, logit_scale: float,
+                       softcap: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
     def linear_dlogits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, ignore_index: int) -> torch.Tensor: ...
+                       labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, ignore_index: int,
+                       logit_scale: float, softcap: Optional[float]) -> torch.Tensor: ...
 
     def dlogits_chunk_rows(self, V: int, dtype: torch.dtype) -> int: ...
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_range
+from ._checks import check_pair_inputs, check_range
 
 
 class SafeDPOOutput(NamedTuple):
@@ -33,14 +33,39 @@ class SafeDPOOutput(NamedTuple):
     kept: torch.Tensor
 
 
-def check_loss_hparams(beta: float, delta: float, label_smoothing: float) -> None:
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+REDUCTIONS = ("mean", "sum")
+
+
+def check_loss_hparams(beta: float, delta: float, label_smoothing: float, loss_type: str = "sigmoid",
+                       reduction: str = "mean") -> None:
+    """ValueError naming the hyper-parameter that is out of range (or not a number)."""
     inf = float("inf")
     check_range(beta=(beta, 0.0, False, inf), delta=(delta, 0.0, True, inf), label_smoothing=(label_smoothing, 0.0, True, 0.5))
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "robust" and float(label_smoothing) >= 0.5:
+        raise ValueError(f"label_smoothing must be below 0.5 for loss_type='robust' (it divides by 1 - 2 * eps), got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def pair_loss(u: torch.Tensor, beta: float, label_smoothing: float, loss_type: str) -> torch.Tensor:
+    """The per-pair loss of margin u = beta * d - delta * (h_l - h_w) for each loss type."""
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        out = -(1.0 - eps) * F.logsigmoid(u)
+        return out - eps * F.logsigmoid(-u) if eps else out
+    if loss_type == "robust":
+        return (-(1.0 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1.0 - 2.0 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - u)
+    return (u / beta - 1.0 / (2.0 * beta)) ** 2  # ipo
 
 
 def loss_from_logps(
     policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logps,
     chosen_safe: torch.Tensor,
     rejected_safe: torch.Tensor,
     beta: float,
@@ -48,15 +73,12 @@ def loss_from_logps(
     swap: bool,
     drop_both_unsafe: bool,
     label_smoothing: float,
+    loss_type: str = "sigmoid",
+    reduction: str = "mean",
 ) -> SafeDPOOutput:
-    """SafeDPO loss and metrics from policy_logps (2B,) float32 (differentiable) and ref_logps (2B,).
-
-    Applies T (swap a preferred-unsafe / other-safe pair, drop a both-unsafe pair), then
-    u = beta * (chosen margin - rejected margin) - (h_l - h_w) * delta and
-    loss = mean over kept pairs of -(1 - eps) log sigmoid(u) - eps log sigmoid(-u).
-    """
+    """``safedpo_loss_from_logps`` without argument checks: the fused entry points check once, up front."""
     B = chosen_safe.shape[0]
-    ref = ref_logps.detach().to(torch.float32)
+    ref = torch.zeros_like(policy_logps, dtype=torch.float32) if ref_logps is None else ref_logps.detach().to(torch.float32)
     h_w = ~chosen_safe.bool()
     h_l = ~rejected_safe.bool()
     swapped = (h_w & ~h_l) if swap else torch.zeros_like(h_w)
@@ -78,11 +100,10 @@ def loss_from_logps(
     # A dropped pair must not reach the non-linearity: a NaN there would leak into the kept pairs'
     # gradients through 0 * NaN; masking u first gives its rows an exact zero gradient.
     u = torch.where(kept, u, torch.zeros_like(u))
-    pair_loss = -(1.0 - label_smoothing) * F.logsigmoid(u)
-    if label_smoothing:
-        pair_loss = pair_loss - label_smoothing * F.logsigmoid(-u)
-    pair_loss = torch.where(kept, pair_loss, torch.zeros_like(pair_loss))
-    loss = pair_loss.sum() / kept.sum().clamp(min=1).to(pair_loss.dtype)
+    losses = torch.where(kept, pair_loss(u, beta, label_smoothing, loss_type), torch.zeros_like(u))
+    loss = losses.sum()
+    if reduction == "mean":
+        loss = loss / kept.sum().clamp(min=1).to(losses.dtype)
     return SafeDPOOutput(
         loss,
         chosen.detach(),
@@ -91,3 +112,56 @@ def loss_from_logps(
         rejected_rewards.detach(),
         kept,
     )
+
+
+def safedpo_loss_from_logps(
+    policy_logps: torch.Tensor,
+    ref_logps,
+    chosen_safe: torch.Tensor,
+    rejected_safe: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    delta: float = 10.0,
+    swap: bool = True,
+    drop_both_unsafe: bool = True,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    reduction: str = "mean",
+) -> SafeDPOOutput:
+    """SafeDPO (and the SafeDAA family) from sequence log-probs a caller already has.
+
+    Every fused loss of this package computes its loss through this function. Pairs are transformed by
+    T first: a pair whose preferred response is unsafe and the other safe is swapped (``swap``), a pair
+    with both unsafe is dropped (``drop_both_unsafe``). Then, with d = (logp_w - ref_w) - (logp_l - ref_l),
+    s = h_l - h_w (1 for a (safe, unsafe) pair, else 0) and u = beta * d - delta * s, eps = label_smoothing:
+
+        "sigmoid" (SafeDPO)  -(1 - eps) log sigmoid(u) - eps log sigmoid(-u)
+        "robust"             (-(1 - eps) log sigmoid(u) + eps log sigmoid(-u)) / (1 - 2 eps), eps < 0.5
+        "hinge"              max(0, 1 - u)                      (eps unused)
+        "ipo"                (u / beta - 1 / (2 beta))^2         (eps unused; use average=True log-probs)
+
+    With delta = 0, swap and drop off, each is the DPO loss of the same name.
+
+    Args:
+        policy_logps: (2B,) float, chosen rows first; differentiable.
+        ref_logps: (2B,) float in the same order, or None for reference-free training (zeros). No gradient.
+        chosen_safe, rejected_safe: (B,) bool or 0/1 integers, True / 1 = safe.
+        beta > 0; delta >= 0 (not multiplied by beta); label_smoothing in [0, 0.5].
+        reduction: "mean" (over kept pairs; 0 when none is kept) or "sum" (over kept pairs, for a trainer
+            that divides by the kept-pair count of its whole global batch).
+
+    Returns:
+        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept), float32
+        scalar loss and (B,) metrics in the roles after T (no gradient); reward = beta * (logp - ref_logp).
+    """
+    if not isinstance(policy_logps, torch.Tensor):
+        raise TypeError(f"policy_logps must be a torch.Tensor, got {type(policy_logps).__name__}")
+    if not policy_logps.is_floating_point():
+        raise TypeError(f"policy_logps must be a floating-point tensor, got {policy_logps.dtype}")
+    if policy_logps.dim() != 1:
+        raise ValueError(f"policy_logps must be 1-D (2B,), got shape {tuple(policy_logps.shape)}")
+    check_pair_inputs(policy_logps.shape[0], policy_logps.device, ref_logps, chosen_safe, rejected_safe,
+                      rows_name="policy_logps")
+    check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
+    return loss_from_logps(policy_logps.float(), ref_logps, chosen_safe, rejected_safe, beta, delta, swap,
+                           drop_both_unsafe, label_smoothing, loss_type, reduction)

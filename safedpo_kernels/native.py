@@ -176,13 +176,14 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
     )
 
 
-def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int) -> None:
-    """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
+def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int, softcap=None) -> None:
+    """Write g_tok * (onehot - softmax) into grad (logits' shape; may be logits itself), times the
+    softcap derivative 1 - (logits / softcap)^2 when ``softcap`` is set."""
     src = rows_contiguous(logits)
-    dst = rows_contiguous(grad)
+    dst = src if grad is logits else rows_contiguous(grad)
     torch.ops.safedpo_native.logp_backward(
         src, dst, labels.long().contiguous(), lse.contiguous(), g_tok.contiguous(), layout.seq_len,
-        *layout.row_strides(src), *layout.row_strides(dst),
+        *layout.row_strides(src), *layout.row_strides(dst), 0.0 if softcap is None else float(softcap),
     )
     if dst is not grad:
         grad.copy_(dst)
@@ -196,21 +197,25 @@ def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     return logp_forward(z, labels, _chunk_layout(z.shape[0]), ignore_index)
 
 
-def _chunk_grad(z, labels, lse, g, ignore_index: int, overwrite: bool = True) -> torch.Tensor:
+def _chunk_grad(z, labels, lse, g, ignore_index: int, overwrite: bool = True, softcap=None) -> torch.Tensor:
     layout = _chunk_layout(z.shape[0])
     dst = z if overwrite else torch.empty_like(z)
-    logp_backward(z, labels, lse, g, dst, layout, ignore_index)
+    logp_backward(z, labels, lse, g, dst, layout, ignore_index, softcap)
     return dst
 
 
 # The fused-linear path: the torch backend's chunked matmuls, with these kernels on each logits chunk.
 prepare_weight = torch_chunked.prepare_weight
 dlogits_chunk_rows = torch_chunked.dlogits_chunk_rows
+linear_logits = torch_chunked.linear_logits
 
 
-def linear_forward(hidden, weight, bias, labels, ignore_index: int):
-    return torch_chunked.linear_forward(hidden, weight, bias, labels, ignore_index, chunk_fn=_chunk_forward)
+def linear_forward(hidden, weight, bias, labels, ignore_index: int, logit_scale: float = 1.0, softcap=None):
+    return torch_chunked.linear_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap,
+                                        chunk_fn=_chunk_forward)
 
 
-def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int) -> torch.Tensor:
-    return torch_chunked.linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index, grad_fn=_chunk_grad)
+def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, logit_scale: float = 1.0,
+                   softcap=None) -> torch.Tensor:
+    return torch_chunked.linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index, logit_scale, softcap,
+                                        grad_fn=_chunk_grad)

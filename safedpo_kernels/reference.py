@@ -48,7 +48,7 @@ def sequence_logps(
 
 def safedpo_loss_from_logps(
     policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logps: Optional[torch.Tensor],
     chosen_safe: torch.Tensor,
     rejected_safe: torch.Tensor,
     beta: float = 0.1,
@@ -56,12 +56,18 @@ def safedpo_loss_from_logps(
     swap: bool = True,
     drop_both_unsafe: bool = True,
     label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    reduction: str = "mean",
 ) -> SafeDPOOutput:
-    """SafeDPO (paper Eq. 12) from sequence log-probs, one pair at a time.
+    """SafeDPO (paper Eq. 12) and the SafeDAA losses from sequence log-probs, one pair at a time.
 
-    policy_logps, ref_logps: (2B,), chosen rows first. chosen_safe, rejected_safe: (B,), True = safe.
+    policy_logps, ref_logps: (2B,), chosen rows first (ref_logps None: zeros). chosen_safe, rejected_safe:
+    (B,), True = safe.
     """
     B = chosen_safe.shape[0]
+    if ref_logps is None:
+        ref_logps = torch.zeros_like(policy_logps)
+    eps = label_smoothing
     losses, rows = [], []
     for i in range(B):
         w, l = i, B + i
@@ -72,11 +78,21 @@ def safedpo_loss_from_logps(
         chosen_reward = beta * (policy_logps[w] - ref_logps[w])
         rejected_reward = beta * (policy_logps[l] - ref_logps[l])
         u = chosen_reward - rejected_reward - (h_l - h_w) * delta
-        pair_loss = -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)
+        if loss_type == "sigmoid":
+            loss_i = -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)
+        elif loss_type == "robust":
+            loss_i = (-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)
+        elif loss_type == "hinge":
+            loss_i = torch.clamp(1 - u, min=0)
+        else:  # ipo
+            loss_i = (u / beta - 1 / (2 * beta)) ** 2
         if kept:
-            losses.append(pair_loss)
+            losses.append(loss_i)
         rows.append((policy_logps[w], policy_logps[l], chosen_reward, rejected_reward, kept))
-    loss = torch.stack(losses).mean() if losses else policy_logps.sum() * 0.0
+    if not losses:
+        loss = policy_logps.sum() * 0.0
+    else:
+        loss = torch.stack(losses).mean() if reduction == "mean" else torch.stack(losses).sum()
     cl, rl, cr, rr, kept = zip(*rows)
     return SafeDPOOutput(
         loss,
@@ -91,7 +107,7 @@ def safedpo_loss_from_logps(
 def safedpo_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logps: Optional[torch.Tensor],
     chosen_safe: torch.Tensor,
     rejected_safe: torch.Tensor,
     beta: float = 0.1,
@@ -102,15 +118,23 @@ def safedpo_loss(
     ignore_index: int = -100,
     average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    loss_type: str = "sigmoid",
+    reduction: str = "mean",
 ) -> SafeDPOOutput:
     """Eager SafeDPO from logits: ``sequence_logps`` then ``safedpo_loss_from_logps``."""
     policy = sequence_logps(logits, labels, ignore_index, average, cu_seqlens)
     return safedpo_loss_from_logps(
-        policy, ref_logps.to(policy.dtype), chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe, label_smoothing
+        policy, None if ref_logps is None else ref_logps.to(policy.dtype), chosen_safe, rejected_safe, beta, delta,
+        swap, drop_both_unsafe, label_smoothing, loss_type, reduction,
     )
 
 
-def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The logits the fused-linear entry points never materialize: hidden @ weight.T (+ bias)."""
-    logits = hidden @ weight.t()
-    return logits if bias is None else logits + bias
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  logit_scale: float = 1.0, softcap: Optional[float] = None) -> torch.Tensor:
+    """The logits the fused-linear entry points never materialize: with z0 = hidden @ weight.T (+ bias),
+    softcap * tanh(logit_scale * z0 / softcap) when softcap is set, else logit_scale * z0."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = logit_scale * z
+    return z if softcap is None else softcap * torch.tanh(z / softcap)

@@ -69,15 +69,20 @@ def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return torch.where(counted, tok, torch.zeros_like(tok)), lse
 
 
-def grad_from_chunk(x, labels, lse, g, ignore_index: int, overwrite: bool = False) -> torch.Tensor:
+def grad_from_chunk(x, labels, lse, g, ignore_index: int, overwrite: bool = False, softcap=None) -> torch.Tensor:
     """g * (onehot(label) - softmax(x)) for a (rows, V) float32 chunk; rows with g == 0 get exact zeros.
 
-    ``overwrite=True`` computes in x's own memory (x must be a temporary of the caller's).
+    ``overwrite=True`` computes in x's own memory (x must be a temporary of the caller's). ``softcap``:
+    x are soft-capped logits c * tanh(y / c), and the result is multiplied by their derivative
+    d x / d y = 1 - (x / c)^2, i.e. it is the gradient with respect to y.
     """
     _, valid, safe = _target_mask(labels, x.shape[-1], ignore_index)
+    factor = None if softcap is None else (x / softcap).square_().neg_().add_(1.0)
     grad = x.sub_(lse.unsqueeze(1)) if overwrite else torch.sub(x, lse.unsqueeze(1))
     grad = grad.exp_().mul_(-g.unsqueeze(1))
     grad.scatter_add_(1, safe.unsqueeze(1), torch.where(valid, g, torch.zeros_like(g)).unsqueeze(1))
+    if factor is not None:
+        grad.mul_(factor)
     # Ignored tokens (g == 0) may hold NaN/inf logits that must not leak into their gradient.
     return grad.masked_fill_((g == 0).unsqueeze(1), 0.0)
 
@@ -100,12 +105,14 @@ def grad_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int) -> None:
-    """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
+def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int, softcap=None) -> None:
+    """Write g_tok * (onehot - softmax) into grad (logits' shape; may be logits itself), times the
+    softcap derivative 1 - (logits / softcap)^2 when ``softcap`` is set."""
     chunk = chunk_rows_for(logits.shape[-1])
     for r0, r1, (src, dst) in row_chunks(layout, chunk, logits, grad):
         x = src.float()
-        dst.copy_(grad_from_chunk(x, labels[r0:r1], lse[r0:r1], g_tok[r0:r1], ignore_index, overwrite=x is not src))
+        dst.copy_(grad_from_chunk(x, labels[r0:r1], lse[r0:r1], g_tok[r0:r1], ignore_index, overwrite=x is not src,
+                                  softcap=softcap))
 
 
 # ---- fused-linear path: logits = hidden @ weight.T + bias, one chunk of rows at a time ----
@@ -116,8 +123,20 @@ def prepare_weight(weight: torch.Tensor, bias, hidden_dtype: torch.dtype):
     return weight.float(), None if bias is None else bias.float()
 
 
+def transform_(z: torch.Tensor, logit_scale: float, softcap) -> torch.Tensor:
+    """In place: z <- softcap * tanh(logit_scale * z / softcap), or logit_scale * z without a softcap."""
+    if softcap is not None:
+        return z.mul_(logit_scale / softcap).tanh_().mul_(softcap)
+    return z.mul_(logit_scale) if logit_scale != 1.0 else z
+
+
+def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, softcap=None) -> torch.Tensor:
+    """The float32 (rows, V) logits of one chunk of rows, transformed (weight/bias from prepare_weight)."""
+    return transform_(torch.nn.functional.linear(hidden.float(), weight, bias), logit_scale, softcap)
+
+
 def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int,
-                   chunk_fn=token_logps_from_chunk):
+                   logit_scale: float = 1.0, softcap=None, chunk_fn=token_logps_from_chunk):
     """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32, chunked over rows.
 
     ``chunk_fn(z, labels, ignore_index)`` reduces one float32 logits chunk (the native backend passes
@@ -129,15 +148,17 @@ def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ign
     chunk = chunk_rows_for(weight.shape[0])
     for r0 in range(0, rows, chunk):
         r1 = min(r0 + chunk, rows)
-        z = torch.nn.functional.linear(hidden[r0:r1].float(), weight, bias)
+        z = linear_logits(hidden[r0:r1], weight, bias, logit_scale, softcap)
         tok[r0:r1], lse[r0:r1] = chunk_fn(z, labels[r0:r1], ignore_index)
     return tok, lse
 
 
-def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, grad_fn=grad_from_chunk) -> torch.Tensor:
-    """d loss / d logits (rows, V) float32 for one chunk of rows, logits recomputed."""
-    z = torch.nn.functional.linear(hidden.float(), weight, bias)
-    return grad_fn(z, labels, lse, g, ignore_index, overwrite=True)
+def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, logit_scale: float = 1.0, softcap=None,
+                   grad_fn=grad_from_chunk) -> torch.Tensor:
+    """d loss / d (hidden @ weight.T + bias), (rows, V) float32, for one chunk of rows, logits recomputed;
+    through the transform (its scale and softcap derivative)."""
+    z = linear_logits(hidden, weight, bias, logit_scale, softcap)
+    return grad_fn(z, labels, lse, g * logit_scale, ignore_index, overwrite=True, softcap=softcap)
 
 
 def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:

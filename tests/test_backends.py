@@ -16,7 +16,7 @@ def test_every_backend_implements_the_whole_protocol(name):
         pytest.skip(f"{name} is not usable here")
     module = backend_module(name)
     assert isinstance(module, Backend)
-    assert set(MEMBERS) == {"logp_forward", "logp_backward", "grad_buffer", "prepare_weight", "linear_forward",
+    assert set(MEMBERS) == {"logp_forward", "logp_backward", "grad_buffer", "prepare_weight", "linear_logits", "linear_forward",
                             "linear_dlogits", "dlogits_chunk_rows"}
     for member in MEMBERS:
         assert callable(getattr(module, member)), member

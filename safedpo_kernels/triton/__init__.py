@@ -2,7 +2,8 @@
 
     logprob_forward.py        logits path forward: per-token log-sum-exp and target log-prob
     logprob_backward.py       logits path backward: g * (onehot - softmax), optionally in place
-    fused_linear_forward.py   fused-linear forward: logits tiles on chip, (max, sum, target) per slice
+    fused_linear_forward.py   fused-linear forward: logits tiles on chip, (max, sum, target) per slice;
+                              and the float32 logits of a chunk (the gradient-in-forward loss's GEMM)
     fused_linear_backward.py  fused-linear backward: d logits of a chunk of rows, logits recomputed
     _utils.py                 the online log-sum-exp step shared by both forwards; the Launch record
 
@@ -18,13 +19,13 @@ import torch
 
 from ._utils import INTERPRETED
 from .fused_linear_backward import dlogits_chunk_rows, linear_dlogits
-from .fused_linear_forward import linear_forward, prepare_weight
+from .fused_linear_forward import linear_forward, linear_logits, prepare_weight
 from .logprob_backward import logp_backward
 from .logprob_forward import logp_forward
 
 __all__ = [
     "INTERPRETED", "check_device", "logp_forward", "logp_backward", "grad_buffer",
-    "prepare_weight", "linear_forward", "linear_dlogits", "dlogits_chunk_rows",
+    "prepare_weight", "linear_logits", "linear_forward", "linear_dlogits", "dlogits_chunk_rows",
 ]
 
 

@@ -18,15 +18,15 @@ import triton.language as tl
 
 from .._env import env_int
 from ._utils import Launch
-from .fused_linear_forward import linear_logits_tile, linear_tiles
+from .fused_linear_forward import _transform_args, linear_logits_tile, linear_tiles
 
 
 @triton.jit
 def linear_dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr, dz_ptr,
-    rows, V, H, stride_h, stride_w, stride_dz,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    rows, V, H, stride_h, stride_w, stride_dz, scale, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -35,27 +35,33 @@ def linear_dlogits_kernel(
     g = tl.load(g_ptr + r, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + r, mask=row_ok, other=0.0)
     label = tl.load(labels_ptr + r, mask=row_ok, other=-1).to(tl.int64)
-    z = linear_logits_tile(h_ptr, w_ptr, b_ptr, r, row_ok, cols, col_ok, H, stride_h, stride_w,
-                           HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+    z = linear_logits_tile(h_ptr, w_ptr, b_ptr, r, row_ok, cols, col_ok, H, stride_h, stride_w, scale, softcap,
+                           HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
     p = tl.exp(z - lse[:, None])
     onehot = (cols[None, :] == label[:, None]).to(tl.float32)
     live = row_ok & (g != 0.0)
-    dz = tl.where(live[:, None], g[:, None] * (onehot - p), 0.0)
+    # d loss / d z0 for z0 = hidden @ weight.T + bias: through the scale and the softcap's 1 - (z / c)^2.
+    dz = g[:, None] * (onehot - p) * scale
+    if SOFTCAP:
+        t = z / softcap
+        dz = dz * (1.0 - t * t)
+    dz = tl.where(live[:, None], dz, 0.0)
     tl.store(dz_ptr + r[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def dlogits_launch(hidden, weight, bias, labels, lse, g, dz) -> Launch:
+def dlogits_launch(hidden, weight, bias, labels, lse, g, dz, logit_scale: float = 1.0, softcap=None) -> Launch:
     """The launch that fills dz (rows, V) for hidden (rows, H) contiguous; tiles as the forward's."""
     rows, H = hidden.shape
     V = weight.shape[0]
     constexprs, num_warps = linear_tiles(rows, H, hidden.dtype)
+    transform, has_cap = _transform_args(logit_scale, softcap)
     return Launch(
         linear_dlogits_kernel,
         (triton.cdiv(rows, constexprs["BLOCK_M"]), triton.cdiv(V, constexprs["BLOCK_N"])),
         (hidden, weight, bias if bias is not None else hidden, labels, lse, g, dz,
-         rows, V, H, hidden.stride(0), weight.stride(0), dz.stride(0)),
-        dict(HAS_BIAS=bias is not None, **constexprs),
+         rows, V, H, hidden.stride(0), weight.stride(0), dz.stride(0), *transform),
+        dict(HAS_BIAS=bias is not None, SOFTCAP=has_cap, **constexprs),
         num_warps,
     )
 
@@ -66,10 +72,12 @@ def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:
     return max(1, budget // (V * torch.finfo(dtype).bits // 8))
 
 
-def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int) -> torch.Tensor:
-    """d loss / d logits (rows, V) in the hidden dtype for one chunk of rows, logits recomputed on chip."""
+def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, logit_scale: float = 1.0,
+                   softcap=None) -> torch.Tensor:
+    """d loss / d (hidden @ weight.T + bias), (rows, V) in the hidden dtype, for one chunk of rows,
+    logits recomputed on chip (through the transform)."""
     rows = hidden.shape[0]
     dz = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
     if rows:
-        dlogits_launch(hidden.contiguous(), weight, bias, labels, lse, g, dz)()
+        dlogits_launch(hidden.contiguous(), weight, bias, labels, lse, g, dz, logit_scale, softcap)()
     return dz

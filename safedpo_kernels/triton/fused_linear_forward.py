@@ -24,10 +24,19 @@ from ._utils import INTERPRETED, Launch, online_lse_update
 
 
 @triton.jit
-def linear_logits_tile(h_ptr, w_ptr, b_ptr, rows_idx, row_ok, cols, col_ok, H, stride_h, stride_w,
-                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def tanh(x):
+    """tanh from one exp of a non-positive argument: no overflow at any |x|, exact sign, |error| ~ 1e-7."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def linear_logits_tile(h_ptr, w_ptr, b_ptr, rows_idx, row_ok, cols, col_ok, H, stride_h, stride_w, scale, softcap,
+                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) float32 tile of hidden[rows] @ weight[cols].T (+ bias[cols]).
+    """(BLOCK_M, BLOCK_N) float32 tile of the logits: with z0 = hidden[rows] @ weight[cols].T (+ bias[cols]),
+    softcap * tanh(scale * z0 / softcap) with SOFTCAP, else scale * z0.
 
     UPCAST is for the Triton interpreter only, whose tl.dot mishandles bf16 (stored as uint16) and
     accumulates fp16 in fp16; compiled kernels feed the tensor cores the input dtype directly.
@@ -44,15 +53,36 @@ def linear_logits_tile(h_ptr, w_ptr, b_ptr, rows_idx, row_ok, cols, col_ok, H, s
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    if SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
     return acc
+
+
+@triton.jit
+def linear_logits_kernel(
+    h_ptr, w_ptr, b_ptr, z_ptr, rows, V, H, stride_h, stride_w, stride_z, scale, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Program (i, j) writes the (BLOCK_M, BLOCK_N) float32 logits tile of rows i and vocabulary tile j
+    (transformed): the chunk buffer that the gradient-in-forward loss then reduces and differentiates in
+    place. float32 rather than the input dtype: rounding logits to bf16 moves a log-prob by ~|z| / 256."""
+    r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = r < rows
+    col_ok = cols < V
+    z = linear_logits_tile(h_ptr, w_ptr, b_ptr, r, row_ok, cols, col_ok, H, stride_h, stride_w, scale, softcap,
+                           HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+    tl.store(z_ptr + r[:, None] * stride_z + cols[None, :], z, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def linear_forward_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, sum_ptr, tgt_ptr,
-    rows, V, H, stride_h, stride_w, cols_per_split, SPLITS,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    rows, V, H, stride_h, stride_w, cols_per_split, SPLITS, scale, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     split = tl.program_id(1)
     r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -68,7 +98,7 @@ def linear_forward_kernel(
         cols = v0 + tl.arange(0, BLOCK_N)
         col_ok = cols < v_end
         z = linear_logits_tile(h_ptr, w_ptr, b_ptr, r, row_ok, cols.to(tl.int64), col_ok, H, stride_h, stride_w,
-                               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+                               scale, softcap, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m, s = online_lse_update(m, s, z)
         tgt += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
@@ -123,7 +153,36 @@ def _splits(rows: int, V: int, block_m: int, block_n: int, device: torch.device)
     return max(1, min(want, n_col_blocks))
 
 
-def forward_launch(hidden, weight, bias, labels, ignore_index: int):
+def _transform_args(logit_scale: float, softcap):
+    """(runtime scale, runtime softcap) arguments and the SOFTCAP constexpr of the linear kernels."""
+    return (float(logit_scale), 1.0 if softcap is None else float(softcap)), softcap is not None
+
+
+def logits_launch(hidden, weight, bias, z, logit_scale: float = 1.0, softcap=None) -> Launch:
+    """The launch writing the transformed float32 logits (rows, V) of hidden (rows, H) contiguous into z."""
+    rows, H = hidden.shape
+    V = weight.shape[0]
+    constexprs, num_warps = linear_tiles(rows, H, hidden.dtype)
+    transform, has_cap = _transform_args(logit_scale, softcap)
+    return Launch(
+        linear_logits_kernel,
+        (triton.cdiv(rows, constexprs["BLOCK_M"]), triton.cdiv(V, constexprs["BLOCK_N"])),
+        (hidden, weight, bias if bias is not None else hidden, z, rows, V, H, hidden.stride(0), weight.stride(0),
+         z.stride(0), *transform),
+        dict(HAS_BIAS=bias is not None, SOFTCAP=has_cap, **constexprs),
+        num_warps,
+    )
+
+
+def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, softcap=None) -> torch.Tensor:
+    """The float32 (rows, V) logits of one chunk of rows, transformed, by a Triton GEMM kernel."""
+    z = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    if hidden.shape[0]:
+        logits_launch(hidden.contiguous(), weight, bias, z, logit_scale, softcap)()
+    return z
+
+
+def forward_launch(hidden, weight, bias, labels, ignore_index: int, logit_scale: float = 1.0, softcap=None):
     """(Launch, partials): the launch writing (max, sum of exp, target logit) per row and vocabulary
     slice into ``partials`` (3, rows, splits) float32. hidden (rows, H) contiguous."""
     rows, H = hidden.shape
@@ -134,25 +193,27 @@ def forward_launch(hidden, weight, bias, labels, ignore_index: int):
     cols_per_split = triton.cdiv(triton.cdiv(V, block_n), splits) * block_n
     splits = triton.cdiv(V, cols_per_split)
     part = torch.empty(3, rows, splits, dtype=torch.float32, device=hidden.device)
+    transform, has_cap = _transform_args(logit_scale, softcap)
     launch = Launch(
         linear_forward_kernel,
         (triton.cdiv(rows, block_m), splits),
         (hidden, weight, bias if bias is not None else hidden, labels, part[0], part[1], part[2],
-         rows, V, H, hidden.stride(0), weight.stride(0), cols_per_split, splits),
-        dict(HAS_BIAS=bias is not None, **constexprs),
+         rows, V, H, hidden.stride(0), weight.stride(0), cols_per_split, splits, *transform),
+        dict(HAS_BIAS=bias is not None, SOFTCAP=has_cap, **constexprs),
         num_warps,
     )
     return launch, part
 
 
-def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int):
+def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int,
+                   logit_scale: float = 1.0, softcap=None):
     """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32; logits stay on chip."""
     rows = hidden.shape[0]
     V = weight.shape[0]
     tok = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     if rows == 0:
         return tok, tok.clone()
-    launch, part = forward_launch(hidden.contiguous(), weight, bias, labels, ignore_index)
+    launch, part = forward_launch(hidden.contiguous(), weight, bias, labels, ignore_index, logit_scale, softcap)
     launch()
     # Combine the slices' (max, sum) in a fixed order: deterministic, O(rows x splits).
     mx, sm, tgt = part

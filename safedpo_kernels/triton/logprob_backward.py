@@ -6,6 +6,9 @@ kept from the forward. Arithmetic is float32 (the true-class term 1 - p is forme
 rounding); the result is stored in the gradient buffer's dtype. The gradient buffer may be the logits
 themselves (in-place backward): every element is read, then written, by the same program.
 
+With SOFTCAP the logits are soft-capped values x = c * tanh(y / c) (the fused-linear path of Gemma
+2/3-style models) and each gradient is also multiplied by dx/dy = 1 - (x / c)^2.
+
 Memory traffic: rows with g != 0 read V logits and write V gradients; rows with g == 0 (prompt, padding)
 only write zeros.
 """
@@ -34,8 +37,10 @@ def logprob_backward_kernel(
     stride_tok,
     grad_stride_seq,
     grad_stride_tok,
+    softcap,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = r < rows
@@ -52,9 +57,14 @@ def logprob_backward_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols[None, :] < V
         x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=live[:, None] & col_ok, other=0.0)
-        p = tl.exp(x.to(tl.float32) - lse[:, None])
+        xf = x.to(tl.float32)
+        p = tl.exp(xf - lse[:, None])
         onehot = (cols[None, :] == label[:, None]).to(tl.float32)
-        d = tl.where(live[:, None], g[:, None] * (onehot - p), 0.0)
+        d = g[:, None] * (onehot - p)
+        if SOFTCAP:  # x = c * tanh(y / c): times dx/dy = 1 - (x / c)^2
+            t = xf / softcap
+            d = d * (1.0 - t * t)
+        d = tl.where(live[:, None], d, 0.0)
         tl.store(
             grad_ptr + grad_off[:, None] + cols[None, :],
             d.to(grad_ptr.dtype.element_ty),
@@ -62,28 +72,30 @@ def logprob_backward_kernel(
         )
 
 
-def backward_launch(logits, grad, labels, lse, g_tok, layout: Layout) -> Launch:
-    """The launch that writes the gradient into ``grad`` (token rows contiguous; may be ``logits``).
-    Tiles as the forward's (``logprob_tiles``): the same row streamed once more, plus a store."""
+def backward_launch(logits, grad, labels, lse, g_tok, layout: Layout, softcap=None) -> Launch:
+    """The launch that writes the gradient into ``grad`` (token rows contiguous; may be ``logits``, or a
+    buffer of another dtype). Tiles as the forward's (``logprob_tiles``): the same row streamed once
+    more, plus a store."""
     V = logits.shape[-1]
     block_r, block_v, num_warps = logprob_tiles(V, layout.rows)
     return Launch(
         logprob_backward_kernel,
         (triton.cdiv(layout.rows, block_r),),
         (logits, grad, labels, lse, g_tok, layout.rows, V, layout.seq_len,
-         *layout.row_strides(logits), *layout.row_strides(grad)),
-        dict(BLOCK_R=block_r, BLOCK_V=block_v),
+         *layout.row_strides(logits), *layout.row_strides(grad), 1.0 if softcap is None else float(softcap)),
+        dict(BLOCK_R=block_r, BLOCK_V=block_v, SOFTCAP=softcap is not None),
         num_warps,
     )
 
 
-def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int) -> None:
-    """Write g_tok * (onehot - softmax) into grad (same shape as logits; may be logits itself)."""
+def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int, softcap=None) -> None:
+    """Write g_tok * (onehot - softmax) into grad (logits' shape; may be logits itself), times the
+    softcap derivative 1 - (logits / softcap)^2 when ``softcap`` is set."""
     if layout.rows == 0:
         return
     src = rows_contiguous(logits)
     # In place on logits that needed a copy: the copy is both source and destination.
     dst = src if grad is logits else rows_contiguous(grad)
-    backward_launch(src, dst, labels, lse, g_tok, layout)()
+    backward_launch(src, dst, labels, lse, g_tok, layout, softcap)()
     if dst is not grad:
         grad.copy_(dst)
