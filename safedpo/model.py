@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from safedpo_kernels import linear_sequence_logps, reference, sequence_logps
+from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
+from safedpo_kernels.loss import safedpo_loss_from_logps
 
 TINY_LLAMA = dict(
     hidden_size=64,
@@ -77,33 +78,46 @@ def build_model(cfg, vocab_size: int, device: torch.device, path: Optional[str] 
 
 
 class PolicyLogps(nn.Module):
-    """batch -> (2B,) float32 sequence log-probs of its labels, via the fused kernels.
+    """batch -> (2B,) float32 sequence log-probs of its labels, or with ``loss`` its SafeDPO loss.
 
-    loss_input="logits": the model's logits through ``sequence_logps`` with an in-place backward (the
+    loss_input="logits": the model's logits through the fused kernels with an in-place backward (the
     logits' memory holds their gradient). loss_input="linear": the decoder's last hidden states and the
-    LM head weight through ``linear_sequence_logps``, so the logits are never materialized.
-    loss_input="eager": the logits through plain PyTorch (log_softmax, gather, sum), as a baseline.
+    LM head weight through the fused-linear functions, so the logits are never materialized; the loss
+    forms its gradients in the forward (3 matmuls). loss_input="eager": plain PyTorch (log_softmax,
+    gather, sum), a baseline. The loss is computed inside forward, so that DDP sees it.
     """
 
-    def __init__(self, model, loss_input: str = "logits", average: bool = False, backend: str = "auto"):
+    def __init__(self, model, loss_input: str = "logits", average: bool = False, backend: str = "auto",
+                 logit_scale: float = 1.0, softcap: Optional[float] = None):
         super().__init__()
         self.model = model
         self.loss_input = loss_input
         self.average = average
         self.backend = backend
+        self.transform = dict(logit_scale=logit_scale, softcap=softcap)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, loss: Optional[dict] = None):
+        """``loss``: None for the (2B,) log-probs; else the keywords of the SafeDPO loss (ref_logps,
+        beta, delta, ...), and the result is its SafeDPOOutput."""
         packed = "cu_seqlens" in batch
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         kw = dict(average=self.average, backend=self.backend, cu_seqlens=batch.get("cu_seqlens"))
+        pair = None if loss is None else (loss.pop("ref_logps"), batch["chosen_safe"], batch["rejected_safe"])
         if self.loss_input == "linear":
             hidden = self.model.get_decoder()(**inputs).last_hidden_state
             hidden = hidden[0] if packed else hidden
             head = self.model.get_output_embeddings()
-            return linear_sequence_logps(hidden, head.weight, batch["labels"], bias=head.bias, **kw)
+            if pair is None:
+                return linear_sequence_logps(hidden, head.weight, batch["labels"], bias=head.bias, **kw, **self.transform)
+            return linear_safedpo_loss(hidden, head.weight, batch["labels"], *pair, bias=head.bias, **kw, **self.transform,
+                                       **loss)
         logits = self.model(**inputs).logits
         logits = logits[0] if packed else logits
         if self.loss_input == "eager":  # the plain PyTorch baseline, for comparisons
-            return reference.sequence_logps(logits, batch["labels"], average=self.average, cu_seqlens=batch.get("cu_seqlens")).float()
+            logps = reference.sequence_logps(logits, batch["labels"], average=self.average, cu_seqlens=batch.get("cu_seqlens")).float()
+            return logps if pair is None else safedpo_loss_from_logps(logps, *pair, **loss)
         # In-place backward only where the logits are ours alone; under torch.no_grad nothing is saved.
-        return sequence_logps(logits, batch["labels"], inplace_backward=torch.is_grad_enabled(), **kw)
+        kw["inplace_backward"] = torch.is_grad_enabled()
+        if pair is None:
+            return sequence_logps(logits, batch["labels"], **kw)
+        return safedpo_loss(logits, batch["labels"], *pair, **kw, **loss)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from safedpo_kernels.loss import check_loss_hparams, loss_from_logps
+from safedpo_kernels.loss import check_loss_hparams
 
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint, seed_everything
 from .collate import batch_stream, make_batch
@@ -76,20 +76,20 @@ class MetricsLog:
 def train_step(wrapped, reference, micro: list, cfg: TrainConfig, flags: dict, dd: Dist) -> dict:
     """Forward and backward over one global batch's micro-batches; gradients left in the parameters.
 
-    Each micro-batch's loss is weighted by its share of the kept pairs of the whole global batch (known
-    from the safety flags before any forward), so the step's gradient is that of the global mean.
+    Each micro-batch's loss is the sum over its kept pairs, divided by the kept pairs of the whole global
+    batch (known from the safety flags before any forward), so the step's gradient is that of the global
+    mean however the batch is split.
     """
-    kept_local = [int(kept_mask(b, flags["drop_both_unsafe"]).sum()) for b in micro]
-    (global_kept,) = dd.sum([sum(kept_local)])
+    (global_kept,) = dd.sum([sum(int(kept_mask(b, flags["drop_both_unsafe"]).sum()) for b in micro)])
     loss_sum = correct = margin = tokens = 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dd.device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for b, k in zip(micro, kept_local):
-        ref = reference(b)
+    for b in micro:
         with autocast:
-            logps = wrapped(b).float()
-        out = loss_from_logps(logps, ref, b["chosen_safe"], b["rejected_safe"], cfg.beta, label_smoothing=cfg.label_smoothing, **flags)
-        (out.loss * (k * dd.world / max(global_kept, 1.0))).backward()
-        loss_sum += float(out.loss.detach()) * k
+            out = wrapped(b, loss=dict(ref_logps=reference(b), beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                       reduction="sum", **flags))
+        # DDP averages gradients over the ranks: world / global kept makes the step the global mean.
+        (out.loss * (dd.world / max(global_kept, 1.0))).backward()
+        loss_sum += float(out.loss.detach())
         c, m = reward_stats(out)
         correct += c
         margin += m
