@@ -2,13 +2,15 @@
 
     from safedpo_kernels import sequence_logps, safedpo_loss, linear_sequence_logps, linear_safedpo_loss
     from safedpo_kernels import SafeDPOLoss, LinearSafeDPOLoss, SafeDPOOutput
+    from safedpo_kernels import safedpo_loss_from_logps, labels_from_completion_mask
 
 See README.md for the formula, the layouts and the backends.
 """
 
 from .api import LinearSafeDPOLoss, SafeDPOLoss, linear_safedpo_loss, linear_sequence_logps, safedpo_loss, sequence_logps
 from .dispatch import available_backends
-from .loss import SafeDPOOutput
+from .labels import labels_from_completion_mask
+from .loss import SafeDPOOutput, safedpo_loss_from_logps
 
 __all__ = [
     "sequence_logps",
@@ -18,6 +20,8 @@ __all__ = [
     "SafeDPOLoss",
     "LinearSafeDPOLoss",
     "SafeDPOOutput",
+    "safedpo_loss_from_logps",
+    "labels_from_completion_mask",
     "available_backends",
 ]
 __version__ = "0.1.0"

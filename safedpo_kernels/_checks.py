@@ -93,6 +93,32 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, p
         )
 
 
+def check_cu_seqlens(cu_seqlens, total: int, device=None) -> torch.Tensor:
+    """cu_seqlens as int64 on ``device`` after checking it: 1-D of N + 1 >= 2 integers (a tensor, or a
+    list / tuple of ints), starting at 0, non-decreasing, ending at ``total``."""
+    if isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
+            raise TypeError("cu_seqlens given as a list must hold ints")
+        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64, device=device)
+    _name_tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype not in LABEL_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    if device is not None and cu_seqlens.device != torch.device(device):
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}: move them to the same device")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D of length N + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.to(torch.int64)
+    # One host sync for all three checks; cu_seqlens is tiny.
+    first, last, decreasing = torch.stack([cu[0], cu[-1], (cu[1:] < cu[:-1]).sum()]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if decreasing:
+        raise ValueError("cu_seqlens must be non-decreasing (cumulative sequence lengths)")
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at total_tokens={total}, got {last}")
+    return cu
+
+
 def check_logits_and_labels(
     logits,
     labels,
@@ -114,7 +140,8 @@ def check_logits_and_labels(
         raise TypeError(f"{logits_name} must be float32, bfloat16 or float16, got {logits.dtype}")
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels must be int32 or int64 token ids, got {labels.dtype}")
-    check_same_device(logits.device, logits_name, labels=labels, cu_seqlens=cu_seqlens)
+    check_same_device(logits.device, logits_name, labels=labels,
+                      cu_seqlens=cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else None)
     V = logits.shape[-1] if vocab is None else vocab
     if logits.dim() >= 1 and logits.shape[-1] == 0:
         raise ValueError(f"{logits_name} has an empty last dimension")
@@ -132,9 +159,6 @@ def check_logits_and_labels(
         N, T = logits.shape[:2]
         layout = Layout(n_seq=N, rows=N * T, seq_len=T, padded=True, cu_seqlens=None)
     else:
-        _name_tensor(cu_seqlens, "cu_seqlens")
-        if cu_seqlens.dtype not in LABEL_DTYPES:
-            raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
         if logits.dim() != 2:
             raise ValueError(
                 f"with cu_seqlens, {logits_name} must be packed (total_tokens, "
@@ -143,17 +167,7 @@ def check_logits_and_labels(
         total = logits.shape[0]
         if tuple(labels.shape) != (total,):
             raise ValueError(f"labels must have shape ({total},) to match packed {logits_name}, got {tuple(labels.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D of length N + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
-        cu = cu_seqlens.to(torch.int64)
-        # One host sync for all three checks; cu_seqlens is tiny.
-        first, last, decreasing = torch.stack([cu[0], cu[-1], (cu[1:] < cu[:-1]).sum()]).tolist()
-        if first != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {first}")
-        if decreasing:
-            raise ValueError("cu_seqlens must be non-decreasing (cumulative sequence lengths)")
-        if last != total:
-            raise ValueError(f"cu_seqlens must end at total_tokens={total}, got {last}")
+        cu = check_cu_seqlens(cu_seqlens, total, logits.device)
         layout = Layout(n_seq=cu.numel() - 1, rows=total, seq_len=total, padded=False, cu_seqlens=cu)
     if validate:
         check_labels_in_range(labels, V, ignore_index, layout.padded)

@@ -1,0 +1,1 @@
+"""Integrations with other trainers: ``safedpo_kernels.integrations.trl`` (TRL's DPOTrainer)."""

@@ -1,0 +1,227 @@
+"""SafeDPO inside TRL: ``SafeDPOConfig`` and ``SafeDPOTrainer`` on top of TRL's DPOConfig / DPOTrainer.
+
+    pip install 'safedpo-kernels[trl]'      # TRL >= 1.16, < 2
+
+    from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer, pku_to_preference
+
+    dataset = pku_to_preference(load_dataset("PKU-Alignment/PKU-SafeRLHF-30K", split="train"))
+    args = SafeDPOConfig(output_dir="runs/safedpo", beta=0.1, delta=10.0, precompute_ref_log_probs=True)
+    SafeDPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset).train()
+
+What it adds to TRL's trainer: the safety flags (``chosen_safe``, ``rejected_safe`` columns, True = safe)
+travel through TRL's dataset preparation and collator to the loss; the loss is SafeDPO (the safety
+transformation T and the margin delta) or another loss of the family (``loss_type`` sigmoid, robust,
+hinge, ipo), computed by this package's fused kernels -- from the logits with an in-place backward
+(``fused_loss_input="logits"``), or from the last hidden states and the LM head without any logits
+(``"linear"``, which forms its gradients in the forward); reference log-probs precomputed by TRL
+(``precompute_ref_log_probs``) or computed by the same kernels from the reference model (or the policy
+with its adapters disabled); and SafeDPO's metrics: kept and swapped pairs. With ``delta=0.0, swap=False,
+drop_both_unsafe=False`` it trains exactly TRL's DPO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+try:
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError("safedpo_kernels.integrations.trl needs TRL: pip install 'safedpo-kernels[trl]'") from exc
+
+from ..api import linear_safedpo_loss, safedpo_loss, sequence_logps
+from ..labels import labels_from_completion_mask
+from ..loss import LOSS_TYPES, SafeDPOOutput
+
+SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
+
+
+@dataclass
+class SafeDPOConfig(DPOConfig):
+    """DPOConfig plus SafeDPO's settings. ``loss_type`` takes one of sigmoid (SafeDPO), robust, hinge, ipo."""
+
+    delta: float = field(default=10.0, metadata={"help": "SafeDPO's safety margin (not multiplied by beta); >= 0."})
+    swap: bool = field(default=True, metadata={"help": "T: swap a pair whose preferred response is unsafe and the other safe."})
+    drop_both_unsafe: bool = field(default=True, metadata={"help": "T: drop a pair whose responses are both unsafe."})
+    fused_loss_input: str = field(
+        default="logits",
+        metadata={"help": "'logits': fused log-probs from the logits, in-place backward; 'linear': from the hidden "
+                          "states and the LM head, without logits (the model's logit_scale / softcap are read)."},
+    )
+    kernel_backend: str = field(default="auto", metadata={"help": "safedpo_kernels backend: auto, triton, native, torch."})
+
+
+class SafetyPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator that also stacks the safety flags (bool (B,) tensors)."""
+
+    def torch_call(self, examples: list) -> dict:
+        out = super().torch_call(examples)
+        for name in SAFETY_COLUMNS:
+            if name not in examples[0]:
+                raise KeyError(f"every example needs a {name!r} column (True = safe); see pku_to_preference")
+            out[name] = torch.tensor([bool(e[name]) for e in examples], dtype=torch.bool)
+        return out
+
+
+def pku_to_preference(dataset):
+    """PKU-SafeRLHF rows (prompt, response_0/1, is_response_0/1_safe, better_response_id) -> TRL's
+    preference columns (prompt, chosen, rejected) with chosen_safe / rejected_safe; chosen is the
+    helpfulness-preferred response, as SafeDPO expects (T does the rest)."""
+
+    def convert(row):
+        w = int(row["better_response_id"])
+        return dict(prompt=row["prompt"], chosen=row[f"response_{w}"], rejected=row[f"response_{1 - w}"],
+                    chosen_safe=bool(row[f"is_response_{w}_safe"]), rejected_safe=bool(row[f"is_response_{1 - w}_safe"]))
+
+    return dataset.map(convert, remove_columns=dataset.column_names)
+
+
+def _logit_transform(model) -> dict:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = 1.0 / cfg.logits_scaling
+    return dict(logit_scale=1.0 if scale is None else float(scale), softcap=None if softcap is None else float(softcap))
+
+
+def _add_fused_linear_loss(model) -> None:
+    """``model(..., safedpo_linear=kwargs)`` computes linear_safedpo_loss inside the model's forward (so that
+    DDP/FSDP see the LM head used there) and returns its output; without it the forward is unchanged."""
+    original = model.forward
+    transform = _logit_transform(model)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, safedpo_linear=None, **kwargs):
+        if safedpo_linear is None:
+            return original(*args, **kwargs)
+        labels, pair, options = safedpo_linear
+        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        return tuple(linear_safedpo_loss(hidden, head.weight, labels, *pair, bias=head.bias, **transform, **options))
+
+    model.forward = types.MethodType(forward, model)
+
+
+class SafeDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer with the SafeDPO loss computed by the fused kernels (see the module docstring)."""
+
+    def __init__(self, model, ref_model=None, args: Optional[SafeDPOConfig] = None, data_collator=None, *rest, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config.name_or_path
+            args = SafeDPOConfig(f"{str(name).split('/')[-1]}-SafeDPO")
+        if not isinstance(args, SafeDPOConfig):
+            raise TypeError(f"args must be a SafeDPOConfig, got {type(args).__name__}")
+        self._check_supported(args)
+        super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
+        if data_collator is None and isinstance(self.data_collator, DataCollatorForPreference):
+            parent = self.data_collator
+            self.data_collator = SafetyPreferenceCollator(
+                pad_token_id=parent.pad_token_id, max_length=parent.max_length, truncation_mode=parent.truncation_mode,
+                pad_to_multiple_of=parent.pad_to_multiple_of,
+            )
+        if args.fused_loss_input == "linear":
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            _add_fused_linear_loss(base)
+
+    @staticmethod
+    def _check_supported(args: SafeDPOConfig) -> None:
+        loss_types = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
+        if len(loss_types) != 1 or loss_types[0] not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES} (one of them), got {args.loss_type!r}")
+        unsupported = dict(
+            ld_alpha=args.ld_alpha is not None, use_weighting=args.use_weighting, padding_free=args.padding_free,
+            f_divergence_type=args.f_divergence_type != "reverse_kl",
+            loss_weights=args.loss_weights not in (None, [1.0]),
+        )
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"SafeDPOTrainer does not support {', '.join(bad)}; leave them at their defaults")
+        if args.fused_loss_input not in ("logits", "linear"):
+            raise ValueError(f"fused_loss_input must be 'logits' or 'linear', got {args.fused_loss_input!r}")
+        if args.delta < 0:
+            raise ValueError(f"delta must be >= 0, got {args.delta}")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *SAFETY_COLUMNS]))
+
+    def _model_kwargs(self, inputs: dict) -> dict:
+        return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference model: ref_model, or the policy with its adapters disabled (LoRA)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if hasattr(unwrapped, "disable_adapter"):
+            with unwrapped.disable_adapter():
+                yield self.model
+            return
+        raise ValueError("no reference: pass ref_model, train LoRA adapters, or set precompute_ref_log_probs=True")
+
+    @torch.no_grad()
+    def compute_ref_log_probs(self, model, inputs):
+        """(chosen, rejected) summed reference log-probs of a batch, with the fused kernels."""
+        labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
+        with self.accelerator.autocast():
+            logits = model(**self._model_kwargs(inputs)).logits
+        logps = sequence_logps(logits, labels, backend=self.args.kernel_backend)
+        return logps.chunk(2, dim=0)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        loss_type = args.loss_type[0] if isinstance(args.loss_type, list) else args.loss_type
+        labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
+        if self.precompute_ref_logps:
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+        else:
+            with self._reference() as reference:
+                ref = torch.cat(self.compute_ref_log_probs(reference, inputs)).float()
+        average = loss_type == "ipo"  # TRL's IPO uses token-averaged log-ratios
+        if average:
+            ref = ref / (labels != -100).sum(-1).clamp(min=1)
+        pair = (ref, inputs["chosen_safe"], inputs["rejected_safe"])
+        options = dict(beta=self.beta, delta=args.delta, swap=args.swap, drop_both_unsafe=args.drop_both_unsafe,
+                       label_smoothing=args.label_smoothing, loss_type=loss_type, average=average,
+                       backend=args.kernel_backend)
+        if args.fused_loss_input == "linear":
+            out = SafeDPOOutput(*model(**self._model_kwargs(inputs), safedpo_linear=(labels, pair, options)))
+        else:
+            outputs = model(**self._model_kwargs(inputs))
+            out = safedpo_loss(outputs.logits, labels, *pair, inplace_backward=torch.is_grad_enabled(), **options)
+        loss = out.loss
+        self._log_metrics(mode, out, inputs)
+        if return_outputs:
+            with torch.no_grad():
+                return loss, model(**self._model_kwargs(inputs))
+        return loss
+
+    def _log_metrics(self, mode: str, out, inputs: dict) -> None:
+        gather = self.accelerator.gather_for_metrics
+        kept = out.kept
+        h_w, h_l = ~inputs["chosen_safe"], ~inputs["rejected_safe"]
+        swapped = h_w & ~h_l if self.args.swap else torch.zeros_like(kept)
+        n_kept = gather(kept.sum()).sum().clamp(min=1)
+        metrics = {
+            "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "logps/chosen": out.chosen_logps, "logps/rejected": out.rejected_logps,
+        }
+        for name, value in metrics.items():  # over the kept pairs
+            self._metrics[mode][name].append((gather((value * kept).sum()).sum() / n_kept).item())
+        self._metrics[mode]["safedpo/kept_pairs"].append(gather(kept.float().mean()).mean().item())
+        self._metrics[mode]["safedpo/swapped_pairs"].append(gather(swapped.float().mean()).mean().item())
+
+
+__all__ = ["SafeDPOConfig", "SafeDPOTrainer", "SafetyPreferenceCollator", "pku_to_preference"]
