@@ -1,7 +1,17 @@
-"""Checkpoints: model, optimizer, scheduler, RNG states and data position, written atomically."""
+"""Checkpoints: model, optimizer, scheduler, RNG states and data position, written atomically.
+
+A checkpoint is a directory ``checkpoints/step-<k>/`` holding ``state.pt`` (tensors and plain
+containers only: it is loaded with ``weights_only=True``, so a checkpoint file cannot run code) and
+``meta.json`` (step, data position, the Python and NumPy RNG states). It is written into a temporary
+directory, flushed to disk (fsync), then renamed: a crash leaves either the previous checkpoints or the
+new one, never half of one; temporary directories a crash left behind are removed at the next start. A
+full disk is reported as such, and the last complete checkpoint stays usable.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import shutil
@@ -18,24 +28,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+def rng_state() -> tuple:
+    """(tensors, json-able): the torch / CUDA generator states, and Python's and NumPy's."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = dict(torch=torch.get_rng_state())
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    plain = dict(python=[version, list(internal), gauss], numpy=[kind, keys.tolist(), int(pos), int(has_gauss), float(cached)])
+    return tensors, plain
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(tensors: dict, plain: dict) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+
+
+def checkpoints(output_dir: Path) -> list:
+    """The complete checkpoints under output_dir, oldest first."""
+    found = [p for p in (Path(output_dir) / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_leftovers(output_dir: Path) -> list:
+    """Delete the temporary checkpoint directories of a run that crashed while saving; their names."""
+    leftovers = list((Path(output_dir) / "checkpoints").glob(".tmp-*"))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in leftovers]
 
 
 def resume_point(resume: str, output_dir: Path) -> Optional[Path]:
@@ -44,31 +74,98 @@ def resume_point(resume: str, output_dir: Path) -> Optional[Path]:
         return latest_checkpoint(output_dir)
     if resume in ("none", ""):
         return None
-    return Path(resume)
+    path = Path(resume)
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"resume: {resume!r} is not a checkpoint directory (no state.pt in it)")
+    return path
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int) -> Path:
-    """Written to a temporary directory, then renamed: a crash never leaves a half checkpoint."""
-    root = output_dir / "checkpoints"
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+def _trainable(model) -> Optional[set]:
+    """Names of the trainable parameters when only some train (LoRA adapters), else None (all of them)."""
+    params = dict(model.named_parameters())
+    names = {n for n, p in params.items() if p.requires_grad}
+    return names if len(names) < len(params) else None
+
+
+def model_state(model) -> dict:
+    """What a checkpoint keeps of the model: its whole state, or only the trainable parameters when the
+    rest is frozen (LoRA: the adapters, not a copy of the base model per checkpoint)."""
+    names = _trainable(model)
+    state = model.state_dict()
+    return state if names is None else {k: v for k, v in state.items() if k in names}
+
+
+def restore_model(model, state: dict) -> None:
+    """Load ``model_state``'s output; with a partial state every trainable parameter must be in it."""
+    names = _trainable(model)
+    if names is None:
+        model.load_state_dict(state)
+        return
+    missing = sorted(names - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model's trainable parameters: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def _fsync_tree(path: Path) -> None:
+    for item in [*path.iterdir(), path]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomically(root: Path, name: str, write) -> Path:
+    """``write(tmp_dir)`` fills a temporary directory, which is flushed and renamed to ``root/name``.
+    A full disk raises an OSError that says so; whatever was complete before stays as it was."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-             rng=rng_state(), position=position, step=step),
-        tmp / "state.pt",
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_tree(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            previous = [p.name for p in sorted(root.glob("step-*"))]
+            raise OSError(errno.ENOSPC, f"disk full while writing {final}; nothing of it was kept, and the "
+                                        f"complete checkpoints are intact ({', '.join(previous) or 'none yet'})") from exc
+        raise
+    return final
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, keep: int = 0) -> Path:
+    """The training state after ``step``; with ``keep`` > 0 only the newest ``keep`` checkpoints remain."""
+    tensors, plain = rng_state()
+
+    def write(tmp: Path) -> None:
+        torch.save(dict(model=model_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        rng=tensors), tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, rng=plain)))
+
+    final = write_atomically(Path(output_dir) / "checkpoints", f"step-{step}", write)
+    if keep > 0:
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple:
-    """Restore a checkpoint into model, optimizer, scheduler and the RNGs; returns (step, position)."""
-    state = torch.load(path / "state.pt", weights_only=False)
-    model.load_state_dict(state["model"])
+    """Restore a checkpoint into model, optimizer, scheduler and the RNGs; returns (step, position).
+    Loaded with weights_only=True: tensors and plain containers, no code."""
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    meta = json.loads((path / "meta.json").read_text())
+    restore_model(model, state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state["step"], state["position"]
+    set_rng_state(state["rng"], meta["rng"])
+    return meta["step"], meta["position"]

@@ -15,8 +15,11 @@ which then skips the page faults a fresh multi-GB allocation takes. Idle buffers
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -68,22 +71,72 @@ def build_dir() -> Path:
 _OPS = ("logp_forward", "logp_backward", "grad_buffer", "set_cache_limit", "cache_info")
 
 
+LOCK_TIMEOUT_S = 1800.0
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path, timeout_s: float = LOCK_TIMEOUT_S):
+    """Exclusive while building or loading: an flock on ``<directory>.lock``, which the OS releases when
+    its holder dies, so a process killed mid-build never blocks the next one (torch's own lock file in
+    the build directory, which such a process leaves behind, is removed under this lock)."""
+    path = directory.with_name(directory.name + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = path.read_text().strip() or "unknown"
+                    raise TimeoutError(f"waited {timeout_s:.0f} s for {path}, held by process {holder} that is "
+                                       "still building the native kernels") from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        (directory / "lock").unlink(missing_ok=True)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _build(verbose: bool):
-    """Compile (when the cache has no current build) and load the library; (path, whether it was built)."""
+    """Compile (when the cache has no current build) and load the library; (path, whether it was built).
+
+    The cache is private (mode 0700), and the library's SHA-256 is recorded when this package builds it:
+    a library that does not match its record (changed after the build) is not loaded; one without a
+    record (from before records were kept) is rebuilt."""
     from torch.utils import cpp_extension
 
     directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
     library = directory / "safedpo_native.so"
-    existed = library.exists()
-    cpp_extension.load(
-        name="safedpo_native",
-        sources=[str(_source())],
-        extra_cflags=_cpu_flags(),
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    record = directory / "safedpo_native.so.sha256"
+    with _build_lock(directory):
+        if library.exists() and not record.exists():
+            library.unlink()
+        existed = library.exists()
+        if existed and record.read_text().strip() != _sha256(library):
+            raise RuntimeError(f"{library} does not match the SHA-256 recorded when it was built; not loading it "
+                               f"(delete {directory} to rebuild)")
+        cpp_extension.load(
+            name="safedpo_native",
+            sources=[str(_source())],
+            extra_cflags=_cpu_flags(),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=verbose,
+        )
+        if not existed:
+            record.write_text(_sha256(library) + "\n")
     missing = [op for op in _OPS if not hasattr(torch.ops.safedpo_native, op)]
     if missing:
         raise RuntimeError(f"{library} does not provide {', '.join(missing)} (a stale or foreign build)")

@@ -219,18 +219,62 @@ def _cached_build_copy(tmp_path):
     return root, target / "safedpo_native.so"
 
 
+def test_changed_cached_library_is_not_loaded(tmp_path):
+    """A cached library that is not what was built (its SHA-256 differs from the record): one warning,
+    'torch', and the file is never loaded."""
+    root, library = _cached_build_copy(tmp_path)
+    library.write_bytes(library.read_bytes() + b"\0")
+    message = _fallback(dict(SAFEDPO_CACHE_DIR=str(root)))
+    assert "does not match the SHA-256 recorded" in message
+
+
 def test_corrupt_cached_library_falls_back(tmp_path):
+    """Unloadable bytes, even with a matching record: one warning and 'torch'."""
+    import hashlib
+
     root, library = _cached_build_copy(tmp_path)
     library.write_bytes(b"not an ELF file")  # newer than its objects: ninja keeps it
+    library.with_name(library.name + ".sha256").write_text(hashlib.sha256(b"not an ELF file").hexdigest())
     message = _fallback(dict(SAFEDPO_CACHE_DIR=str(root)))
     assert "safedpo_native.so" in message or "OSError" in message
 
 
 def test_cached_library_without_the_kernels_falls_back(tmp_path):
     """A library that loads but registers none of the kernels (stale or foreign): not used."""
+    import hashlib
+
     root, library = _cached_build_copy(tmp_path)
     src = tmp_path / "empty.c"
     src.write_text("int safedpo_placeholder(void) { return 0; }\n")
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(src)], check=True)
+    library.with_name(library.name + ".sha256").write_text(hashlib.sha256(library.read_bytes()).hexdigest())
     message = _fallback(dict(SAFEDPO_CACHE_DIR=str(root)))
     assert "does not provide" in message and "logp_forward" in message
+
+
+def test_cache_is_private():
+    from safedpo_kernels import native
+
+    assert oct(native.build_dir().stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
+    """SIGKILL during the first build leaves torch's lock file behind; the next process still builds
+    (an flock dies with its holder) instead of waiting forever."""
+    import signal
+    import time
+
+    env = dict(os.environ, SAFEDPO_CACHE_DIR=str(tmp_path))
+    code = "from safedpo_kernels import native; import json; print(json.dumps(native.build_info()))"
+    first = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("native-*/lock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("native-*/lock")), "the first build never started"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert list(tmp_path.glob("native-*/lock"))  # the stale lock torch's build leaves behind
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["ok"] and info["built"], res.stderr[-2000:]
