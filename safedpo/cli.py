@@ -3,6 +3,8 @@
     safedpo train --config run.yaml [key=value ...]      train (under torchrun for many processes)
     safedpo eval --config run.yaml [checkpoint=DIR] [key=value ...]
                                                          held-out metrics of a saved model
+    safedpo eval --generate --config run.yaml [checkpoint=DIR] [judge=classifier:DIR] [samples_file=F]
+                                                         sampled responses, judged: harmless ratio
     safedpo toy [--out DIR] [--seed 0]                  write the embedded toy task (data + tokenizer)
     safedpo experiment NAME [--seeds 0,1,2]             the toy experiments (make train runs one)
 """
@@ -28,12 +30,17 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .config import load_config
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, generation_report
 
-    overrides = [o for o in args.overrides if not o.startswith("checkpoint=")]
-    ckpt = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("checkpoint=")), None)
+    own = ("checkpoint=", "samples_file=")
+    overrides = [o for o in args.overrides if not o.startswith(own)]
+    extra = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in args.overrides if o.startswith(own)}
     cfg = load_config(args.config, overrides)
-    print(json.dumps(evaluate_checkpoint(cfg, ckpt), indent=1))
+    if args.generate:
+        result = generation_report(cfg, extra.get("checkpoint"), extra.get("samples_file"))
+    else:
+        result = evaluate_checkpoint(cfg, extra.get("checkpoint"))
+    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -60,8 +67,9 @@ def main(argv=None) -> int:
     t.add_argument("--config", default=None)
     t.add_argument("overrides", nargs="*")
     t.set_defaults(fn=_train)
-    e = sub.add_parser("eval", help="held-out pair metrics of a trained model")
+    e = sub.add_parser("eval", help="held-out pair metrics of a trained model, or with --generate judged samples")
     e.add_argument("--config", default=None)
+    e.add_argument("--generate", action="store_true", help="sample responses and judge them (judge=...)")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=_eval)
     y = sub.add_parser("toy", help="write the toy task's data and tokenizer")

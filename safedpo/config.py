@@ -2,14 +2,19 @@
 
     cfg = load_config("run.yaml", ["beta=0.2", "mode=noswap"])
 
-Unknown keys (in the file or on the command line) are an error that names them. The resolved config is
-saved as config.yaml in the run directory.
+Every value, from the file, from keyword arguments or from the command line, is converted to its
+field's type and range-checked when the config is loaded, and an error names the key: numbers in any
+YAML spelling are accepted ("5e-6", which PyYAML reads as a string, is 5e-06), a single file name where a
+list is expected becomes a one-element list, and an unknown key, a 0 batch size or a quoted 'no' for a
+true/false setting are errors. The resolved config is saved as config.yaml in the run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -17,6 +22,7 @@ from typing import Any, List, Optional
 import yaml
 
 MODES = ("safedpo", "dpo-helpful", "dpo-harmless", "dpo-safebetter", "noswap")
+LOSS_INPUTS = ("logits", "linear", "eager")
 
 
 def loss_flags(mode: str, delta: float) -> dict:
@@ -34,6 +40,11 @@ class TrainConfig:
     # --- data (PKU-SafeRLHF columns by default; `columns` remaps them, e.g. {prompt: question}) ---
     train_files: List[str] = field(default_factory=list)  # json/jsonl/parquet/csv files or a saved dataset dir
     eval_files: List[str] = field(default_factory=list)
+    train_dataset: str = ""  # instead of files: a Hub id (downloads when online) or a local dataset directory
+    dataset_config: str = ""  # the data set's subset (datasets.load_dataset's name)
+    data_dir: str = ""  # datasets.load_dataset's data_dir
+    train_split: str = "train"
+    eval_split: str = ""  # e.g. test: evaluation pairs from train_dataset
     columns: dict = field(default_factory=dict)
     mode: str = "safedpo"  # safedpo | dpo-helpful | dpo-harmless | dpo-safebetter | noswap
     safety_label_noise: float = 0.0  # flip each safety flag with this probability (seeded)
@@ -41,20 +52,25 @@ class TrainConfig:
     max_prompt_length: int = 128  # prompts are cut from the left (their end is kept)
     max_length: int = 256  # prompt + response; responses are cut from the right
     # --- model ---
-    model: str = ""  # a local Hugging Face model directory
+    model: str = ""  # a local Hugging Face model directory or a Hub id (downloads when online)
     tokenizer: str = ""  # defaults to `model`
     tiny_model: dict = field(default_factory=dict)  # LlamaConfig kwargs for a model built from a config
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa, else eager
+    padding_free: Optional[bool] = None  # packed batches (cu_seqlens); None: with flash_attention_2
     gradient_checkpointing: bool = False
+    lora: dict = field(default_factory=dict)  # {r, alpha, dropout, target_modules}: train LoRA adapters (peft)
+    merge_lora: bool = False  # the final model is saved with the adapters merged into the weights
+    router_aux_loss_coef: Optional[float] = None  # MoE load-balancing loss; None: the model config's; 0: off
     # --- loss ---
     beta: float = 0.1
     delta: float = 10.0
     label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"  # sigmoid (SafeDPO) | robust | hinge | ipo
     average_logps: bool = False
     loss_input: str = "logits"  # logits (fused kernel, in-place backward) | linear (no logits) | eager (baseline)
     backend: str = "auto"
-    reference: str = "precompute"  # precompute (cached on disk) | live (a frozen copy in memory)
-    reference_model: str = ""  # defaults to the initial policy
+    reference: str = "precompute"  # precompute (cached on disk) | live (computed per batch)
+    reference_model: str = ""  # defaults to the initial policy (with LoRA: the adapters disabled)
     # --- optimization ---
     batch_size: int = 4  # pairs per optimizer step and rank, per micro-batch
     grad_accum: int = 1
@@ -63,77 +79,156 @@ class TrainConfig:
     warmup_steps: int = 0
     max_steps: int = 100
     stop_at_step: int = 0  # stop after this step (as an interrupted job would), keeping max_steps' schedule
-    clip_grad_norm: float = 1.0
+    clip_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
     # --- run ---
     output_dir: str = "runs/safedpo"
+    overwrite_output_dir: bool = False  # start afresh over another run's checkpoints and metrics (deleting them)
     cache_dir: str = ""  # reference log-prob cache; default <output_dir>/../.cache
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
+    save_total_limit: int = 0  # keep only the newest k checkpoints; 0: keep all
     resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | none | a checkpoint directory
     tensorboard: bool = False
     fsdp: bool = False
-    device: str = "auto"
+    device: str = "auto"  # auto | cuda | cpu
     progress: bool = True
+    # --- sampled evaluation (safedpo eval --generate) ---
+    judge: str = "keyword"  # keyword (the toy's) | classifier:<model directory or Hub id>
+    judge_threshold: float = 0.5  # classifier: a response is unsafe when its score is above this
+    generation_prompts: str = ""  # a jsonl of {"prompt": ...}; default: the evaluation data's prompts
+    generation_samples: int = 1  # sampled responses per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0: greedy
 
     def validate(self) -> "TrainConfig":
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.loss_input not in ("logits", "linear", "eager"):
-            raise ValueError(f"loss_input must be 'logits', 'linear' or 'eager', got {self.loss_input!r}")
-        if self.reference not in ("precompute", "live"):
-            raise ValueError(f"reference must be 'precompute' or 'live', got {self.reference!r}")
+        """ValueError naming the first key whose value is out of range or inconsistent."""
+        choices = dict(mode=MODES, loss_input=LOSS_INPUTS, reference=("precompute", "live"),
+                       loss_type=("sigmoid", "robust", "hinge", "ipo"), device=("auto", "cuda", "cpu"),
+                       backend=("auto", "triton", "native", "torch"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        positive = ("batch_size", "grad_accum", "max_length", "max_prompt_length", "max_steps", "log_every",
+                    "generation_samples", "max_new_tokens")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "stop_at_step", "eval_every", "save_every", "save_total_limit", "seed", "weight_decay", "clip_grad_norm",
+                    "delta", "temperature"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.safety_label_noise <= 1.0:
             raise ValueError(f"safety_label_noise must be in [0, 1], got {self.safety_label_noise}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
         if not self.model and not self.tiny_model:
-            raise ValueError("set model (a local model directory) or tiny_model (a LlamaConfig dict)")
-        if not self.train_files:
-            raise ValueError("train_files is empty")
+            raise ValueError("set model (a local model directory or Hub id) or tiny_model (a LlamaConfig dict)")
+        if not self.train_files and not self.train_dataset:
+            raise ValueError("set train_files (data files) or train_dataset (a Hub id or a dataset directory)")
+        if self.train_files and self.train_dataset:
+            raise ValueError("set train_files or train_dataset, not both")
+        if self.judge != "keyword" and not (self.judge.startswith("classifier:") and len(self.judge) > len("classifier:")):
+            raise ValueError(f"judge must be 'keyword' or 'classifier:<model directory or Hub id>', got {self.judge!r}")
+        unknown = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
+        if unknown:
+            raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; they are r, alpha, dropout, target_modules")
+        if self.merge_lora and not self.lora:
+            raise ValueError("merge_lora needs lora (there are no adapters to merge)")
         return self
 
     def save(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
 
-def _coerce(name: str, text: str, current: Any) -> Any:
-    """Parse a command-line value as YAML, then check it against the field's current type."""
-    value = yaml.safe_load(text) if text != "" else ""
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"{name} expects true/false, got {text!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, list) and isinstance(value, str):
-        value = [value]
-    if current is not None and not isinstance(value, type(current)):
-        raise ValueError(f"{name} expects {type(current).__name__}, got {text!r}")
-    return value
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _number(name: str, value: Any, kind) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} expects a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} expects {'a number' if kind is float else 'an integer'}, got {value!r}") from None
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"{name} expects an integer, got {value!r}")
+        return value
+    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} expects a finite number, got {value!r}")
+    return float(value)
+
+
+def convert(name: str, value: Any) -> Any:
+    """``value`` as field ``name``'s type, or ValueError naming the key."""
+    kind = _TYPES[name]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind in (int, float):
+        return _number(name, value, kind)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} expects true or false, got {value!r}")
+        return value
+    if kind is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} expects a string, got {value!r}")
+        return str(value)
+    if typing.get_origin(kind) in (list, List):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} expects a list of strings (or one string), got {value!r}")
+        return list(value)
+    if kind is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} expects a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"no conversion for config field {name} of type {kind}")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, **kwargs) -> TrainConfig:
-    """Defaults <- YAML file <- ``kwargs`` <- ``key=value`` overrides; unknown keys raise ValueError."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    """Defaults <- YAML file <- ``kwargs`` <- ``key=value`` overrides; unknown keys and values of the wrong
+    type raise ValueError naming the key (``validate()`` then checks ranges)."""
     values: dict = {}
     if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path!r} does not exist")
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file is a mapping of keys to values")
         values.update(loaded)
     values.update(kwargs)
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)}" + (f" (in {path})" if path else ""))
-    cfg = TrainConfig(**values)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
-        if key not in names:
+        if key not in _TYPES:
             raise ValueError(f"unknown config key: {key}")
-        setattr(cfg, key, _coerce(key, text, getattr(cfg, key)))
-    return cfg
+        values[key] = yaml.safe_load(text) if text != "" else ""
+    unknown = sorted(set(values) - set(_TYPES))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(map(str, unknown))}" + (f" (in {path})" if path else ""))
+    return TrainConfig(**{k: convert(k, v) for k, v in values.items()})
 
 
 def config_json(cfg: TrainConfig) -> str:

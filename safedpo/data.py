@@ -79,6 +79,41 @@ def _load_table(path: str):
     return datasets.load_dataset(kind, data_files=str(p), split="train")
 
 
+def dataset_table(name: str, split: str, config: str = "", data_dir: str = ""):
+    """One split of a data set: a directory written by ``save_to_disk``, or anything
+    ``datasets.load_dataset`` takes -- a Hub id (downloaded when the machine is online) or a local
+    directory of data files."""
+    import datasets
+
+    p = Path(name)
+    if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{name}: no split {split!r}; it has {sorted(ds)}")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(name, config or None, data_dir=data_dir or None, split=split)
+    except (OSError, ValueError, ConnectionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"train_dataset {name!r}, split {split!r}: {first}") from None
+
+
+def data_sources(cfg, split: str) -> list:
+    """What a split's rows come from: files, or (label, table) of train_dataset's split."""
+    if split == "train":
+        files, dataset_split = cfg.train_files, cfg.train_split
+    else:
+        files, dataset_split = cfg.eval_files, cfg.eval_split
+    if files:
+        return list(files)
+    if cfg.train_dataset and dataset_split:
+        table = dataset_table(cfg.train_dataset, dataset_split, cfg.dataset_config, cfg.data_dir)
+        return [(f"{cfg.train_dataset} [{dataset_split}]", table)]
+    return []
+
+
 def _as_bool(value, where: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -111,15 +146,16 @@ def check_row(row: dict, where: str) -> dict:
     return out
 
 
-def load_rows(files: Sequence[str], columns: Optional[dict] = None, skip_bad_rows: bool = False) -> Tuple[List[dict], int]:
-    """Checked rows from all files, in order, and the number of skipped malformed rows."""
+def load_rows(files: Sequence, columns: Optional[dict] = None, skip_bad_rows: bool = False) -> Tuple[List[dict], int]:
+    """Checked rows from all sources (file paths, or (label, table) pairs), in order, and the number of
+    skipped malformed rows."""
     rename = {v: k for k, v in (columns or {}).items()}
     unknown = set((columns or {})) - set(COLUMNS)
     if unknown:
         raise DataError(f"columns: unknown standard column name(s) {sorted(unknown)}; they are {list(COLUMNS)}")
     rows, skipped = [], 0
-    for path in files:
-        table = _load_table(path)
+    for source in files:
+        path, table = source if isinstance(source, tuple) else (source, _load_table(source))
         for i, raw in enumerate(table):
             row = {rename.get(k, k): v for k, v in raw.items()}
             try:
@@ -191,8 +227,9 @@ def encode_pairs(pairs: List[Pair], tokenizer, max_prompt_length: int, max_lengt
     return examples
 
 
-def load_examples(cfg, tokenizer, files: Sequence[str]) -> Tuple[List[Example], dict]:
-    """Files -> examples for cfg's mode, label noise and lengths; also a small report of what happened."""
+def load_examples(cfg, tokenizer, files: Sequence) -> Tuple[List[Example], dict]:
+    """Sources (see ``data_sources``) -> examples for cfg's mode, label noise and lengths; also a small
+    report of what happened."""
     rows, skipped = load_rows(files, cfg.columns, cfg.skip_bad_rows)
     rows = flip_safety_labels(rows, cfg.safety_label_noise, cfg.seed)
     pairs = build_pairs(rows, cfg.mode)

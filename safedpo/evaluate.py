@@ -21,7 +21,7 @@ from safedpo_kernels.loss import loss_from_logps
 
 from .collate import make_batch
 from .config import loss_flags
-from .data import encode_prompt, load_examples
+from .data import data_sources, encode_prompt, load_examples
 from .model import PolicyLogps, build_model, load_tokenizer
 
 
@@ -77,11 +77,12 @@ def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
 
     quiet_libraries()
     cfg.validate()
-    if not cfg.eval_files:
-        raise ValueError("eval_files is empty: nothing to evaluate on")
+    sources = data_sources(cfg, "eval")
+    if not sources:
+        raise ValueError("no evaluation data: set eval_files, or train_dataset with eval_split")
     dd = Dist(cfg.device)
     tok = load_tokenizer(cfg.tokenizer or cfg.model or path)
-    examples, _ = load_examples(cfg, tok, cfg.eval_files)
+    examples, _ = load_examples(cfg, tok, sources)
     initial = build_model(cfg, len(tok), dd.device)  # the reference: the policy before training
     trained = build_model(cfg, len(tok), dd.device, path=path) if path else initial
     policy = PolicyLogps(trained, cfg.loss_input, cfg.average_logps, cfg.backend)
@@ -148,3 +149,92 @@ def generation_eval(model, tokenizer, items: List[dict], judge: Callable[[dict, 
                 total += 1
         result[name] = hits / max(total, 1)
     return result
+
+
+def prompt_items(cfg) -> List[dict]:
+    """The prompts of a sampled evaluation: cfg.generation_prompts (a jsonl of {"prompt": ...}, extra
+    fields kept for the judge), else the distinct prompts of the evaluation data, in order."""
+    import json
+    from pathlib import Path
+
+    from .data import load_rows
+
+    if cfg.generation_prompts:
+        items = []
+        for n, line in enumerate(Path(cfg.generation_prompts).read_text().splitlines()):
+            if line.strip():
+                item = json.loads(line)
+                if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                    raise ValueError(f"{cfg.generation_prompts}, line {n + 1}: expected an object with a 'prompt' string")
+                items.append(item)
+        return items
+    sources = data_sources(cfg, "eval")
+    if not sources:
+        raise ValueError("no prompts: set generation_prompts, eval_files, or train_dataset with eval_split")
+    rows, _ = load_rows(sources, cfg.columns, cfg.skip_bad_rows)
+    return [dict(prompt=p) for p in dict.fromkeys(r["prompt"] for r in rows)]
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: List[str], samples: int = 1, max_new_tokens: int = 128,
+                     temperature: float = 1.0, seed: int = 0, max_prompt_length: int = 128, batch_size: int = 16,
+                     progress: bool = True) -> List[str]:
+    """``samples`` responses per prompt (prompt-major order) with the model's own generate (KV cache),
+    the prompts formatted as in training; temperature 0 is greedy."""
+    from .progress import Progress
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    model.eval()
+    todo = [p for p in prompts for _ in range(samples)]
+    responses = []
+    with Progress(len(todo), "sampling", disable=not progress) as bar:
+        for b0 in range(0, len(todo), batch_size):
+            encoded = [encode_prompt(tokenizer, p, max_prompt_length) for p in todo[b0:b0 + batch_size]]
+            L = max(len(e) for e in encoded)
+            ids = torch.tensor([[pad] * (L - len(e)) + e for e in encoded], device=device)
+            mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in encoded], device=device)
+            torch.manual_seed(seed * 1_000_003 + b0)
+            kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+            responses += tokenizer.batch_decode(out[:, L:], skip_special_tokens=True)
+            bar.update(len(encoded))
+    return responses
+
+
+def generation_report(cfg, checkpoint: Optional[str] = None, samples_file: Optional[str] = None) -> dict:
+    """``safedpo eval --generate``: sample responses to the evaluation prompts, judge them (cfg.judge),
+    write every sample with its verdict to a JSONL file, and report the harmless ratio (the share of
+    responses judged safe) with its 95% Wilson interval; on prompts marked "harmful" (the toy's items)
+    the harmless ratio covers those, and helpfulness the others when the judge rates it."""
+    import json
+    from pathlib import Path
+
+    from .distributed import Dist
+    from .judge import make_judge, wilson_interval
+    from .model import quiet_libraries
+
+    quiet_libraries()
+    cfg.validate()
+    dd = Dist(cfg.device)
+    items = prompt_items(cfg)
+    tok = load_tokenizer(cfg.tokenizer or checkpoint or cfg.model)
+    model = build_model(cfg, len(tok), dd.device, path=checkpoint)
+    responses = sample_responses(model, tok, [i["prompt"] for i in items], cfg.generation_samples, cfg.max_new_tokens,
+                                 cfg.temperature, cfg.seed, cfg.max_prompt_length, progress=cfg.progress)
+    rows = [item for item in items for _ in range(cfg.generation_samples)]
+    verdicts = make_judge(cfg.judge, cfg.judge_threshold, dd.device, cfg.progress)(rows, responses)
+    path = Path(samples_file or Path(cfg.output_dir) / "generation_samples.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for item, response, verdict in zip(rows, responses, verdicts):
+            f.write(json.dumps(dict(prompt=item["prompt"], response=response, **verdict)) + "\n")
+    harmful = [v for item, v in zip(rows, verdicts) if item.get("harmful", True)]
+    safe = sum(not v["unsafe"] for v in harmful)
+    low, high = wilson_interval(safe, len(harmful))
+    report = dict(harmless_ratio=safe / max(len(harmful), 1), harmless_ci95=[low, high], judged=len(harmful),
+                  judge=cfg.judge, samples_file=str(path))
+    rated = [v["helpful"] for item, v in zip(rows, verdicts) if not item.get("harmful", True) and v.get("helpful") is not None]
+    if rated:
+        report["helpfulness"] = sum(rated) / len(rated)
+    return report

@@ -1,14 +1,24 @@
-"""Models and the policy's sequence log-probs through the fused kernels.
+"""Models and the policy's SafeDPO loss through the fused kernels.
 
 ``PolicyLogps`` wraps a Hugging Face causal LM so that one forward call returns the (2B,) sequence
-log-probs of a batch; wrapping it (not the bare model) in DDP keeps the fused-linear path, which calls
-the decoder and the LM head separately, inside DDP's forward.
+log-probs of a batch, or its loss; wrapping it (not the bare model) in DDP keeps the fused-linear path,
+which calls the decoder and the LM head separately, inside DDP's forward.
+
+Real architectures differ in ways the fused-linear path must know about: what they do to the LM head's
+output (Gemma 2/3 soft-cap it, Cohere scales it, Granite divides it), which attention implementations
+they support (Gemma 2 has no SDPA path), and whether they have a router whose auxiliary loss trains
+with the policy (Mixtral, Qwen-MoE). ``logit_transform`` reads the first from the config and
+``check_linear_head`` verifies it against the model's own logits, so that an unknown transform is an
+error rather than silently wrong log-probs.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+import os
+import re
+import sys
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -41,40 +51,153 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def pick_attn_implementation(requested: str, device: torch.device) -> str:
-    """"auto": flash_attention_2 on CUDA when flash_attn imports, else sdpa."""
+def causal_lm_class(config):
+    """The AutoModelForCausalLM class of a config (None when transformers has none)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def pick_attn_implementation(requested: str, device: torch.device, model_class=None) -> str:
+    """"auto": what the model supports, fastest first -- flash_attention_2 on CUDA when flash_attn is
+    installed, else SDPA, else eager (Gemma 2 has no SDPA path: its softcapped attention needs eager)."""
     if requested != "auto":
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+
+    def supports(*flags):
+        return model_class is None or any(getattr(model_class, f, False) for f in flags)
+
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and supports(
+            "_supports_flash_attn", "_supports_flash_attn_2"):
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if supports("_supports_sdpa") else "eager"
+
+
+def _pretrained(loader, path: str, what: str, **kwargs):
+    """``loader.from_pretrained(path)`` for a local directory or a Hub id; one clear line when neither."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError:
+        if os.path.exists(path):
+            raise  # a local directory that does not load: its own error says why
+        hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None
+        where = "no such local directory" + (", and not found on the Hugging Face Hub (offline, or an unknown id)"
+                                              if hub_id else "")
+        raise FileNotFoundError(f"{what} {path!r}: {where}") from None
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = _pretrained(AutoTokenizer, path, "tokenizer")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def build_model(cfg, vocab_size: int, device: torch.device, path: Optional[str] = None):
-    """AutoModelForCausalLM from a local directory, or a tiny Llama from ``cfg.tiny_model``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    """AutoModelForCausalLM from a local directory or a Hub id (which downloads when the machine is
+    online), or a tiny Llama from ``cfg.tiny_model``; the attention implementation the model supports."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    attn = pick_attn_implementation(cfg.attn_implementation, device)
     path = path or cfg.model
     if path:
+        config = _pretrained(AutoConfig, path, "model")
+        attn = pick_attn_implementation(cfg.attn_implementation, device, causal_lm_class(config))
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
     else:
+        attn = pick_attn_implementation(cfg.attn_implementation, device, LlamaForCausalLM)
         kwargs = dict(TINY_LLAMA, **cfg.tiny_model)
         kwargs.setdefault("vocab_size", vocab_size)
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(LlamaConfig(**kwargs, attn_implementation=attn))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model.to(device)
+
+
+def apply_lora(model, lora: dict):
+    """The model with LoRA adapters (peft) on ``target_modules`` (default: every linear layer but the LM
+    head); only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("lora needs the peft package: pip install 'safedpo-kernels[lora]'") from None
+    config = LoraConfig(r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 2 * int(lora.get("r", 16)))),
+                        lora_dropout=float(lora.get("dropout", 0.0)),
+                        target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_transform(model) -> dict:
+    """{logit_scale, softcap} of what the model applies to its LM head's output, from its config:
+    Gemma 2/3's final_logit_softcapping, Cohere's logit_scale, Granite's 1 / logits_scaling."""
+    cfg = text_config(model)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = 1.0 / cfg.logits_scaling
+    return dict(logit_scale=1.0 if scale is None else float(scale), softcap=None if softcap is None else float(softcap))
+
+
+@torch.no_grad()
+def check_linear_head(model, transform: dict) -> None:
+    """ValueError when the LM head of the decoder's last hidden states, with ``transform``, does not
+    reproduce the model's own logits on a short input: the model does something to its logits (or to
+    the hidden states before the head) that the fused-linear path does not know."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    ids = (torch.arange(1, 9, device=device) * 7919 % vocab).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        want = model(input_ids=ids).logits.float()
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+    finally:
+        model.train(was_training)
+    bias = None if head.bias is None else head.bias.float()
+    got = reference.linear_logits(hidden.float(), head.weight.float(), bias, **transform)
+    # Beyond float32 rounding, a bf16/fp16 model rounds its own logits: allow for that, not for a
+    # wrong scale or cap (which moves logits by several percent or more).
+    tol = (1e-3 if head.weight.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
+    diff = float((got - want).abs().max())
+    if not diff <= tol:
+        raise ValueError(
+            f"{type(model).__name__}: its logits are not its LM head applied to its last hidden states with "
+            f"logit_scale={transform['logit_scale']}, softcap={transform['softcap']} (largest difference {diff:.3g}); "
+            "the fused-linear kernels do not know this model's logit transform. Use loss_input: logits."
+        )
+
+
+def router_config(model) -> Optional[dict]:
+    """{coef, num_experts, top_k} for a mixture-of-experts model with a router auxiliary loss, else None."""
+    cfg = text_config(model)
+    coef = getattr(cfg, "router_aux_loss_coef", None)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if coef is None or not experts or not top_k:
+        return None
+    return dict(coef=float(coef), num_experts=int(experts), top_k=int(top_k))
+
+
+class PolicyOutput(NamedTuple):
+    """The policy's SafeDPO loss output and the router's auxiliary loss (None without a router)."""
+
+    loss: object  # SafeDPOOutput
+    aux_loss: Optional[torch.Tensor]
 
 
 class PolicyLogps(nn.Module):
@@ -85,39 +208,67 @@ class PolicyLogps(nn.Module):
     LM head weight through the fused-linear functions, so the logits are never materialized; the loss
     forms its gradients in the forward (3 matmuls). loss_input="eager": plain PyTorch (log_softmax,
     gather, sum), a baseline. The loss is computed inside forward, so that DDP sees it.
+
+    ``router_aux``: add a mixture-of-experts router's load-balancing loss to the result (its
+    coefficient is the trainer's business).
     """
 
     def __init__(self, model, loss_input: str = "logits", average: bool = False, backend: str = "auto",
-                 logit_scale: float = 1.0, softcap: Optional[float] = None):
+                 router_aux: bool = False):
         super().__init__()
         self.model = model
         self.loss_input = loss_input
         self.average = average
         self.backend = backend
-        self.transform = dict(logit_scale=logit_scale, softcap=softcap)
+        self.router = router_config(model) if router_aux else None
+        self.transform = logit_transform(model)
+        if loss_input == "linear":
+            check_linear_head(model, self.transform)
+
+    def _aux_loss(self, outputs, attention_mask) -> Optional[torch.Tensor]:
+        """The router's load-balancing loss, as the model's own forward computes it."""
+        if self.router is None:
+            return None
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None:
+            return aux
+        # The decoder alone returns the router logits only: the model family's own loss function.
+        balance = getattr(sys.modules[type(self.model).__module__], "load_balancing_loss_func")
+        return balance(outputs.router_logits, self.router["num_experts"], self.router["top_k"], attention_mask)
 
     def forward(self, batch: dict, loss: Optional[dict] = None):
         """``loss``: None for the (2B,) log-probs; else the keywords of the SafeDPO loss (ref_logps,
-        beta, delta, ...), and the result is its SafeDPOOutput."""
+        beta, delta, ...), and the result is a ``PolicyOutput``."""
         packed = "cu_seqlens" in batch
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # No KV cache in training: with one, transformers would not build the block-diagonal attention of
+        # a packed batch from its position ids (it only does so for cache-free forwards).
+        inputs["use_cache"] = False
+        if self.router is not None and loss is not None:
+            inputs["output_router_logits"] = True
         kw = dict(average=self.average, backend=self.backend, cu_seqlens=batch.get("cu_seqlens"))
         pair = None if loss is None else (loss.pop("ref_logps"), batch["chosen_safe"], batch["rejected_safe"])
         if self.loss_input == "linear":
-            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            outputs = self.model.get_decoder()(**inputs)
+            hidden = outputs.last_hidden_state
             hidden = hidden[0] if packed else hidden
             head = self.model.get_output_embeddings()
             if pair is None:
                 return linear_sequence_logps(hidden, head.weight, batch["labels"], bias=head.bias, **kw, **self.transform)
-            return linear_safedpo_loss(hidden, head.weight, batch["labels"], *pair, bias=head.bias, **kw, **self.transform,
-                                       **loss)
-        logits = self.model(**inputs).logits
-        logits = logits[0] if packed else logits
+            out = linear_safedpo_loss(hidden, head.weight, batch["labels"], *pair, bias=head.bias, **kw,
+                                      **self.transform, **loss)
+            return PolicyOutput(out, self._aux_loss(outputs, batch.get("attention_mask")))
+        outputs = self.model(**inputs)
+        logits = outputs.logits[0] if packed else outputs.logits
         if self.loss_input == "eager":  # the plain PyTorch baseline, for comparisons
             logps = reference.sequence_logps(logits, batch["labels"], average=self.average, cu_seqlens=batch.get("cu_seqlens")).float()
-            return logps if pair is None else safedpo_loss_from_logps(logps, *pair, **loss)
-        # In-place backward only where the logits are ours alone; under torch.no_grad nothing is saved.
-        kw["inplace_backward"] = torch.is_grad_enabled()
-        if pair is None:
-            return sequence_logps(logits, batch["labels"], **kw)
-        return safedpo_loss(logits, batch["labels"], *pair, **kw, **loss)
+            if pair is None:
+                return logps
+            out = safedpo_loss_from_logps(logps, *pair, **loss)
+        else:
+            # In-place backward only where the logits are ours alone; under torch.no_grad nothing is saved.
+            kw["inplace_backward"] = torch.is_grad_enabled()
+            if pair is None:
+                return sequence_logps(logits, batch["labels"], **kw)
+            out = safedpo_loss(logits, batch["labels"], *pair, **kw, **loss)
+        return PolicyOutput(out, self._aux_loss(outputs, batch.get("attention_mask")))

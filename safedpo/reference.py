@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .collate import make_batch
-from .model import PolicyLogps, build_model
+from .model import PolicyLogps, build_model, is_lora
 from .progress import progress as iterate
 
 
@@ -42,22 +42,46 @@ def compute_ref_logps(ref_policy: PolicyLogps, examples, batch_size: int, pad_id
     return out
 
 
-class Reference:
-    """ref_logps for a batch: from the on-disk cache (precompute) or a frozen model copy (live).
+class _AdaptersOff(torch.nn.Module):
+    """The policy itself with its LoRA adapters disabled, in eval mode: the reference without a copy."""
 
-    The cache key is made of the reference weights' and the tokenized data's fingerprints, so a cached
-    table is only reused for the same model and the same examples.
+    def __init__(self, policy: PolicyLogps):
+        super().__init__()
+        self.policy = policy
+
+    @torch.no_grad()
+    def forward(self, batch: dict) -> torch.Tensor:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.model.disable_adapter():
+                return self.policy(batch)
+        finally:
+            self.policy.train(was_training)
+
+
+class Reference:
+    """ref_logps for a batch: from the on-disk cache (precompute) or a reference model (live).
+
+    The reference is cfg.reference_model, else the initial policy: with LoRA the policy itself with
+    its adapters disabled (never a second copy), otherwise a frozen copy. The cache key is made of the
+    reference weights' and the tokenized data's fingerprints, so a cached table is only reused for the
+    same model and the same examples.
     """
 
     def __init__(self, cfg, policy: PolicyLogps, sets: dict, tok, dd, packed: bool):
         self.mode = cfg.reference
         self.packed = packed
-        if cfg.reference_model:
-            model = build_model(cfg, len(tok), dd.device, path=cfg.reference_model)
+        if cfg.reference_model or not is_lora(policy.model):
+            if cfg.reference_model:
+                model = build_model(cfg, len(tok), dd.device, path=cfg.reference_model)
+            else:
+                model = copy.deepcopy(policy.model)
+            model.eval().requires_grad_(False)
+            self.policy = PolicyLogps(model, policy.loss_input, policy.average, policy.backend)
         else:
-            model = copy.deepcopy(policy.model)
-        model.eval().requires_grad_(False)
-        self.policy = PolicyLogps(model, policy.loss_input, policy.average, policy.backend)
+            model = policy.model
+            self.policy = _AdaptersOff(policy)
         self.tables = {}
         if self.mode == "live":
             return
@@ -73,7 +97,7 @@ class Reference:
                 torch.save(table, tmp)
                 os.replace(tmp, path)  # a crash never leaves a half-written cache file
             dd.barrier()
-            self.tables[name] = torch.load(path)
+            self.tables[name] = torch.load(path, weights_only=True)
         self.policy = None  # precomputed: the reference model is not kept in memory
 
     @torch.no_grad()

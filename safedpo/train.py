@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -18,13 +19,13 @@ import torch
 
 from safedpo_kernels.loss import check_loss_hparams
 
-from .checkpoint import load_checkpoint, resume_point, save_checkpoint, seed_everything
+from .checkpoint import load_checkpoint, remove_leftovers, resume_point, save_checkpoint, seed_everything
 from .collate import batch_stream, make_batch
 from .config import TrainConfig, config_json, loss_flags
-from .data import load_examples
+from .data import data_sources, load_examples
 from .distributed import Dist, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
-from .model import PolicyLogps, build_model, load_tokenizer, quiet_libraries
+from .model import PolicyLogps, apply_lora, build_model, load_tokenizer, quiet_libraries, router_config
 from .progress import Progress
 from .reference import Reference
 
@@ -73,30 +74,73 @@ class MetricsLog:
             self.writer.close()
 
 
-def train_step(wrapped, reference, micro: list, cfg: TrainConfig, flags: dict, dd: Dist) -> dict:
+def prepare_output_dir(out_dir: Path, ckpt, overwrite: bool) -> None:
+    """Refuse to start afresh over another run's checkpoints or metrics (a later resume: auto would pick
+    up that run) unless ``overwrite``, which deletes them; remove what a crash left mid-save."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir)
+    if ckpt is not None:
+        return
+    previous = [p for p in (out_dir / "checkpoints", out_dir / "metrics.jsonl", out_dir / "final") if p.exists()]
+    if previous and not overwrite:
+        raise ValueError(
+            f"output_dir {str(out_dir)!r} holds another run ({', '.join(p.name for p in previous)}): set resume: auto "
+            "to continue it, another output_dir, or overwrite_output_dir: true to delete it and start afresh"
+        )
+    for path in previous + [out_dir / "tensorboard"]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (a run resumed from step k logs steps k + 1... again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train_step(wrapped, reference, micro: list, cfg: TrainConfig, flags: dict, dd: Dist, aux_coef: float = 0.0) -> dict:
     """Forward and backward over one global batch's micro-batches; gradients left in the parameters.
 
     Each micro-batch's loss is the sum over its kept pairs, divided by the kept pairs of the whole global
     batch (known from the safety flags before any forward), so the step's gradient is that of the global
-    mean however the batch is split.
+    mean however the batch is split. A mixture-of-experts router's load-balancing loss is added with
+    ``aux_coef`` (as TRL does), averaged over the micro-batches, and logged as aux_loss.
     """
     (global_kept,) = dd.sum([sum(int(kept_mask(b, flags["drop_both_unsafe"]).sum()) for b in micro)])
-    loss_sum = correct = margin = tokens = 0.0
+    loss_sum = correct = margin = tokens = aux_sum = 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dd.device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for b in micro:
         with autocast:
-            out = wrapped(b, loss=dict(ref_logps=reference(b), beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                                       reduction="sum", **flags))
+            out, aux = wrapped(b, loss=dict(ref_logps=reference(b), beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                            reduction="sum", **flags))
         # DDP averages gradients over the ranks: world / global kept makes the step the global mean.
-        (out.loss * (dd.world / max(global_kept, 1.0))).backward()
+        total = out.loss * (dd.world / max(global_kept, 1.0))
+        if aux is not None:  # the router's load-balancing loss, averaged over the micro-batches
+            total = total + aux_coef * aux / len(micro)
+            aux_sum += float(aux.detach()) / len(micro)
+        total.backward()
         loss_sum += float(out.loss.detach())
         c, m = reward_stats(out)
         correct += c
         margin += m
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-    loss_sum, correct, margin, tokens = dd.sum([loss_sum, correct, margin, tokens])
+    loss_sum, correct, margin, tokens, aux_sum = dd.sum([loss_sum, correct, margin, tokens, aux_sum])
     kept = max(global_kept, 1)
-    return dict(loss=loss_sum / kept, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
+    stats = dict(loss=loss_sum / kept, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
+    if aux_coef:
+        stats["aux_loss"] = aux_sum / dd.world
+    return stats
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -110,27 +154,35 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("fsdp=true saves the final model only: set save_every=0 and resume=none (resumable "
                          "FSDP checkpoints are not implemented yet)")
     out_dir = Path(cfg.output_dir)
+    ckpt = resume_point(cfg.resume, out_dir)
     if dd.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(out_dir, ckpt, cfg.overwrite_output_dir)
         cfg.save(out_dir / "config.yaml")
+    dd.barrier()
     seed_everything(cfg.seed)
 
     # --- data, policy, reference, optimizer
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    train_set, report = load_examples(cfg, tok, cfg.train_files)
-    eval_set = load_examples(cfg, tok, cfg.eval_files)[0] if cfg.eval_files else []
+    train_set, report = load_examples(cfg, tok, data_sources(cfg, "train"))
+    eval_sources = data_sources(cfg, "eval")
+    eval_set = load_examples(cfg, tok, eval_sources)[0] if eval_sources else []
     model = build_model(cfg, len(tok), dd.device)
-    packed = model.config._attn_implementation == "flash_attention_2"
-    policy = PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend)
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora)
+    packed = cfg.padding_free if cfg.padding_free is not None else model.config._attn_implementation == "flash_attention_2"
+    router = router_config(model)
+    aux_coef = 0.0 if router is None else (router["coef"] if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef)
+    policy = PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0)
     reference = Reference(cfg, policy, {"train": train_set, "eval": eval_set}, tok, dd, packed)
     flags = loss_flags(cfg.mode, cfg.delta)
     wrapped = wrap_distributed(policy, cfg.fsdp, dd)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
     step, position = 0, 0
-    ckpt = resume_point(cfg.resume, out_dir)
     if ckpt is not None:
         step, position = load_checkpoint(ckpt, policy.model, optimizer, scheduler)
+        if dd.main:
+            truncate_metrics(out_dir / "metrics.jsonl", step)
 
     # --- the loop
     stream = batch_stream([len(e) for e in train_set], cfg.batch_size * dd.world, cfg.seed, start=position)
@@ -154,7 +206,7 @@ def train(cfg: TrainConfig) -> dict:
             position, indices = next(stream)
             position += 1  # the stream position after this batch
             micro.append(make_batch(train_set, rank_slice(indices, dd.rank, dd.world), tok.pad_token_id, packed, dd.device))
-        stats = train_step(wrapped, reference, micro, cfg, flags, dd)
+        stats = train_step(wrapped, reference, micro, cfg, flags, dd, aux_coef)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
@@ -175,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.log_every == 0 or step == end:
                 log.write(last, step)
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
-                save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position)
+                save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position, cfg.save_total_limit)
         dd.barrier()
     bar.close()
 
@@ -188,8 +240,10 @@ def train(cfg: TrainConfig) -> dict:
         if dd.main:
             policy.model.save_pretrained(out_dir / "final", state_dict=state)
     elif dd.main:
-        save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position)
-        policy.model.save_pretrained(out_dir / "final")
+        save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position, cfg.save_total_limit)
+        # With LoRA: the adapters (or, with merge_lora, the model with them merged in).
+        final = policy.model.merge_and_unload() if cfg.merge_lora else policy.model
+        final.save_pretrained(out_dir / "final")
     if dd.main:
         tok.save_pretrained(out_dir / "final")
     log.close()

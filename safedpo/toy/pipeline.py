@@ -136,6 +136,7 @@ def preference_run(paths, sft_dir: Path, out_dir: Path, seed: int, overrides: di
         cache_dir=str(out_dir.parent / ".cache"),
         seed=seed,
         resume="none",
+        overwrite_output_dir=True,  # an experiment re-run starts afresh
         progress=progress,
         **settings,
     )

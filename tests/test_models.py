@@ -1,0 +1,159 @@
+"""Real architectures, as tiny random models built from their configs (nothing is downloaded).
+
+For each: the policy's sequence log-probs through the trainer's PolicyLogps with loss_input logits,
+linear and eager, padded and packed, equal the log-probs computed from ``model(input_ids).logits`` by
+the float64 reference, and so do their gradients with respect to every parameter. The linear path reads
+each model's logit transform (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling)
+from its config; a transform it does not know is an error naming the model. The attention
+implementation "auto" picks what each model supports, and MoE models add their router's loss.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+
+from safedpo.collate import collate_packed, collate_padded  # noqa: E402
+from safedpo.data import Example  # noqa: E402
+from safedpo.model import PolicyLogps, causal_lm_class, logit_transform, pick_attn_implementation, router_config  # noqa: E402
+from safedpo_kernels import reference  # noqa: E402
+from conftest import max_scaled_err, rel_err  # noqa: E402
+
+V = 101
+BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Transforms chosen so that they matter at these tiny models' logit sizes (|z| ~ 1): a small softcap
+# bends every logit, a scale far from 1 moves every log-prob.
+ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=8)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=32, router_aux_loss_coef=0.02)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02)),
+    "gemma": ("GemmaConfig", dict(head_dim=8)),
+    "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.7, attn_logit_softcapping=5.0)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=0.9, sliding_window=8)),
+    "phi3": ("Phi3Config", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "cohere": ("CohereConfig", dict(logit_scale=3.0)),
+    "granite": ("GraniteConfig", dict(logits_scaling=0.25, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                      attention_multiplier=0.5)),
+    "gpt_neox": ("GPTNeoXConfig", dict(use_parallel_residual=True)),
+}
+
+
+def build(name: str):
+    config_name, extra = ARCHS[name]
+    config = getattr(transformers, config_name)(**{**BASE, **extra})
+    cls = causal_lm_class(config)
+    config._attn_implementation = pick_attn_implementation("auto", torch.device("cpu"), cls)
+    torch.manual_seed(0)
+    model = cls(config).float()
+    # Random initial weights are near zero: larger ones make the logits (and the transforms) matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model
+
+
+def batch_of(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, V, (n,), generator=g).tolist()
+
+    examples = [Example(ids(3 + i), ids(4 + 2 * i), ids(6 - i), bool(i % 2), True) for i in range(B)]
+    return collate_padded(examples, pad_id=0), collate_packed(examples)
+
+
+def oracle(model, batch, upstream):
+    """Log-probs from the model's own logits, float64 reference; d(sum upstream * logps) / d params."""
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = reference.sequence_logps(logits.double(), batch["labels"])
+    (logps * upstream.double()).sum().backward()
+    return logps.detach(), grads(model)
+
+
+def grads(model):
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
+
+
+def ours(model, loss_input, batch, upstream):
+    model.zero_grad()
+    logps = PolicyLogps(model, loss_input, backend="torch")(batch)
+    (logps * upstream).sum().backward()
+    return logps.detach(), grads(model)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_log_probs_and_gradients_match_the_models_logits(name):
+    model = build(name)
+    padded, packed = batch_of()
+    upstream = torch.tensor([0.7, -1.3, 0.4, 1.1, -0.6, 0.9])
+    want_logps, want_grads = oracle(model, padded, upstream)
+    for loss_input in ("logits", "linear", "eager"):
+        for layout, batch in (("padded", padded), ("packed", packed)):
+            got_logps, got_grads = ours(model, loss_input, batch, upstream)
+            assert max_scaled_err(got_logps, want_logps) <= 1e-5, (loss_input, layout)
+            assert rel_err(got_grads, want_grads) <= 1e-5, (loss_input, layout)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "cohere", "granite"])
+def test_the_transform_is_read_from_the_config_and_matters(name):
+    model = build(name)
+    transform = logit_transform(model)
+    assert transform != dict(logit_scale=1.0, softcap=None)
+    padded, _ = batch_of()
+    with torch.no_grad():
+        right = PolicyLogps(model, "linear", backend="torch")(padded)
+        wrong = PolicyLogps(model, "logits", backend="torch")  # a check that the transform changes the result:
+        plain = reference.sequence_logps(reference.linear_logits(
+            model.get_decoder()(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state,
+            model.get_output_embeddings().weight), padded["labels"])
+        assert max_scaled_err(wrong(padded), right) <= 2e-5
+    assert max_scaled_err(plain, right) > 1e-2  # without the transform the log-probs would be wrong
+
+
+def test_an_unknown_logit_transform_is_a_clear_error():
+    model = build("llama")
+
+    class DoubledLogits(type(model)):  # a model that does something the kernels do not know
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    model.__class__ = DoubledLogits
+    with pytest.raises(ValueError, match="DoubledLogits.*loss_input: logits"):
+        PolicyLogps(model, "linear")
+    PolicyLogps(model, "logits")  # the logits path takes whatever the model returns
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_auto_attention_is_one_the_model_supports(name):
+    model = build(name)
+    expected = "eager" if name == "gemma2" else "sdpa"
+    assert model.config._attn_implementation == expected
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+def test_router_aux_loss_is_the_models_own(name):
+    """The linear path (decoder only) computes the same load-balancing loss as the model's forward."""
+    model = build(name)
+    assert router_config(model)["coef"] == 0.02
+    padded, _ = batch_of()
+    ref = torch.zeros(6)
+    outs = {}
+    for loss_input in ("logits", "linear"):
+        policy = PolicyLogps(model, loss_input, backend="torch", router_aux=True)
+        outs[loss_input] = policy(padded, loss=dict(ref_logps=ref, reduction="sum"))
+    want = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], output_router_logits=True).aux_loss
+    for out in outs.values():
+        assert out.aux_loss is not None and torch.allclose(out.aux_loss, want, rtol=1e-6)
+    assert max_scaled_err(outs["linear"].loss.loss, outs["logits"].loss.loss) <= 1e-5
