@@ -109,9 +109,9 @@ def _sha256(path: Path) -> str:
 def _build(verbose: bool):
     """Compile (when the cache has no current build) and load the library; (path, whether it was built).
 
-    The cache is private (mode 0700), and the library's SHA-256 is recorded when this package builds it:
-    a library that does not match its record (changed after the build) is not loaded; one without a
-    record (from before records were kept) is rebuilt."""
+    The cache is private (mode 0700), and the library's SHA-256 is recorded after each build or load:
+    a library that does not match its record (changed since) is not loaded; one without a record (from
+    before records were kept) is rebuilt."""
     from torch.utils import cpp_extension
 
     directory = build_dir()
@@ -135,8 +135,9 @@ def _build(verbose: bool):
             is_python_module=False,
             verbose=verbose,
         )
-        if not existed:
-            record.write_text(_sha256(library) + "\n")
+        # What is there now was verified above or (re)built just now (ninja relinks when, say, the source
+        # path differs between two checkouts of the same source): record it.
+        record.write_text(_sha256(library) + "\n")
     missing = [op for op in _OPS if not hasattr(torch.ops.safedpo_native, op)]
     if missing:
         raise RuntimeError(f"{library} does not provide {', '.join(missing)} (a stale or foreign build)")

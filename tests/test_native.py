@@ -278,3 +278,26 @@ def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["ok"] and info["built"], res.stderr[-2000:]
+
+
+def test_a_rebuilt_library_gets_a_new_record(tmp_path):
+    """ninja relinks a cached library when, say, a second checkout of the same source builds into the
+    same cache: the record follows what was built, and the next process still loads it."""
+    root, library = _cached_build_copy(tmp_path)
+    env = dict(os.environ, SAFEDPO_CACHE_DIR=str(root))
+    relink = (
+        "from torch.utils import cpp_extension\n"
+        "real = cpp_extension.load\n"
+        "def load(*args, **kwargs):\n"
+        "    out = real(*args, **kwargs)\n"
+        "    path = kwargs['build_directory'] + '/safedpo_native.so'\n"
+        "    open(path, 'ab').write(b'\\0')  # the library on disk is no longer the verified one\n"
+        "    return out\n"
+        "cpp_extension.load = load\n"
+        "from safedpo_kernels import native\nprint(native.load())\n"
+    )
+    first = subprocess.run([sys.executable, "-c", relink], env=env, capture_output=True, text=True, timeout=600)
+    assert first.stdout.strip().endswith("True"), first.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-c", "from safedpo_kernels import native; print(native.load())"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.stdout.strip().endswith("True") and "not available" not in again.stderr, again.stderr[-2000:]
