@@ -284,7 +284,10 @@ def cache_key() -> str:
 
 
 def _variant_id(v: Variant) -> str:
-    return json.dumps([v.kernel, v.signature, v.constexprs, v.attrs, v.num_warps, v.cap, v.dtype], default=str)
+    import hashlib
+
+    text = json.dumps([v.kernel, v.signature, v.constexprs, v.attrs, v.num_warps, v.cap, v.dtype], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _user_cache() -> Path:
@@ -343,8 +346,8 @@ def verify(rows: list, quick: bool, count: int) -> list:
 
 def write_cache(rows: list, quick: bool) -> None:
     """The committed cache: these rows under the current key (what CI reuses while nothing changed)."""
-    CACHE_FILE.write_text(json.dumps(dict(key=cache_key(), rows={_variant_id(v): r for v, r in zip(variants(quick), rows)}),
-                                      indent=0, sort_keys=True) + "\n")
+    compact = {_variant_id(v): {k: x for k, x in r.items() if k != "signature"} for v, r in zip(variants(quick), rows)}
+    CACHE_FILE.write_text(json.dumps(dict(key=cache_key(), rows=compact), sort_keys=True, separators=(",", ":")) + "\n")
 
 
 def summary(rows: list) -> list:

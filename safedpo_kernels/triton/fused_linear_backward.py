@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._env import env_int
 from ._utils import Launch
-from .fused_linear_forward import _transform_args, linear_logits_tile, linear_tiles
+from .fused_linear_forward import linear_logits_tile, tile_launch
 
 
 @triton.jit
@@ -52,18 +52,8 @@ def linear_dlogits_kernel(
 
 def dlogits_launch(hidden, weight, bias, labels, lse, g, dz, logit_scale: float = 1.0, softcap=None) -> Launch:
     """The launch that fills dz (rows, V) for hidden (rows, H) contiguous; tiles as the forward's."""
-    rows, H = hidden.shape
-    V = weight.shape[0]
-    constexprs, num_warps = linear_tiles(rows, H, hidden.dtype)
-    transform, has_cap = _transform_args(logit_scale, softcap)
-    return Launch(
-        linear_dlogits_kernel,
-        (triton.cdiv(rows, constexprs["BLOCK_M"]), triton.cdiv(V, constexprs["BLOCK_N"])),
-        (hidden, weight, bias if bias is not None else hidden, labels, lse, g, dz,
-         rows, V, H, hidden.stride(0), weight.stride(0), dz.stride(0), *transform),
-        dict(HAS_BIAS=bias is not None, SOFTCAP=has_cap, **constexprs),
-        num_warps,
-    )
+    return tile_launch(linear_dlogits_kernel, hidden, weight, bias, dz, labels, lse, g, logit_scale=logit_scale,
+                       softcap=softcap)
 
 
 def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:

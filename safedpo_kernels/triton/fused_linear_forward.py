@@ -158,20 +158,26 @@ def _transform_args(logit_scale: float, softcap):
     return (float(logit_scale), 1.0 if softcap is None else float(softcap)), softcap is not None
 
 
-def logits_launch(hidden, weight, bias, z, logit_scale: float = 1.0, softcap=None) -> Launch:
-    """The launch writing the transformed float32 logits (rows, V) of hidden (rows, H) contiguous into z."""
+def tile_launch(kernel, hidden, weight, bias, out, *per_row, logit_scale: float = 1.0, softcap=None) -> Launch:
+    """A launch of one program per (row block, vocabulary tile) that writes a (rows, V) ``out`` from
+    hidden (rows, H) contiguous: ``kernel(h, w, b, *per_row, out, rows, V, H, strides, scale, softcap)``."""
     rows, H = hidden.shape
     V = weight.shape[0]
     constexprs, num_warps = linear_tiles(rows, H, hidden.dtype)
     transform, has_cap = _transform_args(logit_scale, softcap)
     return Launch(
-        linear_logits_kernel,
+        kernel,
         (triton.cdiv(rows, constexprs["BLOCK_M"]), triton.cdiv(V, constexprs["BLOCK_N"])),
-        (hidden, weight, bias if bias is not None else hidden, z, rows, V, H, hidden.stride(0), weight.stride(0),
-         z.stride(0), *transform),
+        (hidden, weight, bias if bias is not None else hidden, *per_row, out, rows, V, H, hidden.stride(0),
+         weight.stride(0), out.stride(0), *transform),
         dict(HAS_BIAS=bias is not None, SOFTCAP=has_cap, **constexprs),
         num_warps,
     )
+
+
+def logits_launch(hidden, weight, bias, z, logit_scale: float = 1.0, softcap=None) -> Launch:
+    """The launch writing the transformed float32 logits (rows, V) of hidden (rows, H) contiguous into z."""
+    return tile_launch(linear_logits_kernel, hidden, weight, bias, z, logit_scale=logit_scale, softcap=softcap)
 
 
 def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, softcap=None) -> torch.Tensor:
