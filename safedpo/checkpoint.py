@@ -75,8 +75,8 @@ def resume_point(resume: str, output_dir: Path) -> Optional[Path]:
     if resume in ("none", ""):
         return None
     path = Path(resume)
-    if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"resume: {resume!r} is not a checkpoint directory (no state.pt in it)")
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"resume: {resume!r} is not a checkpoint directory (no meta.json in it)")
     return path
 
 
@@ -162,10 +162,68 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, po
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple:
     """Restore a checkpoint into model, optimizer, scheduler and the RNGs; returns (step, position).
     Loaded with weights_only=True: tensors and plain containers, no code."""
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     meta = json.loads((path / "meta.json").read_text())
+    if meta.get("sharded"):
+        raise ValueError(f"{path} holds FSDP shards; resume it with fsdp on {meta['world']} ranks")
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     restore_model(model, state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"], meta["rng"])
+    return meta["step"], meta["position"]
+
+
+def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, rank: int,
+                            world: int, barrier, keep: int = 0) -> Path:
+    """FSDP: every rank writes its own shards of the model and optimizer (torch.distributed.checkpoint)
+    and its RNG states; rank 0 the scheduler and meta.json, then renames the directory when all are
+    done. A collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-sharded"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "shards"))
+    tensors, plain = rng_state()
+    torch.save(tensors, tmp / f"rng-{rank}.pt")
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(plain))
+    if rank == 0:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, world=world, sharded=True)))
+    barrier()
+    if rank == 0:
+        for sub in [tmp / "shards", tmp]:
+            _fsync_tree(sub)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_tree(root)
+        if keep > 0:
+            for old in checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, rank: int, world: int) -> tuple:
+    """The counterpart of ``save_sharded_checkpoint`` on the same number of ranks; (step, position)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = json.loads((path / "meta.json").read_text())
+    if not meta.get("sharded"):
+        raise ValueError(f"{path} is a single-process checkpoint; resume it without fsdp (or start afresh)")
+    if meta["world"] != world:
+        raise ValueError(f"{path} was written by {meta['world']} ranks; resume it on {meta['world']}, not {world}")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / "shards"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True), json.loads((path / f"rng-{rank}.json").read_text()))
     return meta["step"], meta["position"]

@@ -19,6 +19,8 @@ prompt keeps its last ``max_prompt_length`` tokens; then the response keeps its 
 
 from __future__ import annotations
 
+import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,22 +63,59 @@ class Example:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-def _load_table(path: str):
-    """A datasets.Dataset from a local file or a saved dataset directory (no hub access)."""
-    import datasets
+def _json_rows(path: Path) -> list:
+    """Rows of a .json (an array of objects, or JSON lines) or .jsonl file, each as written: no column
+    is cast to a common type, so a row is judged by its own values."""
+    text = path.read_text()
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {i}: expected an object of columns, got {type(row).__name__}")
+    return rows
 
+
+def _load_table(path: str):
+    """The rows of a local file, or a saved dataset directory (no hub access). JSON and CSV are read
+    here, cell by cell, rather than by a loader that casts each column to one type (which turned one
+    1.0 in a column of ints into floats for every row and blamed row 0)."""
     p = Path(path)
     if p.is_dir():
+        import datasets
+
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         return ds
-    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(p.suffix.lower())
-    if kind is None:
+    kind = p.suffix.lower()
+    if kind not in (".json", ".jsonl", ".parquet", ".csv"):
         raise DataError(f"{path}: unsupported data file type (json, jsonl, parquet, csv or a saved dataset directory)")
     if not p.exists():
         raise DataError(f"{path}: no such file")
-    return datasets.load_dataset(kind, data_files=str(p), split="train")
+    if kind in (".json", ".jsonl"):
+        rows = _json_rows(p)
+    elif kind == ".csv":
+        with open(p, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        import datasets
+
+        rows = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    if len(rows) == 0:
+        raise DataError(f"{path}: no rows")
+    return rows
 
 
 def dataset_table(name: str, split: str, config: str = "", data_dir: str = ""):
@@ -114,18 +153,31 @@ def data_sources(cfg, split: str) -> list:
     return []
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
 def _as_bool(value, where: str) -> bool:
+    """A safety flag, the same in every file format: true/false, 1/0 (also 1.0/0.0), or the strings
+    true/false, 1/0, yes/no in any case."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    raise DataError(f"{where}: expected a boolean safety flag, got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise DataError(f"{where}: expected a boolean safety flag (true/false, 1/0, yes/no), got {value!r}")
 
 
 def _as_id(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
+    """0 or 1 (also 0.0 / 1.0, or those as strings), in every file format."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
         raise DataError(f"{where}: expected 0 or 1, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_row(row: dict, where: str) -> dict:
@@ -207,7 +259,13 @@ def prompt_text(tokenizer, prompt: str) -> str:
     return PLAIN_TEMPLATE.format(prompt=prompt)
 
 
+# Text is cut to this many characters per token kept before it is tokenized: no tokenizer's tokens are
+# that long on average, and an absurdly long response (21 MB once took 3 GB to tokenize) costs nothing.
+CHARS_PER_TOKEN = 64
+
+
 def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> List[int]:
+    prompt = prompt[-max_prompt_length * CHARS_PER_TOKEN:]  # the end is what is kept
     ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
     return ids[-max_prompt_length:]
 
@@ -220,6 +278,7 @@ def encode_pairs(pairs: List[Pair], tokenizer, max_prompt_length: int, max_lengt
         room = max_length - len(prompt_ids)
 
         def response(text):
+            text = text[: max(room, 1) * CHARS_PER_TOKEN]
             ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             return ids[:room]
 

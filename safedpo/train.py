@@ -19,7 +19,8 @@ import torch
 
 from safedpo_kernels.loss import check_loss_hparams
 
-from .checkpoint import load_checkpoint, remove_leftovers, resume_point, save_checkpoint, seed_everything
+from .checkpoint import (load_checkpoint, load_sharded_checkpoint, remove_leftovers, resume_point, save_checkpoint,
+                         save_sharded_checkpoint, seed_everything)
 from .collate import batch_stream, make_batch
 from .config import TrainConfig, config_json, loss_flags
 from .data import data_sources, load_examples
@@ -150,9 +151,6 @@ def train(cfg: TrainConfig) -> dict:
     check_loss_hparams(cfg.beta, cfg.delta, cfg.label_smoothing)
     quiet_libraries()
     dd = Dist(cfg.device)
-    if cfg.fsdp and dd.world > 1 and (cfg.save_every or cfg.resume not in ("none", "", "auto")):
-        raise ValueError("fsdp=true saves the final model only: set save_every=0 and resume=none (resumable "
-                         "FSDP checkpoints are not implemented yet)")
     out_dir = Path(cfg.output_dir)
     ckpt = resume_point(cfg.resume, out_dir)
     if dd.main:
@@ -179,8 +177,21 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
     step, position = 0, 0
+    sharded = cfg.fsdp and dd.world > 1
+
+    def save(step_now: int) -> None:
+        """A checkpoint: FSDP shards from every rank, or the whole state from the main process."""
+        if sharded:
+            save_sharded_checkpoint(out_dir, step_now, policy, optimizer, scheduler, position, dd.rank, dd.world,
+                                    dd.barrier, cfg.save_total_limit)
+        elif dd.main:
+            save_checkpoint(out_dir, step_now, policy.model, optimizer, scheduler, position, cfg.save_total_limit)
+
     if ckpt is not None:
-        step, position = load_checkpoint(ckpt, policy.model, optimizer, scheduler)
+        if sharded:
+            step, position = load_sharded_checkpoint(ckpt, policy, optimizer, scheduler, dd.rank, dd.world)
+        else:
+            step, position = load_checkpoint(ckpt, policy.model, optimizer, scheduler)
         if dd.main:
             truncate_metrics(out_dir / "metrics.jsonl", step)
 
@@ -226,8 +237,8 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_accuracy']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if step % cfg.log_every == 0 or step == end:
                 log.write(last, step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < end:
-                save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position, cfg.save_total_limit)
+        if cfg.save_every and step % cfg.save_every == 0 and step < end:
+            save(step)
         dd.barrier()
     bar.close()
 
@@ -235,12 +246,12 @@ def train(cfg: TrainConfig) -> dict:
     if eval_set and evaluator and not (cfg.eval_every and step % cfg.eval_every == 0):
         last.update(evaluate())
         log.write(dict(event="eval", **last))
-    if cfg.fsdp and dd.world > 1:
+    save(step)
+    if sharded:
         state = full_model_state(policy.model)
         if dd.main:
             policy.model.save_pretrained(out_dir / "final", state_dict=state)
     elif dd.main:
-        save_checkpoint(out_dir, step, policy.model, optimizer, scheduler, position, cfg.save_total_limit)
         # With LoRA: the adapters (or, with merge_lora, the model with them merged in).
         final = policy.model.merge_and_unload() if cfg.merge_lora else policy.model
         final.save_pretrained(out_dir / "final")

@@ -8,12 +8,30 @@ turns the sequences' d loss / d logp into d loss / d logits through the same bac
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._checks import Layout
 from ._env import env_int
 from .dispatch import backend_module
 from .loss import loss_from_logps
+
+
+def first_order_only(backward):
+    """The kernels' backward passes are first-order: under create_graph=True (a second derivative on the
+    way) raise a clear error at once, rather than return gradients without a graph."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "safedpo_kernels computes first-order gradients only: backward with create_graph=True (for second "
+                "derivatives) is not supported"
+            )
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 def segment_sums(tok: torch.Tensor, counted: torch.Tensor, layout: Layout):
@@ -68,13 +86,22 @@ class SequenceLogpsFunction(torch.autograd.Function):
         return seq
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_seq):
         logits, labels, lse, count = ctx.saved_tensors
         layout, ignore_index, average, inplace, impl = ctx.meta
         g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
-        grad = logits if inplace else impl.grad_buffer(logits.shape, logits.dtype, logits.device)
-        impl.logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index)
-        return grad, None, None, None, None, None, None
+        if not inplace:
+            grad = impl.grad_buffer(logits.shape, logits.dtype, logits.device)
+            impl.logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index)
+            return grad, None, None, None, None, None, None
+        impl.logp_backward(logits, labels, lse, g_tok, logits, layout, ignore_index)
+        # The logits now hold their gradient: a second backward through this graph (retain_graph) must
+        # fail autograd's saved-tensor check instead of reading gradients as logits.
+        torch.autograd.graph.increment_version(logits)
+        # A new tensor over the same memory that needs no grad: AccumulateGrad can take it as a leaf's
+        # .grad without a copy (it copies a returned tensor that requires grad, e.g. the leaf itself).
+        return logits.detach(), None, None, None, None, None, None
 
 
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -156,6 +183,7 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
         return seq
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_seq):
         hidden, weight, bias, labels, idx, lse, count = ctx.saved_tensors
         layout, ignore_index, average, impl, logit_scale, softcap = ctx.meta
@@ -301,6 +329,7 @@ class LinearSafeDPOLossFunction(torch.autograd.Function):
         return loss, chosen, rejected, chosen_rewards, rejected_rewards, kept
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *unused):
         grads = ctx.grads
         if grads is None:

@@ -63,6 +63,9 @@ def _target_mask(labels: torch.Tensor, vocab: int, ignore_index: int):
 def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     """(rows, V) float32 logits chunk -> (token log-prob with 0 at ignored tokens, lse), both (rows,)."""
     lse = torch.logsumexp(x, dim=-1)
+    # A +inf logit makes log-softmax NaN (inf - inf), as in the reference and the other backends;
+    # logsumexp alone would give +inf and a -inf log-prob.
+    lse = torch.where(lse == float("inf"), torch.full_like(lse, float("nan")), lse)
     counted, valid, safe = _target_mask(labels, x.shape[-1], ignore_index)
     target = x.gather(1, safe.unsqueeze(1)).squeeze(1)
     tok = torch.where(valid, target - lse, torch.full_like(lse, float("nan")))

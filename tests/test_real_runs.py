@@ -61,7 +61,7 @@ def test_lora_resume_and_merge(local, tmp_path):
     straight = train(load_config(None, **tiny_overrides(local, tmp_path / "straight", **common)))
     part = tiny_overrides(local, tmp_path / "resumed", **common, save_every=2, stop_at_step=2)
     train(load_config(None, **part))
-    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "step-2" / "state.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "step-2" / "state.pt", weights_only=True)
     assert ckpt["model"] and all("lora_" in k for k in ckpt["model"])  # adapters only
     part.update(stop_at_step=0)
     resumed = train(load_config(None, **part))

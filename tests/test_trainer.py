@@ -78,7 +78,7 @@ def _write_jsonl(path, rows):
     [
         (dict(response_1=""), "response_1", "non-empty string"),
         (dict(better_response_id=2), "better_response_id", "0 or 1"),
-        (dict(is_response_0_safe="yes"), "is_response_0_safe", "boolean"),
+        (dict(is_response_0_safe="maybe"), "is_response_0_safe", "boolean"),
         (dict(safer_response_id=None), "safer_response_id", "missing"),
     ],
 )
@@ -163,7 +163,7 @@ def test_cli_full_run_writes_metrics_and_loadable_model(task, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(out / "final"))
     assert model.config.vocab_size == len(tok)
     # The trained weights are what was saved, and they moved away from the initial ones.
-    state = torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=False)["model"]
+    state = torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=True)["model"]
     for name, p in model.state_dict().items():
         assert torch.equal(p, state[name])
     bad = subprocess.run([sys.executable, "-m", "safedpo", "train", "--config", str(cfg_file), "nope=1"],
@@ -229,3 +229,28 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "one" / "final")).state_dict()
     sharded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "final")).state_dict()
     assert max((one[k] - sharded[k]).abs().max().item() for k in one) <= 1e-4
+
+
+def test_fsdp_resume_is_bitwise_equal(task, tmp_path):
+    """FSDP2 on 2 gloo ranks: sharded checkpoints (torch.distributed.checkpoint); an interrupted run resumed
+    on the same number of ranks gives bitwise the losses and final weights of an uninterrupted one."""
+    from transformers import AutoModelForCausalLM
+
+    def torchrun(name, **kw):
+        cfg_file = tmp_path / f"{name}.yaml"
+        config(task, tmp_path / name, batch_size=2, fsdp=True, **kw).save(cfg_file)
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                              "safedpo", "train", "--config", str(cfg_file)], capture_output=True, text=True, timeout=600,
+                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+        assert res.returncode == 0, res.stderr[-4000:]
+
+    torchrun("straight", max_steps=4)
+    torchrun("resumed", max_steps=4, save_every=2, stop_at_step=2)
+    shards = tmp_path / "resumed" / "checkpoints" / "step-2"
+    assert (shards / "shards").is_dir() and (shards / "rng-1.pt").exists()
+    torchrun("resumed", max_steps=4, save_every=2, resume="auto")
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(a) == len(b) == 4 and a == b
+    one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "straight" / "final")).state_dict()
+    two = AutoModelForCausalLM.from_pretrained(str(tmp_path / "resumed" / "final")).state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
