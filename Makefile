@@ -27,7 +27,7 @@ test: native
 train: native
 	$(PYTHON) -m safedpo experiment default --seeds 0
 
-# The CPU benchmark suite (about ten minutes on 2 cores): bench/results/<machine>-<date>.csv/.md/.png
+# The CPU benchmark suite (about 17 minutes on 2 AVX2 cores): bench/results/<machine>-<date>.csv/.md/.png
 $(VENV)/.bench-deps: $(VENV)/.test-deps
 	$(PIP) install -q -e '.[bench]'
 	touch $@

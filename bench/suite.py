@@ -7,7 +7,7 @@ fresh process (bench.cases, bench.harness): forward + backward, median and sprea
 after a warm-up, and the peak memory increase (RSS high-water mark on the CPU, max_memory_allocated on a
 GPU). Each case's result value (loss or sum of log-probs) is checked against the eager variant's.
 N is scaled with T and V so that every case fits in this machine's memory and the whole suite in about
-ten minutes on 2 cores: N x T near ``--tokens`` x 32000 / V, but at least one sequence (two for a loss).
+a quarter of an hour on 2 cores: N x T near ``--tokens`` x 32000 / V, but at least one sequence (two for a loss).
 The loss ops need N >= 2, so at T = 4096, V = 128256 a loss case holds 1e9 logits (eager: 16 GB and about
 a minute per variant here): those are left out by ``--max-elements`` and covered by sequence_logps at N = 1.
 
