@@ -34,7 +34,27 @@ class Exploit:
 # ----------------------------------------------------------------------------- 1. hostile files
 
 
-def test_a_hostile_checkpoint_runs_no_code(stand_ins, tmp_path):
+@pytest.fixture
+def old_torch_load_default(monkeypatch):
+    """torch.load as torch < 2.6 (which pyproject allows) has it: weights_only=False unless passed, so a
+    caller that relies on the default is caught on any installed torch."""
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+
+
+def _refused_without_running_code(run, marker):
+    with pytest.raises(Exception) as info:
+        run()
+    assert not marker.exists(), "unpickling the file ran its code"
+    assert info.type is pickle.UnpicklingError, info.value
+
+
+def test_a_hostile_checkpoint_runs_no_code(stand_ins, tmp_path, old_torch_load_default):
     from safedpo.train import train
 
     marker = tmp_path / "pwned"
@@ -45,12 +65,10 @@ def test_a_hostile_checkpoint_runs_no_code(stand_ins, tmp_path):
     (ckpt / "meta.json").write_text(json.dumps(dict(step=1, position=1, rng={})))
     cfg = load_config(None, model=stand_ins["model"], train_files=[stand_ins["train_jsonl"]], output_dir=str(tmp_path / "run"),
                       resume=str(ckpt), max_steps=2, batch_size=2, progress=False, max_length=48, max_prompt_length=24)
-    with pytest.raises(pickle.UnpicklingError):
-        train(cfg)
-    assert not marker.exists()
+    _refused_without_running_code(lambda: train(cfg), marker)
 
 
-def test_a_hostile_reference_cache_runs_no_code(stand_ins, tmp_path):
+def test_a_hostile_reference_cache_runs_no_code(stand_ins, tmp_path, old_torch_load_default):
     from safedpo.train import train
 
     marker = tmp_path / "pwned"
@@ -62,9 +80,7 @@ def test_a_hostile_reference_cache_runs_no_code(stand_ins, tmp_path):
     for path in cached:
         with open(path, "wb") as f:
             pickle.dump(Exploit(marker), f)
-    with pytest.raises(pickle.UnpicklingError):
-        train(load_config(None, output_dir=str(tmp_path / "second"), **kw))
-    assert not marker.exists()
+    _refused_without_running_code(lambda: train(load_config(None, output_dir=str(tmp_path / "second"), **kw)), marker)
 
 
 # ----------------------------------------------------------------------------- 3. data
