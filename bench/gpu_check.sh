@@ -43,7 +43,11 @@ if [ $DRY = 1 ]; then
 else
   # The kernel tests on CUDA (the trainer's tests are CPU/gloo tests); no C++ CPU build needed there.
   SAFEDPO_NATIVE=0 "$PY" -m pytest tests/test_sequence_logps.py tests/test_safedpo_loss.py tests/test_linear.py tests/test_noncontiguous.py \
-    tests/test_validation.py -q -x -k "cuda or not torch-cpu" 2>&1 | tail -n 15
+    tests/test_linear_loss.py tests/test_loss_family.py tests/test_validation.py -q -x -k "cuda or not torch-cpu" 2>&1 | tail -n 15
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # In-place backward on a leaf, second / double backward, +inf logits: the CUDA cases only (the rest of
+  # that module is about the trainer's files).
+  SAFEDPO_NATIVE=0 "$PY" -m pytest tests/test_hardening.py -q -x -k "cuda" 2>&1 | tail -n 5
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
