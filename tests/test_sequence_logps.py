@@ -48,6 +48,24 @@ def test_padded_matches_reference(case, dtype, average):
     assert torch.count_nonzero(got[1][1]) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_gradients_rounded_to_nearest(case, dtype):
+    """A bf16/fp16 gradient is the float32 gradient rounded to nearest, as a GPU stores it: the Triton
+    interpreter's own bf16 conversion truncates (biased, twice the error), which would make CI see
+    other numbers than a card. Against the float64 gradient rounded to the dtype, only values within a
+    hair of a rounding boundary may land on the neighbour."""
+    backend, device = case
+    gen = torch.Generator().manual_seed(11)
+    N, T, V = 2, 5, 1031
+    logits = make_logits((N, T, V), dtype, device, gen)
+    labels = make_labels(N, T, V, gen, device)
+    upstream = torch.randn(N, generator=gen).to(device)
+    _, grad = run(logits, labels, upstream, backend=backend)
+    _, want = oracle(logits, labels, upstream)
+    differ = (grad.cpu() != want.to(dtype)).float().mean().item()
+    assert differ < 0.01, f"{differ:.1%} of the gradient is not the rounded exact value"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shifted_view_without_copy(case, dtype):
     """The caller's usual logits[:, :-1] (not flattenable) with int32 labels."""

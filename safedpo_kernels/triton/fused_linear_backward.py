@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._env import env_int
-from ._utils import Launch
+from ._utils import Launch, cast_for_store
 from .fused_linear_forward import linear_logits_tile, tile_launch
 
 
@@ -46,7 +46,7 @@ def linear_dlogits_kernel(
         t = z / softcap
         dz = dz * (1.0 - t * t)
     dz = tl.where(live[:, None], dz, 0.0)
-    tl.store(dz_ptr + r[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+    tl.store(dz_ptr + r[:, None] * stride_dz + cols[None, :], cast_for_store(dz, dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._checks import Layout, rows_contiguous
-from ._utils import Launch
+from ._utils import Launch, cast_for_store
 from .logprob_forward import logprob_tiles
 
 
@@ -67,7 +67,7 @@ def logprob_backward_kernel(
         d = tl.where(live[:, None], d, 0.0)
         tl.store(
             grad_ptr + grad_off[:, None] + cols[None, :],
-            d.to(grad_ptr.dtype.element_ty),
+            cast_for_store(d, grad_ptr.dtype.element_ty),
             mask=row_ok[:, None] & col_ok,
         )
 
