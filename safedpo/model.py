@@ -7,9 +7,9 @@ which calls the decoder and the LM head separately, inside DDP's forward.
 Real architectures differ in ways the fused-linear path must know about: what they do to the LM head's
 output (Gemma 2/3 soft-cap it, Cohere scales it, Granite divides it), which attention implementations
 they support (Gemma 2 has no SDPA path), and whether they have a router whose auxiliary loss trains
-with the policy (Mixtral, Qwen-MoE). ``logit_transform`` reads the first from the config and
-``check_linear_head`` verifies it against the model's own logits, so that an unknown transform is an
-error rather than silently wrong log-probs.
+with the policy (Mixtral, Qwen-MoE). safedpo_kernels.integrations.hf (shared with the TRL integration)
+reads the first from the config and verifies it against the model's own logits, so that an unknown
+transform is an error rather than silently wrong log-probs, and computes the router's loss.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import sys
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
+from safedpo_kernels.integrations.hf import check_linear_head, logit_transform, router_aux_loss, router_config
 from safedpo_kernels.loss import safedpo_loss_from_logps
 
 TINY_LLAMA = dict(
@@ -136,63 +136,6 @@ def is_lora(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def logit_transform(model) -> dict:
-    """{logit_scale, softcap} of what the model applies to its LM head's output, from its config:
-    Gemma 2/3's final_logit_softcapping, Cohere's logit_scale, Granite's 1 / logits_scaling."""
-    cfg = text_config(model)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = 1.0 / cfg.logits_scaling
-    return dict(logit_scale=1.0 if scale is None else float(scale), softcap=None if softcap is None else float(softcap))
-
-
-@torch.no_grad()
-def check_linear_head(model, transform: dict) -> None:
-    """ValueError when the LM head of the decoder's last hidden states, with ``transform``, does not
-    reproduce the model's own logits on a short input: the model does something to its logits (or to
-    the hidden states before the head) that the fused-linear path does not know."""
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0]
-    device = head.weight.device
-    ids = (torch.arange(1, 9, device=device) * 7919 % vocab).unsqueeze(0)
-    was_training = model.training
-    model.eval()
-    try:
-        want = model(input_ids=ids).logits.float()
-        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-    finally:
-        model.train(was_training)
-    bias = None if head.bias is None else head.bias.float()
-    got = reference.linear_logits(hidden.float(), head.weight.float(), bias, **transform)
-    # Beyond float32 rounding, a bf16/fp16 model rounds its own logits: allow for that, not for a
-    # wrong scale or cap (which moves logits by several percent or more).
-    tol = (1e-3 if head.weight.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
-    diff = float((got - want).abs().max())
-    if not diff <= tol:
-        raise ValueError(
-            f"{type(model).__name__}: its logits are not its LM head applied to its last hidden states with "
-            f"logit_scale={transform['logit_scale']}, softcap={transform['softcap']} (largest difference {diff:.3g}); "
-            "the fused-linear kernels do not know this model's logit transform. Use loss_input: logits."
-        )
-
-
-def router_config(model) -> Optional[dict]:
-    """{coef, num_experts, top_k} for a mixture-of-experts model with a router auxiliary loss, else None."""
-    cfg = text_config(model)
-    coef = getattr(cfg, "router_aux_loss_coef", None)
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    top_k = getattr(cfg, "num_experts_per_tok", None)
-    if coef is None or not experts or not top_k:
-        return None
-    return dict(coef=float(coef), num_experts=int(experts), top_k=int(top_k))
-
-
 class PolicyOutput(NamedTuple):
     """The policy's SafeDPO loss output and the router's auxiliary loss (None without a router)."""
 
@@ -226,15 +169,7 @@ class PolicyLogps(nn.Module):
             check_linear_head(model, self.transform)
 
     def _aux_loss(self, outputs, attention_mask) -> Optional[torch.Tensor]:
-        """The router's load-balancing loss, as the model's own forward computes it."""
-        if self.router is None:
-            return None
-        aux = getattr(outputs, "aux_loss", None)
-        if aux is not None:
-            return aux
-        # The decoder alone returns the router logits only: the model family's own loss function.
-        balance = getattr(sys.modules[type(self.model).__module__], "load_balancing_loss_func")
-        return balance(outputs.router_logits, self.router["num_experts"], self.router["top_k"], attention_mask)
+        return None if self.router is None else router_aux_loss(self.model, outputs, attention_mask)
 
     def forward(self, batch: dict, loss: Optional[dict] = None):
         """``loss``: None for the (2B,) log-probs; else the keywords of the SafeDPO loss (ref_logps,

@@ -15,23 +15,41 @@ datasets = pytest.importorskip("datasets")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def trainer_pair(stand_ins, tmp_path, **safedpo_args):
-    """A SafeDPOTrainer and TRL's own DPOTrainer on identical copies of the tiny model and the same data."""
+def trainer_pair(stand_ins, tmp_path, make_model=None, peft_config=None, **safedpo_args):
+    """A SafeDPOTrainer and TRL's own DPOTrainer on identical copies of a tiny model (``make_model()``,
+    default the stand-in Llama) and the same data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer, pku_to_preference
 
+    make_model = make_model or (lambda: AutoModelForCausalLM.from_pretrained(stand_ins["model"]))
     data = pku_to_preference(datasets.load_from_disk(stand_ins["data"])["train"])
     common = dict(beta=0.1, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, report_to="none",
                   save_strategy="no", use_cpu=True, seed=0, logging_steps=1, max_length=64, dataloader_num_workers=0)
     tok = AutoTokenizer.from_pretrained(stand_ins["model"])
-    ours = SafeDPOTrainer(model=AutoModelForCausalLM.from_pretrained(stand_ins["model"]), processing_class=tok,
+    ours = SafeDPOTrainer(model=make_model(), processing_class=tok, peft_config=peft_config,
                           args=SafeDPOConfig(output_dir=str(tmp_path / "ours"), **common, **safedpo_args),
                           train_dataset=data)
-    trl = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(stand_ins["model"]), processing_class=tok,
+    trl = DPOTrainer(model=make_model(), processing_class=tok, peft_config=peft_config,
                      args=DPOConfig(output_dir=str(tmp_path / "trl"), **common), train_dataset=data)
     return ours, trl
+
+
+def tiny(stand_ins, where, config_name: str, **extra):
+    """A loader of one tiny random model of a transformers config class with the stand-ins' vocabulary,
+    saved under ``where`` (TRL builds its reference model from the policy's path)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoConfig.from_pretrained(stand_ins["model"])
+    config = getattr(transformers, config_name)(
+        vocab_size=base.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=base.pad_token_id,
+        eos_token_id=base.eos_token_id, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(where)
+    return lambda: AutoModelForCausalLM.from_pretrained(where)
 
 
 def loss_and_grads(trainer, batch):
@@ -43,20 +61,96 @@ def loss_and_grads(trainer, batch):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("loss_input", ["logits", "linear"])
-def test_plain_dpo_equals_trls_own_loss(stand_ins, tmp_path, loss_input):
-    """delta = 0, T off: the same loss and gradients as TRL's DPOTrainer on the same batch."""
-    ours, trl = trainer_pair(stand_ins, tmp_path, delta=0.0, swap=False, drop_both_unsafe=False,
-                             fused_loss_input=loss_input)
+def assert_same_as_trl(ours, trl, label=""):
+    """One batch through both trainers: the same loss and gradients (TRL's batch has no safety flags)."""
     batch = next(iter(ours.get_train_dataloader()))
     trl_batch = {k: v for k, v in batch.items() if k not in ("chosen_safe", "rejected_safe")}
     assert "chosen_safe" in batch and batch["chosen_safe"].dtype == torch.bool  # the flags survived TRL's pipeline
     a_loss, a_grads = loss_and_grads(ours, batch)
     b_loss, b_grads = loss_and_grads(trl, trl_batch)
     assert abs(a_loss.item() - b_loss.item()) <= 1e-5 * max(1.0, abs(b_loss.item())), (a_loss, b_loss)
+    assert a_grads.shape == b_grads.shape
     assert (a_grads - b_grads).abs().max() <= 1e-5 * b_grads.abs().max()
-    print(f"TRL {__import__('trl').__version__} {loss_input}: |dloss| = {abs(a_loss.item() - b_loss.item()):.2e}, "
+    print(f"TRL {__import__('trl').__version__} {label}: |dloss| = {abs(a_loss.item() - b_loss.item()):.2e}, "
           f"max |dgrad| = {(a_grads - b_grads).abs().max().item():.2e} (max |grad| {b_grads.abs().max().item():.2e})")
+
+
+PLAIN_DPO = dict(delta=0.0, swap=False, drop_both_unsafe=False)
+
+
+@pytest.mark.parametrize("loss_input", ["logits", "linear"])
+def test_plain_dpo_equals_trls_own_loss(stand_ins, tmp_path, loss_input):
+    """delta = 0, T off: the same loss and gradients as TRL's DPOTrainer on the same batch."""
+    ours, trl = trainer_pair(stand_ins, tmp_path, **PLAIN_DPO, fused_loss_input=loss_input)
+    assert_same_as_trl(ours, trl, loss_input)
+
+
+@pytest.mark.parametrize("loss_input", ["logits", "linear"])
+@pytest.mark.parametrize("arch", ["mixtral", "cohere"])
+def test_real_architectures_equal_trls_own_loss(stand_ins, tmp_path, arch, loss_input):
+    """A mixture-of-experts model (TRL adds the router's load-balancing loss; so must we, on both paths,
+    and log it) and a model that scales its logits (which the fused-linear path must apply)."""
+    extra = dict(mixtral=("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5,
+                                                 output_router_logits=True)),
+                 cohere=("CohereConfig", dict(logit_scale=4.0)))[arch]
+    ours, trl = trainer_pair(stand_ins, tmp_path, tiny(stand_ins, tmp_path / arch, extra[0], **extra[1]), **PLAIN_DPO,
+                             fused_loss_input=loss_input)
+    assert_same_as_trl(ours, trl, f"{arch} {loss_input}")
+    if arch == "mixtral":
+        assert ours.aux_loss_enabled and ours._metrics["train"]["aux_loss"] == trl._metrics["train"]["aux_loss"]
+
+
+@pytest.mark.parametrize("adapter", ["new", "pretrained"])
+def test_lora_reference_is_trls(stand_ins, tmp_path, adapter):
+    """LoRA without a ref_model: the reference is the policy with its adapters disabled (a new adapter)
+    or TRL's frozen "ref" copy of a pretrained adapter -- not the base model, which differs from it."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    def trained(model):  # as after some training: the adapters no longer do nothing
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        return model
+
+    def with_adapter():
+        torch.manual_seed(0)  # lora_A's initialization
+        return trained(peft.get_peft_model(AutoModelForCausalLM.from_pretrained(stand_ins["model"]), config))
+
+    if adapter == "new":
+        ours, trl = trainer_pair(stand_ins, tmp_path, peft_config=config, **PLAIN_DPO)
+        trained(ours.model), trained(trl.model)
+    else:
+        ours, trl = trainer_pair(stand_ins, tmp_path, with_adapter, **PLAIN_DPO)
+        assert "ref" in ours.model.peft_config
+    assert_same_as_trl(ours, trl, f"LoRA {adapter}")
+
+
+def test_linear_path_refuses_an_unknown_logit_transform(stand_ins, tmp_path):
+    """A model whose logits are not its LM head (with the transform its config names) is an error on
+    the fused-linear path, naming the model and the setting to use instead; never wrong log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    def doubled():
+        model = AutoModelForCausalLM.from_pretrained(stand_ins["model"])
+
+        class DoubledLogits(type(model)):
+            def forward(self, *args, **kwargs):
+                out = super().forward(*args, **kwargs)
+                out.logits = out.logits * 2.0
+                return out
+
+        model.__class__ = DoubledLogits
+        return model
+
+    ours, _ = trainer_pair(stand_ins, tmp_path, doubled, fused_loss_input="linear")
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    with pytest.raises(ValueError, match="DoubledLogits.*fused_loss_input='logits'"):
+        ours.compute_loss(ours.model, batch)
 
 
 def test_safedpo_trains_and_logs_its_metrics(stand_ins, tmp_path):

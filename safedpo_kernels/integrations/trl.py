@@ -15,8 +15,9 @@ hinge, ipo), computed by this package's fused kernels -- from the logits with an
 (``fused_loss_input="logits"``), or from the last hidden states and the LM head without any logits
 (``"linear"``, which forms its gradients in the forward); reference log-probs precomputed by TRL
 (``precompute_ref_log_probs``) or computed by the same kernels from the reference model (or the policy
-with its adapters disabled); and SafeDPO's metrics: kept and swapped pairs. With ``delta=0.0, swap=False,
-drop_both_unsafe=False`` it trains exactly TRL's DPO.
+with its adapters disabled, or TRL's frozen "ref" copy of a pretrained adapter); a mixture-of-experts
+model's router loss, as TRL adds it; and SafeDPO's metrics: kept and swapped pairs. With ``delta=0.0,
+swap=False, drop_both_unsafe=False`` it trains exactly TRL's DPO.
 """
 
 from __future__ import annotations
@@ -30,16 +31,22 @@ from typing import Optional
 import torch
 
 try:
+    from accelerate.utils import is_peft_model
     from trl import DPOConfig, DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import use_adapter
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("safedpo_kernels.integrations.trl needs TRL: pip install 'safedpo-kernels[trl]'") from exc
 
 from ..api import linear_safedpo_loss, safedpo_loss, sequence_logps
 from ..labels import labels_from_completion_mask
 from ..loss import LOSS_TYPES, SafeDPOOutput
+from .hf import check_linear_head, logit_transform, router_aux_loss
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
+# Batch columns that are not the model's inputs (as TRL's DPOTrainer has them, plus the safety flags).
+NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", *SAFETY_COLUMNS)
 
 
 @dataclass
@@ -82,29 +89,29 @@ def pku_to_preference(dataset):
     return dataset.map(convert, remove_columns=dataset.column_names)
 
 
-def _logit_transform(model) -> dict:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = 1.0 / cfg.logits_scaling
-    return dict(logit_scale=1.0 if scale is None else float(scale), softcap=None if softcap is None else float(softcap))
-
-
 def _add_fused_linear_loss(model) -> None:
     """``model(..., safedpo_linear=kwargs)`` computes linear_safedpo_loss inside the model's forward (so that
-    DDP/FSDP see the LM head used there) and returns its output; without it the forward is unchanged."""
+    DDP/FSDP see the LM head used there) and returns its output and the router's auxiliary loss (None
+    unless ``output_router_logits``); without it the forward is unchanged. The first such call checks
+    that the model's logits are its LM head with the transform read from its config."""
     original = model.forward
-    transform = _logit_transform(model)
+    transform = logit_transform(model)
+    checked = []
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, safedpo_linear=None, **kwargs):
         if safedpo_linear is None:
             return original(*args, **kwargs)
+        if not checked:
+            check_linear_head(self, transform, instead="fused_loss_input='logits'", forward=original)
+            checked.append(True)
         labels, pair, options = safedpo_linear
-        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        outputs = self.get_decoder()(*args, **kwargs)
         head = self.get_output_embeddings()
-        return tuple(linear_safedpo_loss(hidden, head.weight, labels, *pair, bias=head.bias, **transform, **options))
+        out = linear_safedpo_loss(outputs.last_hidden_state, head.weight, labels, *pair, bias=head.bias, **transform,
+                                  **options)
+        aux = router_aux_loss(self, outputs, kwargs.get("attention_mask")) if kwargs.get("output_router_logits") else None
+        return (*out, aux)
 
     model.forward = types.MethodType(forward, model)
 
@@ -152,30 +159,37 @@ class SafeDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *SAFETY_COLUMNS]))
 
-    def _model_kwargs(self, inputs: dict) -> dict:
-        return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+    def _model_kwargs(self, inputs: dict, policy: bool = True) -> dict:
+        """The model's inputs of a batch, as TRL's DPOTrainer passes them; the policy's forward of a
+        mixture-of-experts model also returns its router's auxiliary loss (when TRL enabled it)."""
+        kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        kwargs["use_cache"] = False
+        if policy and getattr(self, "aux_loss_enabled", False):
+            kwargs["output_router_logits"] = True
+        return kwargs
 
-    @contextlib.contextmanager
-    def _reference(self):
-        """The reference model: ref_model, or the policy with its adapters disabled (LoRA)."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if hasattr(unwrapped, "disable_adapter"):
-            with unwrapped.disable_adapter():
-                yield self.model
-            return
-        raise ValueError("no reference: pass ref_model, train LoRA adapters, or set precompute_ref_log_probs=True")
+    def _reference_adapter(self):
+        """Without a ref_model, a PEFT policy is its own reference: TRL's frozen "ref" copy of a pretrained
+        adapter when it made one, else the policy with its adapters disabled."""
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
-    def compute_ref_log_probs(self, model, inputs):
-        """(chosen, rejected) summed reference log-probs of a batch, with the fused kernels."""
+    def _ref_logps(self, model, inputs, autocast: bool) -> torch.Tensor:
+        """(2B,) summed reference log-probs of a batch, with the fused kernels; ``model`` is the reference
+        model, or the policy (then through its reference adapter)."""
         labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
-        with self.accelerator.autocast():
-            logits = model(**self._model_kwargs(inputs)).logits
-        logps = sequence_logps(logits, labels, backend=self.args.kernel_backend)
-        return logps.chunk(2, dim=0)
+        with (self._reference_adapter(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              self.accelerator.autocast() if autocast else contextlib.nullcontext()):
+            logits = model(**self._model_kwargs(inputs, policy=False)).logits
+        return sequence_logps(logits, labels, backend=self.args.kernel_backend)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """(chosen, rejected) reference log-probs of a batch for TRL's precomputation (which runs before
+        the model is prepared, so under the accelerator's autocast here, as TRL does)."""
+        return self._ref_logps(model, inputs, autocast=True).chunk(2, dim=0)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -185,8 +199,10 @@ class SafeDPOTrainer(DPOTrainer):
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
         else:
-            with self._reference() as reference:
-                ref = torch.cat(self.compute_ref_log_probs(reference, inputs)).float()
+            if self.ref_model is None and not is_peft_model(self.model):
+                raise ValueError("no reference: pass ref_model, train LoRA adapters, or set precompute_ref_log_probs=True")
+            reference = self.model if self.ref_model is None else self.ref_model
+            ref = self._ref_logps(reference, inputs, autocast=False).float()
         average = loss_type == "ipo"  # TRL's IPO uses token-averaged log-ratios
         if average:
             ref = ref / (labels != -100).sum(-1).clamp(min=1)
@@ -195,11 +211,16 @@ class SafeDPOTrainer(DPOTrainer):
                        label_smoothing=args.label_smoothing, loss_type=loss_type, average=average,
                        backend=args.kernel_backend)
         if args.fused_loss_input == "linear":
-            out = SafeDPOOutput(*model(**self._model_kwargs(inputs), safedpo_linear=(labels, pair, options)))
+            *fields, aux_loss = model(**self._model_kwargs(inputs), safedpo_linear=(labels, pair, options))
+            out = SafeDPOOutput(*fields)
         else:
             outputs = model(**self._model_kwargs(inputs))
             out = safedpo_loss(outputs.logits, labels, *pair, inplace_backward=torch.is_grad_enabled(), **options)
+            aux_loss = getattr(outputs, "aux_loss", None)
         loss = out.loss
+        if getattr(self, "aux_loss_enabled", False) and aux_loss is not None:  # as TRL's DPOTrainer adds it
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._log_metrics(mode, out, inputs)
         if return_outputs:
             with torch.no_grad():

@@ -1,0 +1,105 @@
+"""What the fused-linear path must know about a Hugging Face causal LM, for any trainer that uses it.
+
+The fused-linear functions take the decoder's last hidden states and the LM head's weight, so they
+skip whatever the model's own forward does after the head: Gemma 2/3 soft-cap the logits, Cohere
+scales them, Granite divides them. ``logit_transform`` reads that from the config, and
+``check_linear_head`` verifies it against the model's own logits once, so that a transform this
+package does not know is an error rather than silently wrong log-probs. A mixture-of-experts model
+computes its router's load-balancing loss in the same skipped forward: ``router_aux_loss`` computes it
+from the decoder's outputs as the model would.
+
+No import of transformers here: these read the model objects they are given.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from .. import reference
+
+
+def text_config(model):
+    """The text model's config (the config itself for a text-only model)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_transform(model) -> dict:
+    """{logit_scale, softcap}: the keywords of the fused-linear functions that reproduce what the model
+    applies to its LM head's output (Gemma 2/3's final_logit_softcapping, Cohere's logit_scale,
+    Granite's 1 / logits_scaling)."""
+    cfg = text_config(model)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = 1.0 / cfg.logits_scaling
+    return dict(logit_scale=1.0 if scale is None else float(scale), softcap=None if softcap is None else float(softcap))
+
+
+@torch.no_grad()
+def check_linear_head(model, transform: dict, instead: str = "loss_input: logits", forward=None) -> None:
+    """ValueError when the LM head applied to the decoder's last hidden states, with ``transform``,
+    does not reproduce the model's own logits on a short input: the model does something to its logits
+    (or to the hidden states before the head) that the fused-linear path does not know. ``instead``
+    names the setting that avoids the fused-linear path, for the message; ``forward`` is the model's
+    own forward when called from inside a replacement of it (default: calling the model)."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    ids = (torch.arange(1, 9, device=device) * 7919 % vocab).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        want = (forward or model)(input_ids=ids).logits.float()
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+    finally:
+        model.train(was_training)
+    bias = None if head.bias is None else head.bias.float()
+    got = reference.linear_logits(hidden.float(), head.weight.float(), bias, **transform)
+    # Beyond float32 rounding, a bf16/fp16 model rounds its own logits: allow for that, not for a
+    # wrong scale or cap (which moves logits by several percent or more).
+    tol = (1e-3 if head.weight.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
+    diff = float((got - want).abs().max())
+    if not diff <= tol:
+        raise ValueError(
+            f"{type(model).__name__}: its logits are not its LM head applied to its last hidden states with "
+            f"logit_scale={transform['logit_scale']}, softcap={transform['softcap']} (largest difference {diff:.3g}); "
+            f"the fused-linear kernels do not know this model's logit transform. Use {instead}."
+        )
+
+
+def router_config(model) -> Optional[dict]:
+    """{coef, num_experts, top_k} for a mixture-of-experts model with a router auxiliary loss, else None."""
+    cfg = text_config(model)
+    coef = getattr(cfg, "router_aux_loss_coef", None)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if coef is None or not experts or not top_k:
+        return None
+    return dict(coef=float(coef), num_experts=int(experts), top_k=int(top_k))
+
+
+def router_aux_loss(model, outputs, attention_mask=None) -> Optional[torch.Tensor]:
+    """The router's load-balancing loss (without its coefficient) of a forward run with
+    ``output_router_logits=True``: the model's own ``aux_loss`` when it returned one, else (the decoder
+    alone returns only the router logits) the model family's ``load_balancing_loss_func`` on them, as
+    the model's forward computes it. None for a model without a router."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is not None:
+        return aux
+    router = router_config(model)
+    logits = getattr(outputs, "router_logits", None)
+    if router is None or logits is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA adapters
+    balance = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+    if balance is None:
+        raise ValueError(f"{type(base).__name__}: its module has no load_balancing_loss_func to compute the router's "
+                         "auxiliary loss from the decoder's outputs; use the logits path")
+    return balance(logits, router["num_experts"], router["top_k"], attention_mask)
+
+
+__all__ = ["text_config", "logit_transform", "check_linear_head", "router_config", "router_aux_loss"]
