@@ -8,6 +8,7 @@ turns the sequences' d loss / d logp into d loss / d logits through the same bac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -30,6 +31,23 @@ def first_order_only(backward):
                 "derivatives) is not supported"
             )
         return backward(ctx, *grads)
+
+    return wrapper
+
+
+def autocast_off(method):
+    """Run a forward or backward with autocast switched off. The kernels take their inputs in the
+    dtypes they come in and choose their own precision (float32 logits and accumulation); under an
+    ambient autocast (a trainer's bf16 mixed precision) the chunked matmuls of the CPU backends would
+    otherwise produce bfloat16 logits, which moves a log-prob by ~|z| / 256 per token."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return method(ctx, *args)
 
     return wrapper
 
@@ -77,6 +95,7 @@ class SequenceLogpsFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, logits, labels, layout: Layout, ignore_index: int, average: bool, inplace: bool, backend: str):
         impl = backend_module(backend)
         tok, lse = impl.logp_forward(logits, labels, layout, ignore_index)
@@ -87,6 +106,7 @@ class SequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off
     def backward(ctx, grad_seq):
         logits, labels, lse, count = ctx.saved_tensors
         layout, ignore_index, average, inplace, impl = ctx.meta
@@ -167,6 +187,7 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, labels, layout: Layout, ignore_index: int, average: bool, backend: str,
                 logit_scale: float, softcap):
         impl = backend_module(backend)
@@ -184,6 +205,7 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off
     def backward(ctx, grad_seq):
         hidden, weight, bias, labels, idx, lse, count = ctx.saved_tensors
         layout, ignore_index, average, impl, logit_scale, softcap = ctx.meta
@@ -243,6 +265,7 @@ class LinearSafeDPOLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, layout: Layout, options: dict,
                 backend: str, wants: tuple):
         impl = backend_module(backend)
@@ -330,6 +353,7 @@ class LinearSafeDPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off
     def backward(ctx, grad_loss, *unused):
         grads = ctx.grads
         if grads is None:

@@ -153,13 +153,15 @@ def test_linear_path_refuses_an_unknown_logit_transform(stand_ins, tmp_path):
         ours.compute_loss(ours.model, batch)
 
 
-def test_safedpo_trains_and_logs_its_metrics(stand_ins, tmp_path):
-    """With delta and T on the loss is SafeDPO's on the batch's flags; two steps train and log kept and
-    swapped pairs."""
+@pytest.mark.parametrize("loss_input", ["logits", "linear"])
+def test_safedpo_trains_and_logs_its_metrics(stand_ins, tmp_path, loss_input):
+    """With delta and T on the loss is SafeDPO's on the batch's flags; two steps train (under TRL's
+    default bf16 autocast) and log kept and swapped pairs."""
     from safedpo_kernels import safedpo_loss_from_logps, sequence_logps
     from safedpo_kernels.labels import labels_from_completion_mask
 
-    ours, _ = trainer_pair(stand_ins, tmp_path, delta=2.0)
+    ours, _ = trainer_pair(stand_ins, tmp_path, delta=2.0, fused_loss_input=loss_input)
+    assert ours.args.bf16
     batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
     loss = ours.compute_loss(ours.model, batch)
     labels = labels_from_completion_mask(batch["input_ids"], batch["completion_mask"])
