@@ -45,11 +45,18 @@ def autocast_off(method):
     def wrapper(ctx, *args):
         with contextlib.ExitStack() as stack:
             for device in ("cpu", "cuda"):
-                if torch.is_autocast_enabled(device):
+                if _autocast_enabled(device):
                     stack.enter_context(torch.autocast(device, enabled=False))
             return method(ctx, *args)
 
     return wrapper
+
+
+def _autocast_enabled(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch without the device_type argument
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
 
 def segment_sums(tok: torch.Tensor, counted: torch.Tensor, layout: Layout):
