@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
-from safedpo_kernels.integrations.hf import check_linear_head, logit_transform, router_aux_loss, router_config
+from safedpo_kernels.integrations.hf import check_linear_head, lm_head, logit_transform, router_aux_loss, router_config
 from safedpo_kernels.loss import safedpo_loss_from_logps
 
 TINY_LLAMA = dict(
@@ -187,11 +187,10 @@ class PolicyLogps(nn.Module):
             outputs = self.model.get_decoder()(**inputs)
             hidden = outputs.last_hidden_state
             hidden = hidden[0] if packed else hidden
-            head = self.model.get_output_embeddings()
+            weight, bias = lm_head(self.model)
             if pair is None:
-                return linear_sequence_logps(hidden, head.weight, batch["labels"], bias=head.bias, **kw, **self.transform)
-            out = linear_safedpo_loss(hidden, head.weight, batch["labels"], *pair, bias=head.bias, **kw,
-                                      **self.transform, **loss)
+                return linear_sequence_logps(hidden, weight, batch["labels"], bias=bias, **kw, **self.transform)
+            out = linear_safedpo_loss(hidden, weight, batch["labels"], *pair, bias=bias, **kw, **self.transform, **loss)
             return PolicyOutput(out, self._aux_loss(outputs, batch.get("attention_mask")))
         outputs = self.model(**inputs)
         logits = outputs.logits[0] if packed else outputs.logits

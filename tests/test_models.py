@@ -120,6 +120,34 @@ def test_the_transform_is_read_from_the_config_and_matters(name):
     assert max_scaled_err(plain, right) > 1e-2  # without the transform the log-probs would be wrong
 
 
+def test_peft_on_the_lm_head():
+    """LoRA on the LM head lives outside ``head.weight``: the fused-linear path refuses it (at set-up, while
+    the new adapter still does nothing) instead of leaving it out. A head in ``modules_to_save`` is a full
+    trainable copy: linear equals logits with the adapters on and off, gradients too."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="LM head carries PEFT adapters.*target_modules"):
+        PolicyLogps(lora, "linear")
+    PolicyLogps(lora, "logits")
+
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                modules_to_save=["lm_head"]))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # as after training: the adapters and the saved head differ from the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    padded, _ = batch_of()
+    upstream = torch.tensor([0.7, -1.3, 0.4, 1.1, -0.6, 0.9])
+    want = ours(model, "logits", padded, upstream)
+    got = ours(model, "linear", padded, upstream)
+    assert max_scaled_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
+    with model.disable_adapter(), torch.no_grad():
+        base = PolicyLogps(model, "logits", backend="torch")(padded)
+        assert max_scaled_err(PolicyLogps(model, "linear", backend="torch")(padded), base) <= 1e-5
+        assert max_scaled_err(base, want[0]) > 1e-2
+
+
 def test_an_unknown_logit_transform_is_a_clear_error():
     model = build("llama")
 

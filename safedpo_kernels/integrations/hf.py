@@ -39,6 +39,22 @@ def logit_transform(model) -> dict:
     return dict(logit_scale=1.0 if scale is None else float(scale), softcap=None if softcap is None else float(softcap))
 
 
+def lm_head(model) -> tuple:
+    """(weight, bias) of the model's LM head, as the fused-linear functions take them.
+
+    ValueError for a head wrapped by a PEFT tuner layer with active, unmerged adapters (LoRA with
+    ``lm_head`` in target_modules, trainable tokens): its update is not in ``.weight``, so the fused-linear
+    path would silently leave it out. (Merged or disabled adapters, and ``modules_to_save``, are fine.)
+    """
+    head = model.get_output_embeddings()
+    if hasattr(head, "base_layer") and not getattr(head, "merged", False) and not getattr(head, "disable_adapters", False):
+        raise ValueError(
+            f"{type(model).__name__}: its LM head carries PEFT adapters ({type(head).__name__}), which the fused-linear "
+            "path cannot see; leave lm_head out of the LoRA target_modules, or compute the loss from the logits"
+        )
+    return head.weight, head.bias
+
+
 @torch.no_grad()
 def check_linear_head(model, transform: dict, instead: str = "loss_input: logits", forward=None) -> None:
     """ValueError when the LM head applied to the decoder's last hidden states, with ``transform``,
@@ -46,9 +62,9 @@ def check_linear_head(model, transform: dict, instead: str = "loss_input: logits
     (or to the hidden states before the head) that the fused-linear path does not know. ``instead``
     names the setting that avoids the fused-linear path, for the message; ``forward`` is the model's
     own forward when called from inside a replacement of it (default: calling the model)."""
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0]
-    device = head.weight.device
+    weight, bias = lm_head(model)
+    vocab = weight.shape[0]
+    device = weight.device
     ids = (torch.arange(1, 9, device=device) * 7919 % vocab).unsqueeze(0)
     was_training = model.training
     model.eval()
@@ -57,11 +73,11 @@ def check_linear_head(model, transform: dict, instead: str = "loss_input: logits
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
     finally:
         model.train(was_training)
-    bias = None if head.bias is None else head.bias.float()
-    got = reference.linear_logits(hidden.float(), head.weight.float(), bias, **transform)
+    bias = None if bias is None else bias.float()
+    got = reference.linear_logits(hidden.float(), weight.float(), bias, **transform)
     # Beyond float32 rounding, a bf16/fp16 model rounds its own logits: allow for that, not for a
     # wrong scale or cap (which moves logits by several percent or more).
-    tol = (1e-3 if head.weight.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
+    tol = (1e-3 if weight.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
     diff = float((got - want).abs().max())
     if not diff <= tol:
         raise ValueError(
@@ -102,4 +118,4 @@ def router_aux_loss(model, outputs, attention_mask=None) -> Optional[torch.Tenso
     return balance(logits, router["num_experts"], router["top_k"], attention_mask)
 
 
-__all__ = ["text_config", "logit_transform", "check_linear_head", "router_config", "router_aux_loss"]
+__all__ = ["text_config", "logit_transform", "lm_head", "check_linear_head", "router_config", "router_aux_loss"]

@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 from ..api import linear_safedpo_loss, safedpo_loss, sequence_logps
 from ..labels import labels_from_completion_mask
 from ..loss import LOSS_TYPES, SafeDPOOutput
-from .hf import check_linear_head, logit_transform, router_aux_loss
+from .hf import check_linear_head, lm_head, logit_transform, router_aux_loss
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
 # Batch columns that are not the model's inputs (as TRL's DPOTrainer has them, plus the safety flags).
@@ -107,9 +107,8 @@ def _add_fused_linear_loss(model) -> None:
             checked.append(True)
         labels, pair, options = safedpo_linear
         outputs = self.get_decoder()(*args, **kwargs)
-        head = self.get_output_embeddings()
-        out = linear_safedpo_loss(outputs.last_hidden_state, head.weight, labels, *pair, bias=head.bias, **transform,
-                                  **options)
+        weight, bias = lm_head(self)
+        out = linear_safedpo_loss(outputs.last_hidden_state, weight, labels, *pair, bias=bias, **transform, **options)
         aux = router_aux_loss(self, outputs, kwargs.get("attention_mask")) if kwargs.get("output_router_logits") else None
         return (*out, aux)
 
