@@ -100,8 +100,8 @@ def test_real_architectures_equal_trls_own_loss(stand_ins, tmp_path, arch, loss_
         assert ours.aux_loss_enabled and ours._metrics["train"]["aux_loss"] == trl._metrics["train"]["aux_loss"]
 
 
-@pytest.mark.parametrize("adapter", ["new", "pretrained"])
-def test_lora_reference_is_trls(stand_ins, tmp_path, adapter):
+@pytest.mark.parametrize("adapter,loss_input", [("new", "logits"), ("pretrained", "logits"), ("pretrained", "linear")])
+def test_lora_reference_is_trls(stand_ins, tmp_path, adapter, loss_input):
     """LoRA without a ref_model: the reference is the policy with its adapters disabled (a new adapter)
     or TRL's frozen "ref" copy of a pretrained adapter -- not the base model, which differs from it."""
     peft = pytest.importorskip("peft")
@@ -122,12 +122,12 @@ def test_lora_reference_is_trls(stand_ins, tmp_path, adapter):
         return trained(peft.get_peft_model(AutoModelForCausalLM.from_pretrained(stand_ins["model"]), config))
 
     if adapter == "new":
-        ours, trl = trainer_pair(stand_ins, tmp_path, peft_config=config, **PLAIN_DPO)
+        ours, trl = trainer_pair(stand_ins, tmp_path, peft_config=config, **PLAIN_DPO, fused_loss_input=loss_input)
         trained(ours.model), trained(trl.model)
     else:
-        ours, trl = trainer_pair(stand_ins, tmp_path, with_adapter, **PLAIN_DPO)
+        ours, trl = trainer_pair(stand_ins, tmp_path, with_adapter, **PLAIN_DPO, fused_loss_input=loss_input)
         assert "ref" in ours.model.peft_config
-    assert_same_as_trl(ours, trl, f"LoRA {adapter}")
+    assert_same_as_trl(ours, trl, f"LoRA {adapter} {loss_input}")
 
 
 def test_linear_path_refuses_an_unknown_logit_transform(stand_ins, tmp_path):
