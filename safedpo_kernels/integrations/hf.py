@@ -4,9 +4,10 @@ The fused-linear functions take the decoder's last hidden states and the LM head
 skip whatever the model's own forward does after the head: Gemma 2/3 soft-cap the logits, Cohere
 scales them, Granite divides them. ``logit_transform`` reads that from the config, and
 ``check_linear_head`` verifies it against the model's own logits once, so that a transform this
-package does not know is an error rather than silently wrong log-probs. A mixture-of-experts model
-computes its router's load-balancing loss in the same skipped forward: ``router_aux_loss`` computes it
-from the decoder's outputs as the model would.
+package does not know is an error rather than silently wrong log-probs; ``lm_head`` hands out the
+head's weight and bias, refusing PEFT adapters on the head, whose update that weight does not hold.
+A mixture-of-experts model computes its router's load-balancing loss in the same skipped forward:
+``router_aux_loss`` computes it from the decoder's outputs as the model would.
 
 No import of transformers here: these read the model objects they are given.
 """
