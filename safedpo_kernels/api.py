@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._checks import check_linear_weight, check_logit_transform, check_logits_and_labels, check_pair_inputs, flat_labels
-from .autograd import LinearSafeDPOLossFunction, LinearSequenceLogpsFunction, SequenceLogpsFunction
+from .autograd import LinearSafeDPOLossFunction, LinearSequenceLogpsFunction, SequenceLogpsFunction, autocast_operands
 from .dispatch import BACKENDS, resolve_backend
 from .loss import SafeDPOOutput, check_loss_hparams, loss_from_logps
 
@@ -142,7 +142,9 @@ def linear_sequence_logps(
     Args:
         hidden: (N, T, H) padded or (total_tokens, H) packed last hidden states; float32/bfloat16/float16.
         weight: (V, H) LM head weight (tied or not; frozen is fine). A dtype other than hidden's is cast
-            once for the kernels; its gradient comes back in its own dtype.
+            once for the kernels; its gradient comes back in its own dtype. Inside torch.autocast,
+            hidden, weight and bias are taken in autocast's dtype (as F.linear would get them); the
+            logits stay float32.
         labels: (N, T) or (total_tokens,) int32/int64 token ids aligned with hidden, ``ignore_index`` for
             prompt/padding tokens (those cost nothing: only counted tokens are computed).
         bias: optional (V,) LM head bias.
@@ -158,6 +160,7 @@ def linear_sequence_logps(
     """
     layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
     check_logit_transform(logit_scale, softcap)
+    hidden, weight, bias = autocast_operands(hidden, weight, bias)
     return LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, ignore_index, average, name,
                                              float(logit_scale), None if softcap is None else float(softcap))
 
@@ -207,6 +210,7 @@ def linear_safedpo_loss(
     options = dict(ignore_index=ignore_index, average=average, beta=float(beta), delta=float(delta), swap=swap,
                    drop_both_unsafe=drop_both_unsafe, label_smoothing=float(label_smoothing), loss_type=loss_type,
                    reduction=reduction, logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap))
+    hidden, weight, bias = autocast_operands(hidden, weight, bias)
     grad_on = torch.is_grad_enabled()
     wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

@@ -59,6 +59,21 @@ def _autocast_enabled(device: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
 
+def autocast_operands(*tensors):
+    """Inside torch.autocast, the LM head's matmul operands (hidden, weight, bias) in autocast's dtype,
+    as autocast would hand them to F.linear -- differentiably, so a float32 weight still gets a float32
+    gradient; outside it, or for a device autocast does not cover, the tensors unchanged. The kernels
+    then keep the logits in float32, where autocast would have rounded them."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not _autocast_enabled(device):
+        return tensors
+    try:
+        dtype = torch.get_autocast_dtype(device)
+    except AttributeError:  # older torch
+        dtype = torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
+    return tuple(t if t is None or t.dtype in (dtype, torch.float64) else t.to(dtype) for t in tensors)
+
+
 def segment_sums(tok: torch.Tensor, counted: torch.Tensor, layout: Layout):
     """Per-sequence sums of per-token values (float64 accumulation, fixed order) and token counts."""
     if layout.padded:

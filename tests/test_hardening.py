@@ -346,36 +346,44 @@ def test_cu_seqlens_as_a_python_list(case):
 # ----------------------------------------------------------------------------- mixed precision (autocast)
 
 
-def _run_all(device, hidden, weight, logits, labels, ref, flags, backend):
-    """Every entry point's outputs and gradients, on fresh leaves."""
+def _run_all(hidden, weight, logits, labels, ref, flags, backend, cast=None):
+    """Every entry point's outputs and gradients, on fresh leaves; ``cast``: the dtype the head's
+    operands are cast to (differentiably) before the fused-linear calls."""
     from safedpo_kernels import linear_sequence_logps
 
     h, w, x = (t.detach().clone().requires_grad_() for t in (hidden, weight, logits))
     seq = sequence_logps(x, labels, backend=backend)
     loss = safedpo_loss(x, labels, ref, *flags, backend=backend).loss
     (seq.sum() + loss).backward()
-    lin_seq = linear_sequence_logps(h, w, labels, backend=backend)
-    lin = linear_safedpo_loss(h, w, labels, ref, *flags, softcap=20.0, backend=backend).loss
+    def head():  # one cast per call, as autocast does
+        return (h, w) if cast is None else (h.to(cast), w.to(cast))
+
+    lin_seq = linear_sequence_logps(*head(), labels, backend=backend)
+    lin = linear_safedpo_loss(*head(), labels, ref, *flags, softcap=20.0, backend=backend).loss
     (lin_seq.sum() + lin).backward()
     return [seq, loss, lin_seq, lin, x.grad, h.grad, w.grad]
 
 
-def test_autocast_changes_nothing(case):
-    """Inside a trainer's bf16 mixed precision (torch.autocast) every entry point gives what it gives
-    outside, with a bf16 hidden state and a float32 LM head as autocast produces them: the kernels pick
-    their own precision. (The CPU backends' chunked matmuls gave bfloat16 logits under autocast -- log-probs
-    off by ~|z| / 256 per token -- and the native backend raised.)"""
+def test_autocast_is_honoured_and_the_logits_stay_float32(case):
+    """Inside a trainer's bf16 mixed precision (torch.autocast) the fused-linear functions take the head's
+    operands in bf16, as autocast would give them to F.linear (float32 parameters still get float32
+    gradients), and everything else is computed as outside it: the result equals the call outside
+    autocast on operands cast to bf16. (The CPU backends' chunked matmuls gave bfloat16 logits under
+    autocast -- log-probs off by ~|z| / 256 per token -- and the native backend raised.)"""
     backend, device = case
     gen = torch.Generator().manual_seed(21)
     B, T, V, H = 2, 6, 97, 16
-    hidden = torch.randn(2 * B, T, H, generator=gen).bfloat16().to(device)
+    hidden = torch.randn(2 * B, T, H, generator=gen).to(device)
     weight = (torch.randn(V, H, generator=gen) / 2).to(device)
     logits = make_logits((2 * B, T, V), torch.bfloat16, device, gen)
     labels = make_labels(2 * B, T, V, gen, device)
     ref = torch.randn(2 * B, generator=gen).to(device)
     flags = make_flags(B, gen, device)
-    want = _run_all(device, hidden, weight, logits, labels, ref, flags, backend)
+    want = _run_all(hidden, weight, logits, labels, ref, flags, backend, cast=torch.bfloat16)
     with torch.autocast(device, dtype=torch.bfloat16):
-        got = _run_all(device, hidden, weight, logits, labels, ref, flags, backend)
+        got = _run_all(hidden, weight, logits, labels, ref, flags, backend)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and torch.equal(g, w)
+    assert got[5].dtype == got[6].dtype == torch.float32
+    exact = _run_all(hidden, weight, logits, labels, ref, flags, backend)  # float32 operands, no autocast
+    assert rel_err(got[2], exact[2]) > 0  # autocast did apply to the head's operands
