@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from safedpo_kernels.integrations.rows import response_id, safety_flag
+
 COLUMNS = (
     "prompt",
     "response_0",
@@ -153,33 +155,6 @@ def data_sources(cfg, split: str) -> list:
     return []
 
 
-_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
-
-
-def _as_bool(value, where: str) -> bool:
-    """A safety flag, the same in every file format: true/false, 1/0 (also 1.0/0.0), or the strings
-    true/false, 1/0, yes/no in any case."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    raise DataError(f"{where}: expected a boolean safety flag (true/false, 1/0, yes/no), got {value!r}")
-
-
-def _as_id(value, where: str) -> int:
-    """0 or 1 (also 0.0 / 1.0, or those as strings), in every file format."""
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
-        raise DataError(f"{where}: expected 0 or 1, got {value!r}")
-    return int(value)
-
-
 def check_row(row: dict, where: str) -> dict:
     """The row with validated, normalized values, or DataError naming ``where`` and the column."""
     for col in COLUMNS:
@@ -192,9 +167,9 @@ def check_row(row: dict, where: str) -> dict:
         out[col] = row[col]
     for k in (0, 1):
         col = f"is_response_{k}_safe"
-        out[col] = _as_bool(row[col], f"{where}, column {col!r}")
+        out[col] = safety_flag(row[col], f"{where}, column {col!r}", DataError)
     for col in ("better_response_id", "safer_response_id"):
-        out[col] = _as_id(row[col], f"{where}, column {col!r}")
+        out[col] = response_id(row[col], f"{where}, column {col!r}", DataError)
     return out
 
 

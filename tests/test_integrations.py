@@ -176,6 +176,26 @@ def test_safedpo_trains_and_logs_its_metrics(stand_ins, tmp_path, loss_input):
     assert {"safedpo/kept_pairs", "safedpo/swapped_pairs", "rewards/accuracies"} <= set(logged[0])
 
 
+def test_pku_rows_are_read_strictly():
+    """Flags written as strings mean what they say (bool("false") would be True), in every spelling the
+    trainer's loader accepts; anything else names the row and the column."""
+    from safedpo_kernels.integrations.trl import pku_to_preference
+
+    def rows(flag0, flag1, better):
+        return datasets.Dataset.from_list([dict(prompt="p", response_0="a", response_1="b", is_response_0_safe=flag0,
+                                                is_response_1_safe=flag1, better_response_id=better)] * 2)
+
+    for flag0, flag1, better in [("false", "True", "1"), ("no", "YES", "1"), (0, 1, 1.0), (False, True, 1)]:
+        out = pku_to_preference(rows(flag0, flag1, better))[0]
+        assert (out["chosen"], out["chosen_safe"], out["rejected_safe"]) == ("b", True, False)
+    out = pku_to_preference(rows("0", "1", "0"))[0]
+    assert (out["chosen"], out["chosen_safe"], out["rejected_safe"]) == ("a", False, True)
+    with pytest.raises(ValueError, match="row 0, column 'is_response_0_safe'.*'maybe'"):
+        pku_to_preference(rows("maybe", "true", "1"))
+    with pytest.raises(ValueError, match="row 0, column 'better_response_id'"):
+        pku_to_preference(rows("false", "true", "2"))
+
+
 def test_unsupported_options_and_missing_flags(stand_ins, tmp_path):
     from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer, SafetyPreferenceCollator
 

@@ -43,6 +43,7 @@ from ..api import linear_safedpo_loss, safedpo_loss, sequence_logps
 from ..labels import labels_from_completion_mask
 from ..loss import LOSS_TYPES, SafeDPOOutput
 from .hf import check_linear_head, lm_head, logit_transform, router_aux_loss
+from .rows import response_id, safety_flag
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
 # Batch columns that are not the model's inputs (as TRL's DPOTrainer has them, plus the safety flags).
@@ -79,14 +80,17 @@ class SafetyPreferenceCollator(DataCollatorForPreference):
 def pku_to_preference(dataset):
     """PKU-SafeRLHF rows (prompt, response_0/1, is_response_0/1_safe, better_response_id) -> TRL's
     preference columns (prompt, chosen, rejected) with chosen_safe / rejected_safe; chosen is the
-    helpfulness-preferred response, as SafeDPO expects (T does the rest)."""
+    helpfulness-preferred response, as SafeDPO expects (T does the rest). Flags and ids are read strictly
+    (bool, 0/1, or the strings true/false, 1/0, yes/no): anything else is a ValueError naming the row."""
 
-    def convert(row):
-        w = int(row["better_response_id"])
+    def convert(row, i):
+        where = f"pku_to_preference: row {i}"
+        w = response_id(row["better_response_id"], f"{where}, column 'better_response_id'")
+        safe = [safety_flag(row[f"is_response_{k}_safe"], f"{where}, column 'is_response_{k}_safe'") for k in (0, 1)]
         return dict(prompt=row["prompt"], chosen=row[f"response_{w}"], rejected=row[f"response_{1 - w}"],
-                    chosen_safe=bool(row[f"is_response_{w}_safe"]), rejected_safe=bool(row[f"is_response_{1 - w}_safe"]))
+                    chosen_safe=safe[w], rejected_safe=safe[1 - w])
 
-    return dataset.map(convert, remove_columns=dataset.column_names)
+    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
 
 
 def _add_fused_linear_loss(model) -> None:
