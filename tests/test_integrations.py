@@ -206,6 +206,11 @@ def test_unsupported_options_and_missing_flags(stand_ins, tmp_path):
     collator = SafetyPreferenceCollator(pad_token_id=0)
     with pytest.raises(KeyError, match="chosen_safe"):
         collator([{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}])
+    example = {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "chosen_safe": "false", "rejected_safe": 1}
+    batch = collator([example])
+    assert batch["chosen_safe"].tolist() == [False] and batch["rejected_safe"].tolist() == [True]
+    with pytest.raises(ValueError, match="chosen_safe.*'unsafe'"):
+        collator([{**example, "chosen_safe": "unsafe"}])
 
 
 def run_example(args, timeout=900):

@@ -73,7 +73,8 @@ class SafetyPreferenceCollator(DataCollatorForPreference):
         for name in SAFETY_COLUMNS:
             if name not in examples[0]:
                 raise KeyError(f"every example needs a {name!r} column (True = safe); see pku_to_preference")
-            out[name] = torch.tensor([bool(e[name]) for e in examples], dtype=torch.bool)
+            out[name] = torch.tensor([safety_flag(e[name], f"SafetyPreferenceCollator: column {name!r}") for e in examples],
+                                     dtype=torch.bool)
         return out
 
 
