@@ -13,7 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from safedpo_kernels import available_backends  # noqa: E402
+from safedpo_kernels import available_backends, reference, sequence_logps  # noqa: E402
 
 
 def _cases():
@@ -63,6 +63,23 @@ TOL = {
     torch.bfloat16: (1e-4, 1e-2),
     torch.float16: (1e-4, 1e-2),
 }
+
+
+def logps_and_grad(logits, labels, upstream, **kw):
+    """sequence_logps on a fresh leaf copy of logits, then backward of (out * upstream).sum():
+    (out, d/d logits). Keywords go to sequence_logps."""
+    x = logits.detach().clone().requires_grad_()
+    out = sequence_logps(x, labels, **kw)
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad
+
+
+def float64_logps_and_grad(logits, labels, upstream, **kw):
+    """The same from the float64 reference: the oracle of ``logps_and_grad``."""
+    x = logits.detach().double().requires_grad_()
+    out = reference.sequence_logps(x, labels, **kw)
+    (out * upstream.double()).sum().backward()
+    return out.detach(), x.grad
 
 
 def make_logits(shape, dtype, device, gen, scale=3.0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
-from conftest import TOL, make_flags, make_labels, make_logits, max_scaled_err, rel_err
+from conftest import TOL, float64_logps_and_grad, logps_and_grad, make_flags, make_labels, make_logits, max_scaled_err, rel_err
 
 
 def every_other(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -46,20 +46,6 @@ LOGIT_VIEWS = {
 }
 
 
-def seq_logps_and_grad(logits, labels, upstream, **kw):
-    x = logits.detach().clone().requires_grad_() if kw.pop("leaf", True) else logits
-    out = sequence_logps(x, labels, **kw)
-    (out * upstream).sum().backward()
-    return out.detach(), x.grad
-
-
-def float64_oracle(logits, labels, upstream, **kw):
-    x = logits.detach().contiguous().double().requires_grad_()
-    out = reference.sequence_logps(x, labels.contiguous(), **kw)
-    (out * upstream.double()).sum().backward()
-    return out.detach(), x.grad
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("label_view", list(LABEL_VIEWS), ids=list(LABEL_VIEWS))
 @pytest.mark.parametrize("logit_view", list(LOGIT_VIEWS), ids=list(LOGIT_VIEWS))
@@ -70,8 +56,8 @@ def test_sequence_logps_padded(case, dtype, label_view, logit_view):
     logits = make_logits((N, T, V), dtype, device, gen)
     labels = make_labels(N, T, V, gen, device)
     upstream = torch.randn(N, generator=gen).to(device)
-    want = float64_oracle(logits, labels, upstream)
-    got = seq_logps_and_grad(LOGIT_VIEWS[logit_view](logits), LABEL_VIEWS[label_view](labels), upstream, backend=backend)
+    want = float64_logps_and_grad(logits, labels, upstream)
+    got = logps_and_grad(LOGIT_VIEWS[logit_view](logits), LABEL_VIEWS[label_view](labels), upstream, backend=backend)
     assert max_scaled_err(got[0], want[0]) <= TOL[dtype][0]
     assert rel_err(got[1], want[1]) <= TOL[dtype][1]
 
@@ -85,8 +71,8 @@ def test_sequence_logps_single_row_strided_labels(case):
     strided = every_other(labels, 1)
     assert strided.reshape(-1).stride() == (2,)
     upstream = torch.ones(1, device=device)
-    want = float64_oracle(logits, labels, upstream)
-    got = seq_logps_and_grad(logits, strided, upstream, backend=backend)
+    want = float64_logps_and_grad(logits, labels, upstream)
+    got = logps_and_grad(logits, strided, upstream, backend=backend)
     assert max_scaled_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
 
 
@@ -100,9 +86,9 @@ def test_sequence_logps_packed(case, dtype):
     labels[[0, 5, 6]] = -100
     cu = torch.tensor([0, 4, 4, 11, 17], dtype=torch.int32, device=device)
     upstream = torch.randn(4, generator=gen).to(device)
-    want = float64_oracle(logits, labels, upstream, cu_seqlens=cu)
+    want = float64_logps_and_grad(logits, labels, upstream, cu_seqlens=cu)
     for x in (every_other(logits, 0), every_other(logits, 1)):
-        got = seq_logps_and_grad(x, every_other(labels, 0), upstream, cu_seqlens=every_other(cu, 0), backend=backend)
+        got = logps_and_grad(x, every_other(labels, 0), upstream, cu_seqlens=every_other(cu, 0), backend=backend)
         assert max_scaled_err(got[0], want[0]) <= TOL[dtype][0]
         assert rel_err(got[1], want[1]) <= TOL[dtype][1]
 
@@ -115,7 +101,7 @@ def test_inplace_backward_into_strided_logits(case):
     logits = make_logits((N, T, V), torch.float32, device, gen)
     labels = make_labels(N, T, V, gen, device)
     upstream = torch.randn(N, generator=gen).to(device)
-    want = float64_oracle(logits, labels, upstream)
+    want = float64_logps_and_grad(logits, labels, upstream)
     leaf = every_other(logits, 2).detach().requires_grad_()
     work = leaf * 1
     out = sequence_logps(work, every_other(labels, 1), inplace_backward=True, backend=backend)

@@ -3,25 +3,10 @@
 import pytest
 import torch
 
-from safedpo_kernels import reference, sequence_logps
-from conftest import TOL, make_labels, make_logits, max_scaled_err, pack, rel_err
+from safedpo_kernels import sequence_logps
+from conftest import TOL, float64_logps_and_grad, logps_and_grad, make_labels, make_logits, max_scaled_err, pack, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def run(logits, labels, upstream, **kw):
-    """Forward, then backward of (out * upstream).sum(); returns (out, d/d logits)."""
-    x = logits.detach().clone().requires_grad_()
-    out = sequence_logps(x, labels, **kw)
-    (out * upstream).sum().backward()
-    return out.detach(), x.grad
-
-
-def oracle(logits, labels, upstream, **kw):
-    x = logits.detach().double().requires_grad_()
-    out = reference.sequence_logps(x, labels, **kw)
-    (out * upstream.double()).sum().backward()
-    return out.detach(), x.grad
 
 
 def check(got, want, dtype):
@@ -41,8 +26,8 @@ def test_padded_matches_reference(case, dtype, average):
     logits = make_logits((N, T, V), dtype, device, gen)
     labels = make_labels(N, T, V, gen, device)
     upstream = torch.randn(N, generator=gen).to(device)
-    got = run(logits, labels, upstream, average=average, backend=backend)
-    want = oracle(logits, labels, upstream, average=average)
+    got = logps_and_grad(logits, labels, upstream, average=average, backend=backend)
+    want = float64_logps_and_grad(logits, labels, upstream, average=average)
     check(got, want, dtype)
     assert got[0][1].item() == 0.0  # the fully ignored row
     assert torch.count_nonzero(got[1][1]) == 0
@@ -60,8 +45,8 @@ def test_half_gradients_rounded_to_nearest(case, dtype):
     logits = make_logits((N, T, V), dtype, device, gen)
     labels = make_labels(N, T, V, gen, device)
     upstream = torch.randn(N, generator=gen).to(device)
-    _, grad = run(logits, labels, upstream, backend=backend)
-    _, want = oracle(logits, labels, upstream)
+    _, grad = logps_and_grad(logits, labels, upstream, backend=backend)
+    _, want = float64_logps_and_grad(logits, labels, upstream)
     differ = (grad.cpu() != want.to(dtype)).float().mean().item()
     assert differ < 0.01, f"{differ:.1%} of the gradient is not the rounded exact value"
 
@@ -76,8 +61,8 @@ def test_shifted_view_without_copy(case, dtype):
     logits = full[:, :-1]
     labels = make_labels(N, T, V, gen, device).to(torch.int32)
     upstream = torch.randn(N, generator=gen).to(device)
-    got = run(logits, labels, upstream, backend=backend)
-    want = oracle(logits, labels, upstream)
+    got = logps_and_grad(logits, labels, upstream, backend=backend)
+    want = float64_logps_and_grad(logits, labels, upstream)
     check(got, want, dtype)
 
 
@@ -92,14 +77,14 @@ def test_packed_matches_padded_and_reference(case, dtype, average):
     lengths = [7, 3, 0, 5, 6]  # includes an empty sequence
     packed, packed_labels, cu = pack(logits, labels, lengths)
     upstream = torch.randn(N, generator=gen).to(device)
-    got = run(packed, packed_labels, upstream, average=average, cu_seqlens=cu, backend=backend)
-    want = oracle(packed, packed_labels, upstream, average=average, cu_seqlens=cu)
+    got = logps_and_grad(packed, packed_labels, upstream, average=average, cu_seqlens=cu, backend=backend)
+    want = float64_logps_and_grad(packed, packed_labels, upstream, average=average, cu_seqlens=cu)
     check(got, want, dtype)
     # Same sequences, padded with ignored tokens, give the same values.
     padded_labels = labels.clone()
     for n, L in enumerate(lengths):
         padded_labels[n, L:] = -100
-    padded = run(logits, padded_labels, upstream, average=average, backend=backend)
+    padded = logps_and_grad(logits, padded_labels, upstream, average=average, backend=backend)
     assert max_scaled_err(padded[0], got[0]) <= TOL[dtype][0]
 
 
@@ -110,8 +95,8 @@ def test_deterministic_bitwise(case):
     logits = make_logits((N, T, V), torch.float32, device, gen)
     labels = make_labels(N, T, V, gen, device)
     upstream = torch.randn(N, generator=gen).to(device)
-    a = run(logits, labels, upstream, backend=backend)
-    b = run(logits, labels, upstream, backend=backend)
+    a = logps_and_grad(logits, labels, upstream, backend=backend)
+    b = logps_and_grad(logits, labels, upstream, backend=backend)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -126,7 +111,7 @@ def test_inputs_not_modified(case, packed):
     if packed:
         logits, labels, kw["cu_seqlens"] = pack(logits, labels, [6, 2, 4, 5])
     saved = [t.clone() for t in (logits, labels, *kw.values())]
-    run(logits, labels, torch.ones(N, device=device), backend=backend, **kw)
+    logps_and_grad(logits, labels, torch.ones(N, device=device), backend=backend, **kw)
     for before, after in zip(saved, (logits, labels, *kw.values())):
         assert torch.equal(before, after)
 
@@ -139,7 +124,7 @@ def test_inplace_backward_writes_into_logits(case, dtype):
     logits = make_logits((N, T + 1, V), dtype, device, gen)
     labels = make_labels(N, T, V, gen, device)
     upstream = torch.randn(N, generator=gen).to(device)
-    expected = run(logits[:, :-1], labels, upstream, backend=backend)
+    expected = logps_and_grad(logits[:, :-1], labels, upstream, backend=backend)
 
     leaf = logits.clone().requires_grad_()
     work = leaf * 1  # a non-leaf, like a model's output logits
@@ -163,8 +148,8 @@ def test_large_logits_stable(case):
     labels = make_labels(N, T, V, gen, device, prompt_max=0)
     labels[1] = torch.argmax(logits[1], dim=-1)  # a sequence of near-certain tokens
     upstream = torch.ones(N, device=device)
-    got = run(logits, labels, upstream, backend=backend)
-    want = oracle(logits, labels, upstream)
+    got = logps_and_grad(logits, labels, upstream, backend=backend)
+    want = float64_logps_and_grad(logits, labels, upstream)
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
     check(got, want, torch.float32)
 
@@ -183,11 +168,11 @@ def test_neg_inf_logits_and_nan_rows(case):
     logits[2, 0, :] = float("nan")
     labels[2, 0] = -100  # NaN at an ignored token does not count
     upstream = torch.randn(N, generator=gen).to(device)
-    out, grad = run(logits, labels, upstream, backend=backend)
+    out, grad = logps_and_grad(logits, labels, upstream, backend=backend)
     assert torch.isnan(out[0])
     assert torch.isnan(grad[0, 2]).any()
     clean = [1, 2, 3]
-    want = oracle(torch.nan_to_num(logits, nan=0.0), labels, upstream)
+    want = float64_logps_and_grad(torch.nan_to_num(logits, nan=0.0), labels, upstream)
     assert max_scaled_err(out[clean], want[0][clean]) <= 1e-5
     assert rel_err(grad[clean], want[1][clean]) <= 1e-5
     assert torch.count_nonzero(grad[2, 0]) == 0
@@ -199,10 +184,10 @@ def test_unvalidated_bad_label_gives_nan_not_a_crash(case):
     N, T, V = 4, 5, 100
     logits = make_logits((N, T, V), torch.float32, device, gen)
     labels = make_labels(N, T, V, gen, device, prompt_max=0)
-    want = oracle(logits, labels, torch.ones(N, device=device))
+    want = float64_logps_and_grad(logits, labels, torch.ones(N, device=device))
     labels[0, 1] = V + 1000
     labels[2, 3] = -7
-    out, grad = run(logits, labels, torch.ones(N, device=device), backend=backend, validate=False)
+    out, grad = logps_and_grad(logits, labels, torch.ones(N, device=device), backend=backend, validate=False)
     assert torch.isnan(out[0]) and torch.isnan(out[2])
     assert max_scaled_err(out[[1, 3]], want[0][[1, 3]]) <= 1e-5
     assert rel_err(grad[[1, 3]], want[1][[1, 3]]) <= 1e-5
