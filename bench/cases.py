@@ -28,6 +28,10 @@ class Config:
     inputs are then (N, T) with the tail ignored, as a padded training batch is. packed: the sequences
     are concatenated without padding, (total, V) or (total, H) with cu_seqlens (flash-attention's varlen
     layout).
+
+    Linear cases only -- bias: the LM head has a bias (V,). ref_model: the reference log-probs are part
+    of the step, computed under torch.no_grad from a reference model's own hidden states (N, T, H) and
+    head (V, H) (and bias), as Liger-Kernel's DPO benchmark does, instead of being given as zeros.
     """
 
     N: int
@@ -38,6 +42,8 @@ class Config:
     device: str = "cpu"
     ragged: bool = False
     packed: bool = False
+    bias: bool = False
+    ref_model: bool = False
 
     def as_dict(self):
         return asdict(self)
@@ -54,7 +60,8 @@ class Config:
 
     def label(self) -> str:
         layout = "packed" if self.packed else ("padded" if self.ragged else "")
-        return f"{self.N} x {self.T}" + (f" {layout}" if layout else "")
+        extras = [x for x, on in (("bias", self.bias), ("ref model", self.ref_model)) if on]
+        return f"{self.N} x {self.T}" + (f" {layout}" if layout else "") + "".join(f", {x}" for x in extras)
 
 
 def _has(module: str) -> bool:
@@ -194,65 +201,131 @@ def _loss_step(variant: str, cfg: Config):
 
 
 def _linear_inputs(cfg: Config):
+    """make_inputs() -> (hidden, weight, bias, labels, cu, ref): bias None unless cfg.bias; ref None, or
+    the reference model's (hidden, weight, bias) when cfg.ref_model (no gradients)."""
     dt = getattr(torch, cfg.dtype)
+
+    def head(g, grad: bool):
+        weight = torch.randn(cfg.V, cfg.H, generator=g, device=cfg.device, dtype=dt) / cfg.H**0.5
+        bias = torch.randn(cfg.V, generator=g, device=cfg.device, dtype=dt) * 0.1 if cfg.bias else None
+        return weight.requires_grad_(grad), None if bias is None else bias.requires_grad_(grad)
 
     def make_inputs():
         g = torch.Generator(device=cfg.device).manual_seed(0)
         labels, cu = _labels(cfg, g)
         hidden = _rows(cfg, cfg.H, g, dt).requires_grad_()
-        weight = (torch.randn(cfg.V, cfg.H, generator=g, device=cfg.device, dtype=dt) / cfg.H**0.5).requires_grad_()
-        return hidden, weight, labels, cu
+        weight, bias = head(g, True)
+        ref = None
+        if cfg.ref_model:
+            ref_hidden = _rows(cfg, cfg.H, g, dt)
+            ref = (ref_hidden, *head(g, False))
+        return hidden, weight, bias, labels, cu, ref
 
     return make_inputs
 
 
-def _dpo_from_token_logps(token_logps: torch.Tensor, labels: torch.Tensor, cu=None) -> torch.Tensor:
+def _sequence_sums(token_logps: torch.Tensor, labels: torch.Tensor, cu=None) -> torch.Tensor:
+    """(N,) float32 sums of counted token log-probs, padded (N, T) or packed (total,) with cu_seqlens."""
     tok = token_logps.float() * (labels != -100)
     if cu is None:
-        seq = tok.sum(-1)
-    else:
-        csum = torch.cat([tok.new_zeros(1), tok.cumsum(0)])
-        seq = csum[cu[1:].long()] - csum[cu[:-1].long()]
+        return tok.sum(-1)
+    csum = torch.cat([tok.new_zeros(1), tok.cumsum(0)])
+    return csum[cu[1:].long()] - csum[cu[:-1].long()]
+
+
+def _dpo(seq: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The DPO loss of (2B,) sequence log-probs against the reference's (2B,)."""
+    d = seq - ref
     B = seq.shape[0] // 2
-    return -torch.nn.functional.logsigmoid(BETA * (seq[:B] - seq[B:])).mean()
+    return -torch.nn.functional.logsigmoid(BETA * (d[:B] - d[B:])).mean()
 
 
-def _linear_step(variant: str, cfg: Config):
-    from safedpo_kernels import linear_safedpo_loss, reference
+def _cce_token_logps(hidden, weight, bias, labels, impl: str) -> torch.Tensor:
+    """Per-token log-probs from Cut Cross-Entropy (exact gradients: filter_eps=None; its default skips
+    small softmax entries). CCE has no bias: a bias enters as one more hidden column of ones against a
+    weight column holding the bias, padded with zeros to a multiple of 8 columns (tensor-core friendly)."""
+    from cut_cross_entropy import linear_cross_entropy
 
-    ref, cs, rs = _pair_extras(cfg)
+    if bias is not None:
+        pad = 8 - hidden.shape[-1] % 8
+        ones = hidden.new_ones(*hidden.shape[:-1], 1)
+        hidden = torch.cat([hidden, ones, hidden.new_zeros(*hidden.shape[:-1], pad - 1)], dim=-1)
+        weight = torch.cat([weight, bias.unsqueeze(1), weight.new_zeros(weight.shape[0], pad - 1)], dim=1)
+    return -linear_cross_entropy(hidden, weight, labels, reduction="none", filter_eps=None, impl=impl)
+
+
+def _linear_variant(variant: str, cfg: Config):
+    """(policy_loss(hidden, weight, bias, labels, cu, ref_logps), ref_logps(labels, cu, ref)) of a linear
+    variant; ref_logps is None where the variant takes the reference model's inputs itself (Liger)."""
+    from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
+
+    _, cs, rs = _pair_extras(cfg)
+    F = torch.nn.functional
     if variant == "eager":
-        def loss_fn(hidden, weight, labels, cu):
-            return reference.safedpo_loss(hidden @ weight.t(), labels, ref, cs, rs, beta=BETA, cu_seqlens=cu).loss
+        def loss(hidden, weight, bias, labels, cu, ref):
+            return reference.safedpo_loss(F.linear(hidden, weight, bias), labels, ref, cs, rs, beta=BETA, cu_seqlens=cu).loss
+
+        def ref_logps(labels, cu, ref_hidden, ref_weight, ref_bias):
+            return reference.sequence_logps(F.linear(ref_hidden, ref_weight, ref_bias), labels, cu_seqlens=cu)
     elif variant.startswith("ours-"):
         backend, inplace = _fused_variant(variant[len("ours-"):])
         if inplace:
             raise ValueError(f"unknown variant {variant!r}: the linear path has no in-place backward")
 
-        def loss_fn(hidden, weight, labels, cu):
-            return linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, beta=BETA, cu_seqlens=cu, backend=backend).loss
+        def loss(hidden, weight, bias, labels, cu, ref):
+            return linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, bias=bias, beta=BETA, cu_seqlens=cu,
+                                       backend=backend).loss
+
+        def ref_logps(labels, cu, ref_hidden, ref_weight, ref_bias):
+            return linear_sequence_logps(ref_hidden, ref_weight, labels, bias=ref_bias, cu_seqlens=cu, backend=backend)
+    elif variant.startswith("logits-"):
+        # The logits materialized by the model's own head (cuBLAS), then our logits kernels with the
+        # gradient written into the logits' storage: the path of a trainer that keeps its lm_head.
+        backend, inplace = _fused_variant(variant[len("logits-"):])
+
+        def loss(hidden, weight, bias, labels, cu, ref):
+            return safedpo_loss(F.linear(hidden, weight, bias), labels, ref, cs, rs, beta=BETA, cu_seqlens=cu,
+                                backend=backend, inplace_backward=inplace).loss
+
+        def ref_logps(labels, cu, ref_hidden, ref_weight, ref_bias):
+            return sequence_logps(F.linear(ref_hidden, ref_weight, ref_bias), labels, cu_seqlens=cu, backend=backend)
     elif variant == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-        liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False)
+        liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=cfg.ref_model)
 
-        def loss_fn(hidden, weight, labels, cu):
-            out = liger(weight, hidden, labels)
+        def loss(hidden, weight, bias, labels, cu, ref):
+            r = () if ref is None else ref
+            out = liger(weight, hidden, labels, bias, *r)
             return out[0] if isinstance(out, tuple) else out
-    elif variant == "cce":
-        from cut_cross_entropy import linear_cross_entropy
 
+        return loss, None
+    elif variant == "cce":
         impl = "cce" if cfg.device == "cuda" else "torch_compile"
 
-        def loss_fn(hidden, weight, labels, cu):
-            # Exact gradients (filter_eps=None): CCE's default skips small softmax entries.
-            ce = linear_cross_entropy(hidden, weight, labels, reduction="none", filter_eps=None, impl=impl)
-            return _dpo_from_token_logps(-ce, labels, cu)
+        def loss(hidden, weight, bias, labels, cu, ref):
+            return _dpo(_sequence_sums(_cce_token_logps(hidden, weight, bias, labels, impl), labels, cu), ref)
+
+        def ref_logps(labels, cu, ref_hidden, ref_weight, ref_bias):
+            return _sequence_sums(_cce_token_logps(ref_hidden, ref_weight, ref_bias, labels, impl), labels, cu)
     else:
         raise ValueError(f"unknown linear variant {variant!r}")
+    return loss, ref_logps
 
-    def step(hidden, weight, labels, cu):
-        loss = loss_fn(hidden, weight, labels, cu)
+
+def _linear_step(variant: str, cfg: Config):
+    loss_fn, ref_fn = _linear_variant(variant, cfg)
+    zeros, _, _ = _pair_extras(cfg)
+
+    def step(hidden, weight, bias, labels, cu, ref):
+        if ref is None:
+            ref_arg = zeros
+        elif ref_fn is None:
+            ref_arg = ref  # the variant runs the reference model's inputs itself
+        else:
+            with torch.no_grad():
+                ref_arg = ref_fn(labels, cu, *ref).float()
+        loss = loss_fn(hidden, weight, bias, labels, cu, ref_arg)
         loss.backward()
         return loss.detach()
 
@@ -276,15 +349,16 @@ def floor_bytes(op: str, cfg: Config) -> int:
     backward (logits ops); hidden + weight in and their gradients out (linear)."""
     elt = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     if op == "linear_safedpo_loss":
-        return 2 * elt * (cfg.tokens() * cfg.H + cfg.V * cfg.H)
+        return (2 + cfg.ref_model) * elt * (cfg.tokens() * cfg.H + cfg.V * cfg.H)
     return 3 * elt * cfg.tokens() * cfg.V
 
 
 def floor_flops(op: str, cfg: Config) -> int:
     """The least matmul work of the linear path: 3 matmuls (logits, d hidden, d weight) over the counted
-    (response) tokens, the only ones whose logits matter. A design that recomputes the logits in
-    backward does a fourth."""
+    (response) tokens, the only ones whose logits matter, plus the reference model's logits (a 4th)
+    when the step computes the reference log-probs. A design that recomputes the policy's logits in
+    backward does one more."""
     if op != "linear_safedpo_loss":
         return 0
     counted = sum(L - L // 4 for L in cfg.lengths())
-    return 3 * 2 * counted * cfg.V * cfg.H
+    return (3 + cfg.ref_model) * 2 * counted * cfg.V * cfg.H

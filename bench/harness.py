@@ -21,7 +21,7 @@ def _sync(device: str) -> None:
 
 
 def measure(make_inputs, step, device: str, repeats: int = 3) -> dict:
-    times, peaks = [], []
+    times, peaks, totals = [], [], []
     out = None
     first_s = 0.0
     for i in range(repeats + 1):
@@ -35,6 +35,7 @@ def measure(make_inputs, step, device: str, repeats: int = 3) -> dict:
         if i:  # the first run is the warm-up (and, for torch.compile, the compilation)
             times.append(elapsed)
             peaks.append(mem.peak_bytes)
+            totals.append(mem.total_peak_bytes)
         else:
             first_s = elapsed
         del inputs
@@ -44,5 +45,6 @@ def measure(make_inputs, step, device: str, repeats: int = 3) -> dict:
         max_s=max(times),
         first_s=first_s,
         peak_bytes=max(peaks),
+        total_peak_bytes=max(totals),
         value=float(out.detach().double().sum()) if out is not None else float("nan"),
     )

@@ -29,6 +29,17 @@ def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = F
     return value
 
 
+def env_choice(name: str, default: str, choices: tuple) -> str:
+    """The value of environment variable ``name`` (lower case), one of ``choices``; unset or empty gives
+    ``default``; anything else is a ValueError naming the variable and the choices."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {os.environ[name]!r}")
+    return text
+
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

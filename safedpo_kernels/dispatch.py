@@ -42,7 +42,7 @@ class Backend(Protocol):
             logp_forward, without keeping the logits.
         linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index, logit_scale, softcap) -> (rows, V)
             d loss / d z0 in the weight's dtype, logits recomputed.
-        dlogits_chunk_rows(V, dtype) -> int: rows per linear_dlogits call (bounds its buffer).
+        dlogits_chunk_rows(V, dtype, device) -> int: rows per linear_dlogits call (bounds its buffer).
     """
 
     def logp_forward(self, logits: torch.Tensor, labels: torch.Tensor, layout: Layout,
@@ -67,7 +67,7 @@ class Backend(Protocol):
                        labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, ignore_index: int,
                        logit_scale: float, softcap: Optional[float]) -> torch.Tensor: ...
 
-    def dlogits_chunk_rows(self, V: int, dtype: torch.dtype) -> int: ...
+    def dlogits_chunk_rows(self, V: int, dtype: torch.dtype, device: torch.device) -> int: ...
 
 
 def native_available() -> bool:

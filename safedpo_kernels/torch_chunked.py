@@ -3,7 +3,12 @@
 Token rows are processed in chunks, so at most one chunk of float32 (rows x V) temporaries exists at a
 time; backward recomputes the softmax from the saved per-token log-sum-exp instead of keeping it. Works
 on any device PyTorch supports. The chunk size comes from a byte budget (``SAFEDPO_CHUNK_BYTES``,
-default 32 MiB of float32 per temporary).
+default 32 MiB of float32 per temporary; 256 MiB on CUDA, where a 32 MiB chunk of a 128k vocabulary is
+65 rows: too few for a matmul to fill the card, and one launch per few microseconds of work).
+
+On CUDA the fused-linear matmuls of bf16/fp16 operands run on the tensor cores with float32
+accumulation and a float32 result (``torch.mm(..., out_dtype=torch.float32)``): the logits are as
+exact as a float32 matmul's, at the half-precision rate. Elsewhere the operands are promoted to float32.
 """
 
 from __future__ import annotations
@@ -16,12 +21,19 @@ from ._checks import Layout
 from ._env import env_int
 
 DEFAULT_CHUNK_BYTES = 32 << 20
+CUDA_CHUNK_BYTES = 256 << 20
+_HALF = (torch.bfloat16, torch.float16)
+# torch.mm(a, b, out_dtype=torch.float32) for half operands: CUDA only, torch >= 2.8.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def chunk_rows_for(vocab: int, budget_bytes: int | None = None) -> int:
-    """Rows per chunk such that one float32 (rows x vocab) temporary stays within the budget."""
-    budget = budget_bytes if budget_bytes is not None else env_int("SAFEDPO_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
-    return max(1, budget // (4 * vocab))
+def chunk_rows_for(vocab: int, budget_bytes: int | None = None, device=None) -> int:
+    """Rows per chunk such that one float32 (rows x vocab) temporary stays within the budget
+    (``SAFEDPO_CHUNK_BYTES``; default 32 MiB, 256 MiB for CUDA ``device``)."""
+    if budget_bytes is None:
+        cuda = device is not None and torch.device(device).type == "cuda"
+        budget_bytes = env_int("SAFEDPO_CHUNK_BYTES", CUDA_CHUNK_BYTES if cuda else DEFAULT_CHUNK_BYTES)
+    return max(1, budget_bytes // (4 * vocab))
 
 
 def _flat(x: torch.Tensor, layout: Layout):
@@ -94,7 +106,7 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
     """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
     tok = torch.empty(layout.rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(tok)
-    chunk = chunk_rows_for(logits.shape[-1])
+    chunk = chunk_rows_for(logits.shape[-1], device=logits.device)
     for r0, r1, (view,) in row_chunks(layout, chunk, logits):
         tok[r0:r1], lse[r0:r1] = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index)
     return tok, lse
@@ -111,7 +123,7 @@ def grad_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int, softcap=None) -> None:
     """Write g_tok * (onehot - softmax) into grad (logits' shape; may be logits itself), times the
     softcap derivative 1 - (logits / softcap)^2 when ``softcap`` is set."""
-    chunk = chunk_rows_for(logits.shape[-1])
+    chunk = chunk_rows_for(logits.shape[-1], device=logits.device)
     for r0, r1, (src, dst) in row_chunks(layout, chunk, logits, grad):
         x = src.float()
         dst.copy_(grad_from_chunk(x, labels[r0:r1], lse[r0:r1], g_tok[r0:r1], ignore_index, overwrite=x is not src,
@@ -121,9 +133,27 @@ def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index
 # ---- fused-linear path: logits = hidden @ weight.T + bias, one chunk of rows at a time ----
 
 
+def half_matmul(device, dtype: torch.dtype) -> bool:
+    """True where bf16/fp16 operands multiply on the tensor cores into a float32 result (CUDA)."""
+    return _MM_OUT_DTYPE and torch.device(device).type == "cuda" and dtype in _HALF
+
+
 def prepare_weight(weight: torch.Tensor, bias, hidden_dtype: torch.dtype):
-    """float32 operands for the chunked matmuls (one float32 copy of a bf16/fp16 weight)."""
-    return weight.float(), None if bias is None else bias.float()
+    """The operands of the chunked matmuls: on CUDA, half-precision hidden states keep a weight in their
+    dtype (tensor cores, float32 results); otherwise a float32 weight (one float32 copy of a bf16/fp16
+    weight). The bias is float32, added to the float32 logits."""
+    b = None if bias is None else bias.float()
+    if half_matmul(weight.device, hidden_dtype):
+        return (weight if weight.dtype == hidden_dtype else weight.to(hidden_dtype)), b
+    return weight.float(), b
+
+
+def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as a float32 tensor: half operands on CUDA accumulate and return in float32 on the tensor
+    cores; anything else is multiplied in float32."""
+    if a.dtype == b.dtype and half_matmul(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def transform_(z: torch.Tensor, logit_scale: float, softcap) -> torch.Tensor:
@@ -135,7 +165,13 @@ def transform_(z: torch.Tensor, logit_scale: float, softcap) -> torch.Tensor:
 
 def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, softcap=None) -> torch.Tensor:
     """The float32 (rows, V) logits of one chunk of rows, transformed (weight/bias from prepare_weight)."""
-    return transform_(torch.nn.functional.linear(hidden.float(), weight, bias), logit_scale, softcap)
+    if weight.dtype == torch.float32:
+        z = torch.nn.functional.linear(hidden.float(), weight, bias)
+    else:
+        z = matmul_float32(hidden.to(weight.dtype), weight.t())
+        if bias is not None:
+            z += bias
+    return transform_(z, logit_scale, softcap)
 
 
 def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int,
@@ -148,7 +184,7 @@ def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ign
     rows = hidden.shape[0]
     tok = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(tok)
-    chunk = chunk_rows_for(weight.shape[0])
+    chunk = chunk_rows_for(weight.shape[0], device=hidden.device)
     for r0 in range(0, rows, chunk):
         r1 = min(r0 + chunk, rows)
         z = linear_logits(hidden[r0:r1], weight, bias, logit_scale, softcap)
@@ -158,12 +194,13 @@ def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ign
 
 def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, logit_scale: float = 1.0, softcap=None,
                    grad_fn=grad_from_chunk) -> torch.Tensor:
-    """d loss / d (hidden @ weight.T + bias), (rows, V) float32, for one chunk of rows, logits recomputed;
-    through the transform (its scale and softcap derivative)."""
+    """d loss / d (hidden @ weight.T + bias), (rows, V) in the weight's dtype (the gradient matmuls'),
+    for one chunk of rows, logits recomputed; through the transform (its scale and softcap derivative)."""
     z = linear_logits(hidden, weight, bias, logit_scale, softcap)
-    return grad_fn(z, labels, lse, g * logit_scale, ignore_index, overwrite=True, softcap=softcap)
+    dz = grad_fn(z, labels, lse, g * logit_scale, ignore_index, overwrite=True, softcap=softcap)
+    return dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
 
 
-def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:
+def dlogits_chunk_rows(V: int, dtype: torch.dtype, device=None) -> int:
     """Rows per backward chunk: one float32 (rows x V) buffer within the chunk budget."""
-    return chunk_rows_for(V)
+    return chunk_rows_for(V, device=device)

@@ -31,8 +31,15 @@ def test_gpu_check_dry_run(tmp_path):
     ok = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
     assert ("sequence_logps", "triton") in ok and ("linear_safedpo_loss", "ours-triton") in ok
     assert all(r["matches"] == "yes" for r in rows if r["status"] == "ok")
-    # The table is printed last.
-    assert res.stdout.rstrip().splitlines()[-1].startswith("| linear_safedpo_loss")
+    # Liger's DPO case (bias, a reference model) and the cuBLAS-GEMM setting ran.
+    assert any(r["ref_model"] == "True" and r["bias"] == "True" and r["status"] == "ok" for r in rows)
+    assert any(r["settings"] == "LINEAR_GEMM=cublas" and r["status"] == "ok" for r in rows)
+    # The targets follow the table; the accuracy stage checked every backend; everything is in the log.
+    assert "## Targets" in text and "- logits path, in place:" in text
+    accuracy = next(tmp_path.glob("gpu-accuracy-*.txt")).read_text()
+    assert accuracy.count("-> ok") == 12 and "FAILED" not in accuracy
+    assert res.stdout.rstrip().splitlines()[-1] == "== gpu_check status: 0 =="
+    assert "== benchmark ==" in (tmp_path / "gpu_check.log").read_text()
 
 
 def test_suite_writes_csv_markdown_plot(tmp_path):

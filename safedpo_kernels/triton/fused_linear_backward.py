@@ -56,7 +56,7 @@ def dlogits_launch(hidden, weight, bias, labels, lse, g, dz, logit_scale: float 
                        softcap=softcap)
 
 
-def dlogits_chunk_rows(V: int, dtype: torch.dtype) -> int:
+def dlogits_chunk_rows(V: int, dtype: torch.dtype, device=None) -> int:
     """Rows per backward chunk: one (rows x V) gradient buffer within SAFEDPO_LINEAR_CHUNK_BYTES (1 GiB)."""
     budget = env_int("SAFEDPO_LINEAR_CHUNK_BYTES", 1 << 30)
     return max(1, budget // (V * torch.finfo(dtype).bits // 8))

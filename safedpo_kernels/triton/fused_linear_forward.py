@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import env_int
+from .. import torch_chunked
+from .._env import env_choice, env_int
 from ._utils import INTERPRETED, Launch, online_lse_update
 
 
@@ -181,7 +182,10 @@ def logits_launch(hidden, weight, bias, z, logit_scale: float = 1.0, softcap=Non
 
 
 def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, softcap=None) -> torch.Tensor:
-    """The float32 (rows, V) logits of one chunk of rows, transformed, by a Triton GEMM kernel."""
+    """The float32 (rows, V) logits of one chunk of rows, transformed, by a Triton GEMM kernel, or by
+    cuBLAS (float32 accumulation and result from half operands) when SAFEDPO_LINEAR_GEMM=cublas."""
+    if env_choice("SAFEDPO_LINEAR_GEMM", "triton", ("triton", "cublas")) == "cublas":
+        return torch_chunked.linear_logits(hidden, weight, None if bias is None else bias.float(), logit_scale, softcap)
     z = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
     if hidden.shape[0]:
         logits_launch(hidden.contiguous(), weight, bias, z, logit_scale, softcap)()
