@@ -14,10 +14,10 @@
    Cross-Entropy and eager, beside the H100 figures Liger publishes for that case.
 4. The fused-linear path at N=8, T=4096, H=4096, V=128256 against the 3-matmul floor (3 x 2·M·H·V over
    the M counted tokens / the measured bf16 matmul rate), the same variants.
-5. The shape PKU-SafeRLHF training has: 64 pairs of short sequences (64-128 tokens per side),
-   V = 32000 and 151936, padded and packed (cu_seqlens).
-6. Tile settings, at most two per path, through the launchers' environment variables; then
-   torch.compile of the eager logits path (a minute of compilation, so last).
+5. Tile settings, at most two per path, through the launchers' environment variables.
+6. The shape PKU-SafeRLHF training has: 64 pairs of short sequences (64-128 tokens per side),
+   V = 32000 and 151936, padded and packed (cu_seqlens); then torch.compile of the eager logits path
+   (a minute of compilation, so last).
 Cases that would start after --budget-s seconds are skipped, so that gpu_check.sh stays within its time.
 Writes gpu-<card>-<date>.csv/.md/.json under --out and prints the table and the targets last.
 """
@@ -142,16 +142,14 @@ def configs(dry: bool) -> dict:
 
 
 def plan(dry: bool) -> list:
-    """(op, cfg, variants, settings) in the order they run: what the targets need first, then the
-    PKU-SafeRLHF shapes, then tile settings (environment overrides of the launchers, at most two per
-    path), and torch.compile last."""
+    """(op, cfg, variants, settings) in the order they run: what the targets need first, then tile
+    settings (environment overrides of the launchers, at most two per path), then the PKU-SafeRLHF
+    shapes, and torch.compile last."""
     c = configs(dry)
     long, liger = c["long"], c["liger"]
     out = [("sequence_logps", long, ["eager", "triton", "triton-inplace"], {}),
            ("linear_safedpo_loss", liger, LINEAR_VARIANTS, {}),
            ("linear_safedpo_loss", long, LINEAR_VARIANTS, {})]
-    out += [("sequence_logps", cfg, ["eager", "trl", "triton", "triton-inplace"], {}) for cfg in c["short"]]
-    out += [("linear_safedpo_loss", cfg, ["eager", "ours-triton", "ours-torch", "liger", "cce"], {}) for cfg in c["short"]]
     # Logits path: half and twice the default 8192-element vocabulary step.
     out += [("sequence_logps", long, ["triton-inplace"], {"SAFEDPO_TRITON_BLOCK_V": "4096"}),
             ("sequence_logps", long, ["triton-inplace"], {"SAFEDPO_TRITON_BLOCK_V": "16384", "SAFEDPO_TRITON_TILE": "16384"})]
@@ -161,6 +159,9 @@ def plan(dry: bool) -> list:
         out += [("linear_safedpo_loss", cfg, ["ours-triton"], {"SAFEDPO_LINEAR_GEMM": "cublas"}),
                 ("linear_safedpo_loss", cfg, ["ours-triton"], {"SAFEDPO_LINEAR_BLOCK_N": "256"}),
                 ("linear_safedpo_loss", cfg, ["ours-triton", "ours-torch"], {"SAFEDPO_LINEAR_LOSS_CHUNK_BYTES": str(1 << 30)})]
+    # The PKU-SafeRLHF shapes (Liger recompiles for each).
+    out += [("sequence_logps", cfg, ["eager", "trl", "triton", "triton-inplace"], {}) for cfg in c["short"]]
+    out += [("linear_safedpo_loss", cfg, ["eager", "ours-triton", "ours-torch", "liger", "cce"], {}) for cfg in c["short"]]
     # torch.compile recompiles for every shape (about a minute each): the long case only.
     out.append(("sequence_logps", long, ["compile"], {}))
     return out

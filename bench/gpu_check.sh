@@ -91,7 +91,7 @@ if has bench; then
     TRITON_INTERPRET=1 timeout 300 "$PY" -m bench.gpu_bench --dry-run --out "$OUT" 2>&1 | tee -a "$LOG"
   else
     # Cases that would start after BENCH_BUDGET_S are skipped; the hard limit is for a hang.
-    timeout $(( ${BENCH_BUDGET_S:-150} + 60 )) "$PY" -m bench.gpu_bench --out "$OUT" --budget-s "${BENCH_BUDGET_S:-150}" 2>&1 | tee -a "$LOG"
+    timeout $(( ${BENCH_BUDGET_S:-180} + 60 )) "$PY" -m bench.gpu_bench --out "$OUT" --budget-s "${BENCH_BUDGET_S:-180}" 2>&1 | tee -a "$LOG"
   fi
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
