@@ -78,7 +78,7 @@ def _meta(shape, dtype, stride=None):
 
 def _logits_layouts(rows: int, V: int, dtype: torch.dtype):
     """(name, logits, Layout) for the padded, packed and shifted-view (logits[:, :-1]) layouts."""
-    from safedpo_kernels._checks import Layout
+    from safedpo_kernels._layout import Layout
 
     T = min(rows, 4096) if rows < 100 else max(50, min(rows // 2, 4096))
     N = max(1, rows // T)
@@ -111,7 +111,7 @@ def linear_launches(quick: bool = False):
     path's two tile kernels (linear_sequence_logps), and the gradient-in-forward loss's chunk of float32
     logits followed by the logits-path kernels on it, its gradient stored in the matmul dtype. Every
     kernel with and without a softcap (Gemma 2/3); the softcap is a compile-time switch."""
-    from safedpo_kernels._checks import Layout
+    from safedpo_kernels._layout import Layout
     from safedpo_kernels.triton.fused_linear_backward import dlogits_launch
     from safedpo_kernels.triton.fused_linear_forward import forward_launch, logits_launch
     from safedpo_kernels.triton.logprob_backward import backward_launch

@@ -21,8 +21,11 @@ from typing import Any, List, Optional
 
 import yaml
 
+from safedpo_kernels.dispatch import BACKENDS
+from safedpo_kernels.integrations.hf import LOSS_INPUTS
+from safedpo_kernels.options import LOSS_TYPES, REDUCTIONS, LossOptions
+
 MODES = ("safedpo", "dpo-helpful", "dpo-harmless", "dpo-safebetter", "noswap")
-LOSS_INPUTS = ("logits", "linear", "eager")
 
 
 def loss_flags(mode: str, delta: float) -> dict:
@@ -66,6 +69,7 @@ class TrainConfig:
     delta: float = 10.0
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"  # sigmoid (SafeDPO) | robust | hinge | ipo
+    reduction: str = "mean"  # the step's loss over the kept pairs of its global batch: mean | sum
     average_logps: bool = False
     loss_input: str = "logits"  # logits (fused kernel, in-place backward) | linear (no logits) | eager (baseline)
     backend: str = "auto"
@@ -104,9 +108,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """ValueError naming the first key whose value is out of range or inconsistent."""
-        choices = dict(mode=MODES, loss_input=LOSS_INPUTS, reference=("precompute", "live"),
-                       loss_type=("sigmoid", "robust", "hinge", "ipo"), device=("auto", "cuda", "cpu"),
-                       backend=("auto", "triton", "native", "torch"))
+        choices = dict(mode=MODES, loss_input=LOSS_INPUTS, reference=("precompute", "live"), loss_type=LOSS_TYPES,
+                       reduction=REDUCTIONS, device=("auto", "cuda", "cpu"), backend=BACKENDS)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -115,18 +118,15 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "stop_at_step", "eval_every", "save_every", "save_total_limit", "seed", "weight_decay", "clip_grad_norm",
-                    "delta", "temperature"):
+        for key in ("warmup_steps", "stop_at_step", "eval_every", "save_every", "save_total_limit", "seed", "weight_decay",
+                    "clip_grad_norm", "temperature", "delta"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        self.loss_options()  # beta, delta, label_smoothing (and loss_type with it): the loss's own checks
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.safety_label_noise <= 1.0:
             raise ValueError(f"safety_label_noise must be in [0, 1], got {self.safety_label_noise}")
-        if not 0.0 <= self.label_smoothing <= 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.max_prompt_length >= self.max_length:
@@ -145,6 +145,12 @@ class TrainConfig:
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora (there are no adapters to merge)")
         return self
+
+    def loss_options(self) -> LossOptions:
+        """The loss this config trains and evaluates: beta, label_smoothing, loss_type, reduction,
+        average_logps, and the mode's delta / swap / drop_both_unsafe (see ``loss_flags``)."""
+        return LossOptions(beta=self.beta, label_smoothing=self.label_smoothing, loss_type=self.loss_type,
+                           reduction=self.reduction, average=self.average_logps, **loss_flags(self.mode, self.delta))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))

@@ -17,10 +17,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from safedpo_kernels.loss import loss_from_logps
-
 from .collate import make_batch
-from .config import loss_flags
 from .data import data_sources, encode_prompt, load_examples
 from .model import PolicyLogps, build_model, load_tokenizer
 
@@ -34,35 +31,33 @@ def reward_stats(out) -> tuple:
 
 @torch.no_grad()
 def evaluate_pairs(policy: PolicyLogps, reference, examples, cfg, pad_id: int, packed: bool, device) -> dict:
-    """Held-out loss, reward accuracy, safe-over-unsafe accuracy and mean margin (see the module docstring)."""
-    flags = loss_flags(cfg.mode, cfg.delta)
+    """Held-out loss (cfg's loss and reduction over the kept pairs), reward accuracy, safe-over-unsafe
+    accuracy and mean margin (see the module docstring), through the same forward as training."""
+    options = cfg.loss_options()
+    per_batch = options.replace(reduction="sum")
     totals = dict(loss=0.0, kept=0, correct=0, margin=0.0, mixed=0, safe_wins=0)
     policy.eval()
     for s in range(0, len(examples), cfg.batch_size):
         idx = list(range(s, min(s + cfg.batch_size, len(examples))))
         batch = make_batch(examples, idx, pad_id, packed, device)
-        logps = policy(batch).float()
-        ref = reference(batch, "eval")
-        out = loss_from_logps(logps, ref, batch["chosen_safe"], batch["rejected_safe"], cfg.beta,
-                              label_smoothing=cfg.label_smoothing, **flags)
-        k = int(out.kept.sum())
-        totals["loss"] += float(out.loss) * k
-        totals["kept"] += k
+        out = policy(batch, loss=per_batch, ref_logps=reference(batch, "eval")).result
+        totals["loss"] += float(out.loss)
+        totals["kept"] += int(out.kept.sum())
         c, m = reward_stats(out)
         totals["correct"] += c
         totals["margin"] += m
         # Safe over unsafe, on the data's own pairs (before T): one safe and one unsafe response.
-        B = len(idx)
-        reward = cfg.beta * (logps - ref)
+        data_w = torch.where(out.swapped, out.rejected_rewards, out.chosen_rewards)
+        data_l = torch.where(out.swapped, out.chosen_rewards, out.rejected_rewards)
         cs, rs = batch["chosen_safe"], batch["rejected_safe"]
         mixed = cs != rs
-        safe_higher = torch.where(cs, reward[:B] > reward[B:], reward[B:] > reward[:B])
+        safe_higher = torch.where(cs, data_w > data_l, data_l > data_w)
         totals["mixed"] += int(mixed.sum())
         totals["safe_wins"] += int((safe_higher & mixed).sum())
     policy.train()
     kept = max(totals["kept"], 1)
     return dict(
-        eval_loss=totals["loss"] / kept,
+        eval_loss=totals["loss"] / kept if options.reduction == "mean" else totals["loss"],
         eval_reward_accuracy=totals["correct"] / kept,
         eval_margin=totals["margin"] / kept,
         eval_safe_over_unsafe=totals["safe_wins"] / max(totals["mixed"], 1),

@@ -17,14 +17,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
-from safedpo_kernels.integrations.hf import check_linear_head, lm_head, logit_transform, router_aux_loss, router_config
-from safedpo_kernels.loss import safedpo_loss_from_logps
+from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, router_config
+from safedpo_kernels.options import LossOptions
 
 TINY_LLAMA = dict(
     hidden_size=64,
@@ -136,73 +135,47 @@ def is_lora(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-class PolicyOutput(NamedTuple):
-    """The policy's SafeDPO loss output and the router's auxiliary loss (None without a router)."""
-
-    loss: object  # SafeDPOOutput
-    aux_loss: Optional[torch.Tensor]
-
-
 class PolicyLogps(nn.Module):
     """batch -> (2B,) float32 sequence log-probs of its labels, or with ``loss`` its SafeDPO loss.
 
-    loss_input="logits": the model's logits through the fused kernels with an in-place backward (the
-    logits' memory holds their gradient). loss_input="linear": the decoder's last hidden states and the
-    LM head weight through the fused-linear functions, so the logits are never materialized; the loss
-    forms its gradients in the forward (3 matmuls). loss_input="eager": plain PyTorch (log_softmax,
-    gather, sum), a baseline. The loss is computed inside forward, so that DDP sees it.
+    The way from the model to the loss is safedpo_kernels.integrations.hf.CausalLMLoss (shared with the
+    TRL integration): loss_input "logits" (fused kernels, in-place backward), "linear" (the decoder's
+    hidden states and the LM head, no logits; the model's logit transform is checked here, at
+    construction) or "eager" (the plain PyTorch baseline). The loss is computed inside forward, so that
+    DDP sees it; wrapping this module (not the bare model) in DDP keeps the fused-linear path, which
+    calls the decoder and the LM head separately, inside DDP's forward.
 
-    ``router_aux``: add a mixture-of-experts router's load-balancing loss to the result (its
-    coefficient is the trainer's business).
+    ``router_aux``: also return a mixture-of-experts router's load-balancing loss.
     """
 
     def __init__(self, model, loss_input: str = "logits", average: bool = False, backend: str = "auto",
                  router_aux: bool = False):
         super().__init__()
         self.model = model
-        self.loss_input = loss_input
         self.average = average
-        self.backend = backend
-        self.router = router_config(model) if router_aux else None
-        self.transform = logit_transform(model)
-        if loss_input == "linear":
-            check_linear_head(model, self.transform)
+        self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, instead="loss_input: logits")
+        self.adapter.check_head(model)
 
-    def _aux_loss(self, outputs, attention_mask) -> Optional[torch.Tensor]:
-        return None if self.router is None else router_aux_loss(self.model, outputs, attention_mask)
+    @property
+    def loss_input(self) -> str:
+        return self.adapter.loss_input
 
-    def forward(self, batch: dict, loss: Optional[dict] = None):
-        """``loss``: None for the (2B,) log-probs; else the keywords of the SafeDPO loss (ref_logps,
-        beta, delta, ...), and the result is a ``PolicyOutput``."""
-        packed = "cu_seqlens" in batch
+    @property
+    def backend(self) -> str:
+        return self.adapter.backend
+
+    def forward(self, batch: dict, loss: Optional[LossOptions] = None, ref_logps=None):
+        """Without ``loss``: the (2B,) log-probs (means with ``average``). With the loss's options (whose
+        average must be this module's) and the reference log-probs: a ModelLoss(SafeDPOOutput, aux_loss)."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # No KV cache in training: with one, transformers would not build the block-diagonal attention of
         # a packed batch from its position ids (it only does so for cache-free forwards).
         inputs["use_cache"] = False
-        if self.router is not None and loss is not None:
-            inputs["output_router_logits"] = True
-        kw = dict(average=self.average, backend=self.backend, cu_seqlens=batch.get("cu_seqlens"))
-        pair = None if loss is None else (loss.pop("ref_logps"), batch["chosen_safe"], batch["rejected_safe"])
-        if self.loss_input == "linear":
-            outputs = self.model.get_decoder()(**inputs)
-            hidden = outputs.last_hidden_state
-            hidden = hidden[0] if packed else hidden
-            weight, bias = lm_head(self.model)
-            if pair is None:
-                return linear_sequence_logps(hidden, weight, batch["labels"], bias=bias, **kw, **self.transform)
-            out = linear_safedpo_loss(hidden, weight, batch["labels"], *pair, bias=bias, **kw, **self.transform, **loss)
-            return PolicyOutput(out, self._aux_loss(outputs, batch.get("attention_mask")))
-        outputs = self.model(**inputs)
-        logits = outputs.logits[0] if packed else outputs.logits
-        if self.loss_input == "eager":  # the plain PyTorch baseline, for comparisons
-            logps = reference.sequence_logps(logits, batch["labels"], average=self.average, cu_seqlens=batch.get("cu_seqlens")).float()
-            if pair is None:
-                return logps
-            out = safedpo_loss_from_logps(logps, *pair, **loss)
-        else:
-            # In-place backward only where the logits are ours alone; under torch.no_grad nothing is saved.
-            kw["inplace_backward"] = torch.is_grad_enabled()
-            if pair is None:
-                return sequence_logps(logits, batch["labels"], **kw)
-            out = safedpo_loss(logits, batch["labels"], *pair, **kw, **loss)
-        return PolicyOutput(out, self._aux_loss(outputs, batch.get("attention_mask")))
+        request = None
+        if loss is not None:
+            if loss.average != self.average:
+                raise ValueError(f"the loss's average={loss.average} differs from the policy's average={self.average}")
+            request = PairLoss(ref_logps, batch["chosen_safe"], batch["rejected_safe"], loss)
+        out = self.adapter(self.model, inputs, batch["labels"], cu_seqlens=batch.get("cu_seqlens"), average=self.average,
+                           loss=request)
+        return out if loss is not None else out.result

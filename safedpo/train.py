@@ -17,24 +17,19 @@ from pathlib import Path
 
 import torch
 
-from safedpo_kernels.loss import check_loss_hparams
+from safedpo_kernels.loss import safety_transform
+from safedpo_kernels.options import LossOptions
 
 from .checkpoint import (load_checkpoint, load_sharded_checkpoint, remove_leftovers, resume_point, save_checkpoint,
                          save_sharded_checkpoint, seed_everything)
 from .collate import batch_stream, make_batch
-from .config import TrainConfig, config_json, loss_flags
+from .config import TrainConfig, config_json
 from .data import data_sources, load_examples
 from .distributed import Dist, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
 from .model import PolicyLogps, apply_lora, build_model, load_tokenizer, quiet_libraries, router_config
 from .progress import Progress
 from .reference import Reference
-
-
-def kept_mask(batch: dict, drop_both_unsafe: bool) -> torch.Tensor:
-    """Pairs the loss keeps (T drops a both-unsafe pair when drop_both_unsafe)."""
-    both_unsafe = ~batch["chosen_safe"] & ~batch["rejected_safe"]
-    return ~both_unsafe if drop_both_unsafe else torch.ones_like(both_unsafe)
 
 
 def cosine_schedule(optimizer, warmup: int, total: int):
@@ -110,23 +105,26 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def train_step(wrapped, reference, micro: list, cfg: TrainConfig, flags: dict, dd: Dist, aux_coef: float = 0.0) -> dict:
+def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, aux_coef: float = 0.0) -> dict:
     """Forward and backward over one global batch's micro-batches; gradients left in the parameters.
 
-    Each micro-batch's loss is the sum over its kept pairs, divided by the kept pairs of the whole global
-    batch (known from the safety flags before any forward), so the step's gradient is that of the global
-    mean however the batch is split. A mixture-of-experts router's load-balancing loss is added with
-    ``aux_coef`` (as TRL does), averaged over the micro-batches, and logged as aux_loss.
+    Each micro-batch's loss is the sum over its kept pairs; with ``options.reduction`` "mean" it is
+    divided by the kept pairs of the whole global batch (known from the safety flags before any
+    forward), so the step's gradient is that of the global mean (or sum) however the batch is split.
+    A mixture-of-experts router's load-balancing loss is added with ``aux_coef`` (as TRL does), averaged
+    over the micro-batches, and logged as aux_loss.
     """
-    (global_kept,) = dd.sum([sum(int(kept_mask(b, flags["drop_both_unsafe"]).sum()) for b in micro)])
+    kept_here = sum(int(safety_transform(b["chosen_safe"], b["rejected_safe"], options).kept.sum()) for b in micro)
+    (global_kept,) = dd.sum([kept_here])
+    # DDP averages gradients over the ranks: world / global kept makes the step the global mean.
+    scale = dd.world / max(global_kept, 1.0) if options.reduction == "mean" else float(dd.world)
+    per_batch = options.replace(reduction="sum")
     loss_sum = correct = margin = tokens = aux_sum = 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dd.device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for b in micro:
         with autocast:
-            out, aux = wrapped(b, loss=dict(ref_logps=reference(b), beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                                            reduction="sum", **flags))
-        # DDP averages gradients over the ranks: world / global kept makes the step the global mean.
-        total = out.loss * (dd.world / max(global_kept, 1.0))
+            out, aux = wrapped(b, loss=per_batch, ref_logps=reference(b))
+        total = out.loss * scale
         if aux is not None:  # the router's load-balancing loss, averaged over the micro-batches
             total = total + aux_coef * aux / len(micro)
             aux_sum += float(aux.detach()) / len(micro)
@@ -138,7 +136,8 @@ def train_step(wrapped, reference, micro: list, cfg: TrainConfig, flags: dict, d
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
     loss_sum, correct, margin, tokens, aux_sum = dd.sum([loss_sum, correct, margin, tokens, aux_sum])
     kept = max(global_kept, 1)
-    stats = dict(loss=loss_sum / kept, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
+    loss = loss_sum / kept if options.reduction == "mean" else loss_sum
+    stats = dict(loss=loss, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
     if aux_coef:
         stats["aux_loss"] = aux_sum / dd.world
     return stats
@@ -148,7 +147,6 @@ def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns the last logged metrics (rank 0) and the output directory."""
     # --- set-up: config, processes, output directory
     cfg.validate()
-    check_loss_hparams(cfg.beta, cfg.delta, cfg.label_smoothing)
     quiet_libraries()
     dd = Dist(cfg.device)
     out_dir = Path(cfg.output_dir)
@@ -172,7 +170,7 @@ def train(cfg: TrainConfig) -> dict:
     aux_coef = 0.0 if router is None else (router["coef"] if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef)
     policy = PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0)
     reference = Reference(cfg, policy, {"train": train_set, "eval": eval_set}, tok, dd, packed)
-    flags = loss_flags(cfg.mode, cfg.delta)
+    options = cfg.loss_options()
     wrapped = wrap_distributed(policy, cfg.fsdp, dd)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
@@ -217,7 +215,7 @@ def train(cfg: TrainConfig) -> dict:
             position, indices = next(stream)
             position += 1  # the stream position after this batch
             micro.append(make_batch(train_set, rank_slice(indices, dd.rank, dd.world), tok.pad_token_id, packed, dd.device))
-        stats = train_step(wrapped, reference, micro, cfg, flags, dd, aux_coef)
+        stats = train_step(wrapped, reference, micro, options, dd, aux_coef)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()

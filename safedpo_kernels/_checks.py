@@ -1,4 +1,4 @@
-"""Argument checks and the token layout shared by every backend.
+"""Argument checks shared by every entry point.
 
 All validation happens here, once, in Python, so that every backend sees the same, already checked
 inputs and raises the same errors, each naming the argument. Kernels still guard every memory access on their own,
@@ -10,33 +10,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from ._layout import Layout
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LABEL_DTYPES = (torch.int32, torch.int64)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where token ``r`` (0 <= r < rows) of the flattened token axis lives in memory.
-
-    Padded (N, T, V) inputs are addressed as ``(r // T) * stride_seq + (r % T) * stride_tok``; packed
-    (total, V) inputs as one "sequence" of length ``rows`` (``T = rows``, ``stride_seq = 0``). This lets
-    the kernels read a shifted view such as ``logits[:, :-1]`` without first copying it.
-    """
-
-    n_seq: int  # N: number of sequences (rows of the output)
-    rows: int  # number of token rows = N * T (padded) or total_tokens (packed)
-    seq_len: int  # T for the padded layout, ``rows`` for the packed one
-    padded: bool
-    cu_seqlens: Optional[torch.Tensor]  # int64 (N + 1,) on the logits' device, packed layout only
-
-    def row_strides(self, x: torch.Tensor):
-        """(stride_seq, stride_tok) in elements of x's token rows, as the kernels address them."""
-        return (x.stride(0), x.stride(1)) if self.padded else (0, x.stride(0))
 
 
 def flat_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -168,7 +149,7 @@ def check_logits_and_labels(
         if tuple(labels.shape) != (total,):
             raise ValueError(f"labels must have shape ({total},) to match packed {logits_name}, got {tuple(labels.shape)}")
         cu = check_cu_seqlens(cu_seqlens, total, logits.device)
-        layout = Layout(n_seq=cu.numel() - 1, rows=total, seq_len=total, padded=False, cu_seqlens=cu)
+        layout = Layout.packed(cu, total)
     if validate:
         check_labels_in_range(labels, V, ignore_index, layout.padded)
     return layout

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ._checks import check_linear_weight, check_logit_transform, check_logits_and_labels, check_pair_inputs, flat_labels
-from .autograd import LinearSafeDPOLossFunction, LinearSequenceLogpsFunction, SequenceLogpsFunction, autocast_operands
+from .autograd import LinearHead, LinearSafeDPOLossFunction, LinearSequenceLogpsFunction, SequenceLogpsFunction, autocast_operands
 from .dispatch import BACKENDS, resolve_backend
-from .loss import SafeDPOOutput, check_loss_hparams, loss_from_logps
+from .loss import SafeDPOOutput, loss_from_logps
+from .options import LossOptions
 
 
 def _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend):
@@ -66,25 +67,11 @@ def sequence_logps(
 
 
 def safedpo_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logps: Optional[torch.Tensor],
-    chosen_safe: torch.Tensor,
-    rejected_safe: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    delta: float = 10.0,
-    swap: bool = True,
-    drop_both_unsafe: bool = True,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    average: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace_backward: bool = False,
-    backend: str = "auto",
-    validate: bool = True,
-    loss_type: str = "sigmoid",
-    reduction: str = "mean",
+    logits: torch.Tensor, labels: torch.Tensor, ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor,
+    rejected_safe: torch.Tensor, *, beta: float = 0.1, delta: float = 10.0, swap: bool = True,
+    drop_both_unsafe: bool = True, label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
+    validate: bool = True, loss_type: str = "sigmoid", reduction: str = "mean",
 ) -> SafeDPOOutput:
     """SafeDPO loss (arXiv 2505.20065, Eq. 12) from the policy's logits, fused with the log-prob pass.
 
@@ -106,16 +93,24 @@ def safedpo_loss(
             gradients divides by the kept-pair count of its whole global batch).
 
     Returns:
-        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept): the
-        scalar float32 loss (0 with zero gradients when no pair is kept) and (B,) metrics in the roles
+        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped):
+        the scalar float32 loss (0 with zero gradients when no pair is kept) and (B,) metrics in the roles
         after T, computed in the same pass.
     """
+    options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
+                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
+    return loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, options, ignore_index=ignore_index,
+                          cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend, validate=validate)
+
+
+def loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, options: LossOptions, *,
+                   ignore_index: int = -100, cu_seqlens=None, inplace_backward: bool = False, backend: str = "auto",
+                   validate: bool = True) -> SafeDPOOutput:
+    """``safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on)."""
     layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
     check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe)
-    check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
-    policy = SequenceLogpsFunction.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
-    return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, beta, delta, swap, drop_both_unsafe,
-                           label_smoothing, loss_type, reduction)
+    policy = SequenceLogpsFunction.apply(logits, flat, layout, ignore_index, options.average, inplace_backward, name)
+    return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, options)
 
 
 def linear_sequence_logps(
@@ -161,33 +156,17 @@ def linear_sequence_logps(
     layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
     check_logit_transform(logit_scale, softcap)
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
-    return LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, ignore_index, average, name,
-                                             float(logit_scale), None if softcap is None else float(softcap))
+    head = LinearHead(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
+    return LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, average, head, name)
 
 
 def linear_safedpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logps: Optional[torch.Tensor],
-    chosen_safe: torch.Tensor,
-    rejected_safe: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    beta: float = 0.1,
-    delta: float = 10.0,
-    swap: bool = True,
-    drop_both_unsafe: bool = True,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    average: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace_backward: bool = False,
-    backend: str = "auto",
-    validate: bool = True,
-    logit_scale: float = 1.0,
-    softcap: Optional[float] = None,
-    loss_type: str = "sigmoid",
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: Optional[torch.Tensor],
+    chosen_safe: torch.Tensor, rejected_safe: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+    beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
+    label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
+    validate: bool = True, logit_scale: float = 1.0, softcap: Optional[float] = None, loss_type: str = "sigmoid",
     reduction: str = "mean",
 ) -> SafeDPOOutput:
     """``safedpo_loss`` from hidden states (N = 2B rows) and the LM head, never materializing the logits.
@@ -203,44 +182,34 @@ def linear_safedpo_loss(
     logits (default 4 GiB on CUDA, 512 MiB elsewhere); a pair larger than that alone is computed in two
     passes (4 matmuls), so memory stays bounded at any length.
     """
+    options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
+                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
+    return loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, options, bias=bias,
+                          ignore_index=ignore_index, cu_seqlens=cu_seqlens, backend=backend, validate=validate,
+                          logit_scale=logit_scale, softcap=softcap)
+
+
+def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, options: LossOptions, *,
+                   bias=None, ignore_index: int = -100, cu_seqlens=None, backend: str = "auto", validate: bool = True,
+                   logit_scale: float = 1.0, softcap: Optional[float] = None, inplace_backward: bool = False) -> SafeDPOOutput:
+    """``linear_safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on).
+    ``inplace_backward`` is accepted and changes nothing, as in ``linear_sequence_logps``."""
     layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
     check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe)
-    check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
     check_logit_transform(logit_scale, softcap)
-    options = dict(ignore_index=ignore_index, average=average, beta=float(beta), delta=float(delta), swap=swap,
-                   drop_both_unsafe=drop_both_unsafe, label_smoothing=float(label_smoothing), loss_type=loss_type,
-                   reduction=reduction, logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap))
+    head = LinearHead(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
     grad_on = torch.is_grad_enabled()
     wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     out = LinearSafeDPOLossFunction.apply(hidden, weight, bias, flat, ref_logps, chosen_safe, rejected_safe, layout,
-                                          options, name, wants)
+                                          options, head, name, wants)
     return SafeDPOOutput(*out)
 
 
-class _LossModule(nn.Module):
-    """Shared constructor of the loss modules: hyper-parameters checked once and kept in ``options``."""
-
-    def __init__(self, beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
-                 ignore_index=-100, average=False, backend="auto", validate=True, loss_type="sigmoid",
-                 reduction="mean", **extra):
-        super().__init__()
-        check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.options = dict(
-            beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, average=average, backend=backend, validate=validate, loss_type=loss_type,
-            reduction=reduction, **extra,
-        )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-class SafeDPOLoss(_LossModule):
-    """nn.Module wrapper of ``safedpo_loss``: hyper-parameters at construction, tensors at call time.
+class SafeDPOLoss(nn.Module):
+    """nn.Module wrapper of ``safedpo_loss``: hyper-parameters at construction (checked then, kept as
+    ``self.options``, a ``LossOptions``), tensors at call time.
 
     ``SafeDPOLoss(beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
     ignore_index=-100, average=False, inplace_backward=False, backend="auto", validate=True,
@@ -252,14 +221,22 @@ class SafeDPOLoss(_LossModule):
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  inplace_backward: bool = False, backend: str = "auto", validate: bool = True,
                  loss_type: str = "sigmoid", reduction: str = "mean"):
-        super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate,
-                         loss_type, reduction, inplace_backward=inplace_backward)
+        super().__init__()
+        self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
+                                   label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
+                                   average=average)
+        self.call = _call_options(ignore_index=ignore_index, backend=backend, validate=validate,
+                                  inplace_backward=inplace_backward)
 
     def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput:
-        return safedpo_loss(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=cu_seqlens, **self.options)
+        return loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, self.options, cu_seqlens=cu_seqlens,
+                              **self.call)
+
+    def extra_repr(self) -> str:
+        return _repr(self.options, self.call)
 
 
-class LinearSafeDPOLoss(_LossModule):
+class LinearSafeDPOLoss(nn.Module):
     """nn.Module wrapper of ``linear_safedpo_loss``: SafeDPOLoss's constructor without inplace_backward,
     with the logit transform (``logit_scale=1.0, softcap=None``). ``forward(hidden, weight, labels,
     ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None) -> SafeDPOOutput``.
@@ -269,11 +246,29 @@ class LinearSafeDPOLoss(_LossModule):
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, loss_type: str = "sigmoid", reduction: str = "mean"):
+        super().__init__()
         check_logit_transform(logit_scale, softcap)
-        super().__init__(beta, delta, swap, drop_both_unsafe, label_smoothing, ignore_index, average, backend, validate,
-                         loss_type, reduction, logit_scale=logit_scale, softcap=softcap)
+        self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
+                                   label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
+                                   average=average)
+        self.call = _call_options(ignore_index=ignore_index, backend=backend, validate=validate,
+                                  logit_scale=logit_scale, softcap=softcap)
 
     def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None):
-        return linear_safedpo_loss(
-            hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=bias, cu_seqlens=cu_seqlens, **self.options
-        )
+        return loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, self.options, bias=bias,
+                              cu_seqlens=cu_seqlens, **self.call)
+
+    def extra_repr(self) -> str:
+        return _repr(self.options, self.call)
+
+
+def _call_options(backend: str, **call) -> dict:
+    """The non-loss keywords of a module, checked at construction (the backend name; it is resolved for
+    the tensors' device at each call)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return dict(backend=backend, **call)
+
+
+def _repr(options: LossOptions, call: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in {**options.as_dict(), **call}.items())

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 
-from ._checks import Layout
+from ._layout import Layout
 from ._env import env_int
 from .dispatch import backend_module
-from .loss import loss_from_logps
+from .loss import loss_from_logps, safety_transform
+from .options import LossOptions
 
 
 def first_order_only(backward):
@@ -210,19 +212,18 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, hidden, weight, bias, labels, layout: Layout, ignore_index: int, average: bool, backend: str,
-                logit_scale: float, softcap):
+    def forward(ctx, hidden, weight, bias, labels, layout: Layout, average: bool, head: "LinearHead", backend: str):
         impl = backend_module(backend)
-        counted = labels != ignore_index
+        counted = labels != head.ignore_index
         idx = counted.nonzero().squeeze(1)
         h = hidden.reshape(layout.rows, hidden.shape[-1]).index_select(0, idx)
         lab = labels.index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        tok_c, lse = impl.linear_forward(h, w, b, lab, ignore_index, logit_scale, softcap)
+        tok_c, lse = impl.linear_forward(h, w, b, lab, head.ignore_index, head.logit_scale, head.softcap)
         tok = torch.zeros(layout.rows, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, tok_c)
         seq, count = sequence_values(tok, counted, layout, average)
         ctx.save_for_backward(hidden, weight, bias, labels, idx, lse, count)
-        ctx.meta = (layout, ignore_index, average, impl, logit_scale, softcap)
+        ctx.meta = (layout, average, head, impl)
         return seq
 
     @staticmethod
@@ -230,15 +231,16 @@ class LinearSequenceLogpsFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_seq):
         hidden, weight, bias, labels, idx, lse, count = ctx.saved_tensors
-        layout, ignore_index, average, impl, logit_scale, softcap = ctx.meta
+        layout, average, head, impl = ctx.meta
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         H = hidden.shape[-1]
-        g = token_grads(grad_seq, labels != ignore_index, count, layout, average).index_select(0, idx)
+        g = token_grads(grad_seq, labels != head.ignore_index, count, layout, average).index_select(0, idx)
         h = hidden.reshape(layout.rows, H).index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
         grads = _Grads(layout.rows, weight.shape[0], H, hidden, need_h, need_w, need_b)
-        grads.recompute(impl, h, w, b, labels.index_select(0, idx), lse, g, idx, ignore_index, logit_scale, softcap)
-        return (*grads.results(_specs(hidden, weight, bias)), None, None, None, None, None, None, None)
+        grads.recompute(impl, h, w, b, labels.index_select(0, idx), lse, g, idx, head.ignore_index, head.logit_scale,
+                        head.softcap)
+        return (*grads.results(_specs(hidden, weight, bias)), None, None, None, None, None)
 
 
 def _sequence_ids(layout: Layout, device) -> torch.Tensor:
@@ -249,16 +251,57 @@ def _sequence_ids(layout: Layout, device) -> torch.Tensor:
     return torch.arange(layout.n_seq, device=device).repeat_interleave(lengths, output_size=layout.rows)
 
 
-def _pair_chunks(rows_per_pair: list, budget_rows: int) -> list:
+def _pair_runs(rows_per_pair: list, budget_rows: int) -> list:
     """Consecutive runs of pairs [p0, p1) whose counted rows fit in ``budget_rows``; a pair that alone
     exceeds it is a run of its own (computed in two passes)."""
-    chunks, p0, used = [], 0, 0
+    runs, p0, used = [], 0, 0
     for p, n in enumerate(rows_per_pair):
         if p > p0 and used + n > budget_rows:
-            chunks.append((p0, p))
+            runs.append((p0, p))
             p0, used = p, 0
         used += n
-    chunks.append((p0, len(rows_per_pair)))
+    runs.append((p0, len(rows_per_pair)))
+    return runs
+
+
+class PairChunk(NamedTuple):
+    """One chunk of pairs [p0, p1) of linear_safedpo_loss: the counted token rows of its 2P sequences
+    (chosen p0..p1-1, then rejected B+p0..B+p1-1, each sequence one run, in row order), their layout as
+    2P packed sequences, and which of the (2B,) sequences they are."""
+
+    p0: int
+    p1: int
+    rows: torch.Tensor
+    layout: Layout
+    sequences: torch.Tensor
+
+
+def plan_pair_chunks(labels: torch.Tensor, layout: Layout, ignore_index: int, budget_rows: int) -> list:
+    """Split the pairs into chunks of at most ``budget_rows`` counted tokens (a pair larger than that is
+    a chunk alone). Reads the per-pair token counts on the host (one sync): the chunk sizes are Python
+    ints that size the chunks' buffers."""
+    device = labels.device
+    B = layout.n_seq // 2
+    idx = (labels != ignore_index).nonzero().squeeze(1)
+    seq = _sequence_ids(layout, device).index_select(0, idx)
+    pair = seq % B
+    runs = _pair_runs(torch.bincount(pair, minlength=B).tolist(), budget_rows)
+    run_of_pair = torch.repeat_interleave(torch.arange(len(runs), device=device),
+                                          torch.tensor([p1 - p0 for p0, p1 in runs], device=device))
+    run_of_tok = run_of_pair.index_select(0, pair)
+    # A stable sort by chunk keeps row order inside each: the chosen sequences' runs, then the rejected'.
+    order = torch.argsort(run_of_tok, stable=True)
+    idx, seq = idx.index_select(0, order), seq.index_select(0, order)
+    ends = torch.bincount(run_of_tok, minlength=len(runs)).cumsum(0).tolist()
+    chunks, start = [], 0
+    for (p0, p1), end in zip(runs, ends):
+        s_c = seq[start:end]
+        P = p1 - p0
+        local = torch.where(s_c < B, s_c - p0, s_c - B - p0 + P)  # 0..2P-1, non-decreasing
+        cu = torch.cat([local.new_zeros(1), torch.bincount(local, minlength=2 * P).cumsum(0)])
+        sequences = torch.cat([torch.arange(p0, p1, device=device), torch.arange(B + p0, B + p1, device=device)])
+        chunks.append(PairChunk(p0, p1, idx[start:end], Layout.packed(cu, end - start), sequences))
+        start = end
     return chunks
 
 
@@ -267,6 +310,15 @@ def loss_chunk_rows(V: int, device: torch.device) -> int:
     SAFEDPO_LINEAR_LOSS_CHUNK_BYTES (default 4 GiB on CUDA, 512 MiB elsewhere)."""
     default = (4 << 30) if torch.device(device).type == "cuda" else (512 << 20)
     return max(1, env_int("SAFEDPO_LINEAR_LOSS_CHUNK_BYTES", default) // (4 * V))
+
+
+class LinearHead(NamedTuple):
+    """How the labels and the LM head's output are read: ignore_index, and the logit transform
+    z = softcap * tanh(logit_scale * z0 / softcap) (or logit_scale * z0 without softcap)."""
+
+    ignore_index: int
+    logit_scale: float
+    softcap: Optional[float]
 
 
 class LinearSafeDPOLossFunction(torch.autograd.Function):
@@ -282,96 +334,38 @@ class LinearSafeDPOLossFunction(torch.autograd.Function):
     under torch.no_grad not at all. A pair whose logits alone exceed the chunk budget is computed in two
     passes (log-probs, then recomputed gradients), which keeps memory bounded at any sequence length.
 
-    Returns (loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept), the last five
-    without gradient.
+    Returns (loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped), the
+    last six without gradient.
     """
 
     @staticmethod
     @autocast_off
-    def forward(ctx, hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, layout: Layout, options: dict,
-                backend: str, wants: tuple):
+    def forward(ctx, hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, layout: Layout,
+                options: LossOptions, head: LinearHead, backend: str, wants: tuple):
         impl = backend_module(backend)
-        o = options
-        device, H, V = hidden.device, hidden.shape[-1], weight.shape[0]
+        device, V = hidden.device, weight.shape[0]
         B = layout.n_seq // 2
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        flat = hidden.reshape(layout.rows, H)
-        need_h, need_w, need_b = wants
-        grads = _Grads(layout.rows, V, H, hidden, need_h, need_w, need_b) if any(wants) else None
-
-        # Counted tokens, grouped by chunk of pairs; within a chunk in row order, so that each
-        # sequence's tokens are one run and the chunk's chosen sequences come before its rejected ones.
-        idx = (labels != o["ignore_index"]).nonzero().squeeze(1)
-        tok_seq = _sequence_ids(layout, device).index_select(0, idx)
-        pair = tok_seq % B
-        rows_per_pair = torch.bincount(pair, minlength=B)
-        budget = loss_chunk_rows(V, device)
-        chunks = _pair_chunks(rows_per_pair.tolist(), budget)
-        chunk_of_pair = torch.repeat_interleave(torch.arange(len(chunks), device=device),
-                                                torch.tensor([p1 - p0 for p0, p1 in chunks], device=device))
-        chunk_of_tok = chunk_of_pair.index_select(0, pair)
-        order = torch.argsort(chunk_of_tok, stable=True)
-        idx, tok_seq = idx.index_select(0, order), tok_seq.index_select(0, order)
-        ends = torch.bincount(chunk_of_tok, minlength=len(chunks)).cumsum(0).tolist()
-
-        kept_all = ~(~chosen_safe.bool() & ~rejected_safe.bool()) if o["drop_both_unsafe"] else torch.ones(B, dtype=torch.bool, device=device)
-        norm = max(int(kept_all.sum()), 1) if o["reduction"] == "mean" else 1
+        flat = hidden.reshape(layout.rows, hidden.shape[-1])
+        grads = _Grads(layout.rows, V, hidden.shape[-1], hidden, *wants) if any(wants) else None
+        kept = safety_transform(chosen_safe, rejected_safe, options).kept
+        norm = max(int(kept.sum()), 1) if options.reduction == "mean" else 1
         ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.detach().float()
+        per_chunk = options.replace(reduction="sum")
+        budget = loss_chunk_rows(V, device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         metrics = []
-        start = 0
-        for (p0, p1), end in zip(chunks, ends):
-            rows_c = idx[start:end]
-            seq_c = tok_seq[start:end]
-            start = end
-            P = p1 - p0
-            loc = torch.where(seq_c < B, seq_c - p0, seq_c - B - p0 + P)  # 0..2P-1, non-decreasing
-            h_c = flat.index_select(0, rows_c)
-            lab_c = labels.index_select(0, rows_c)
-            chunk_layout = Layout(n_seq=1, rows=rows_c.numel(), seq_len=max(rows_c.numel(), 1), padded=False, cu_seqlens=None)
-            two_pass = rows_c.numel() > budget
-            if two_pass:
-                tok, lse = impl.linear_forward(h_c, w, b, lab_c, o["ignore_index"], o["logit_scale"], o["softcap"])
-            else:
-                z = impl.linear_logits(h_c, w, b, o["logit_scale"], o["softcap"])
-                tok, lse = impl.logp_forward(z, lab_c, chunk_layout, o["ignore_index"])
-            counts = torch.bincount(loc, minlength=2 * P)
-            csum = torch.cat([tok.new_zeros(1, dtype=torch.float64), tok.double().cumsum(0)])
-            bounds = counts.cumsum(0)
-            logps = csum[bounds] - csum[bounds - counts]
-            if o["average"]:
-                logps = logps / counts.clamp(min=1)
-            logps = logps.float()
-            pair_rows = torch.cat([torch.arange(p0, p1, device=device), torch.arange(B + p0, B + p1, device=device)])
-            leaf = logps.requires_grad_(grads is not None)
-            with torch.enable_grad():
-                out = loss_from_logps(leaf, ref.index_select(0, pair_rows), chosen_safe[p0:p1], rejected_safe[p0:p1],
-                                      o["beta"], o["delta"], o["swap"], o["drop_both_unsafe"], o["label_smoothing"],
-                                      o["loss_type"], "sum")
+        for chunk in plan_pair_chunks(labels, layout, head.ignore_index, budget):
+            out = _chunk_loss(impl, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head,
+                                 budget, norm, grads)
             total += out.loss.detach().double()
             metrics.append(out[1:])
-            if grads is None or rows_c.numel() == 0:
-                continue
-            (dlogp,) = torch.autograd.grad(out.loss, leaf)
-            g = dlogp.double() / norm
-            if o["average"]:
-                g = g / counts.clamp(min=1)
-            g = g.float().index_select(0, loc)
-            if two_pass:
-                grads.recompute(impl, h_c, w, b, lab_c, lse, g, rows_c, o["ignore_index"], o["logit_scale"], o["softcap"])
-                continue
-            # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
-            dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=device)
-            impl.logp_backward(z, lab_c, lse, g * o["logit_scale"], dz, chunk_layout, o["ignore_index"], o["softcap"])
-            grads.add(dz, h_c.to(w.dtype), w, rows_c)
-            del z, dz
-
         loss = (total / norm).float()
-        chosen, rejected, chosen_rewards, rejected_rewards, kept = (torch.cat(m) for m in zip(*metrics))
+        chosen, rejected, chosen_rewards, rejected_rewards, kept_out, swapped = (torch.cat(m) for m in zip(*metrics))
         ctx.grads = grads
         ctx.specs = _specs(hidden, weight, bias)
-        ctx.mark_non_differentiable(chosen, rejected, chosen_rewards, rejected_rewards, kept)
-        return loss, chosen, rejected, chosen_rewards, rejected_rewards, kept
+        ctx.mark_non_differentiable(chosen, rejected, chosen_rewards, rejected_rewards, kept_out, swapped)
+        return loss, chosen, rejected, chosen_rewards, rejected_rewards, kept_out, swapped
 
     @staticmethod
     @first_order_only
@@ -385,4 +379,38 @@ class LinearSafeDPOLossFunction(torch.autograd.Function):
             )
         ctx.grads = None
         scale = None if bool(grad_loss == 1) else grad_loss
-        return (*grads.results(ctx.specs, scale), None, None, None, None, None, None, None, None)
+        return (*grads.results(ctx.specs, scale), None, None, None, None, None, None, None, None, None)
+
+
+def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, options: LossOptions,
+                head: LinearHead, budget: int, norm: int, grads):
+    """One chunk of pairs: its logits, log-probs and loss (summed over its kept pairs), and, when
+    ``grads`` is given, its gradients folded in (scaled by 1 / norm)."""
+    h = flat.index_select(0, chunk.rows)
+    lab = labels.index_select(0, chunk.rows)
+    rows = chunk.rows.numel()
+    flat_layout = Layout.single(rows)
+    two_pass = rows > budget
+    if two_pass:
+        tok, lse = impl.linear_forward(h, w, b, lab, head.ignore_index, head.logit_scale, head.softcap)
+    else:
+        z = impl.linear_logits(h, w, b, head.logit_scale, head.softcap)
+        tok, lse = impl.logp_forward(z, lab, flat_layout, head.ignore_index)
+    every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
+    logps, count = sequence_values(tok, every, chunk.layout, options.average)
+    leaf = logps.requires_grad_(grads is not None)
+    with torch.enable_grad():
+        out = loss_from_logps(leaf, ref.index_select(0, chunk.sequences), chosen_safe[chunk.p0:chunk.p1],
+                              rejected_safe[chunk.p0:chunk.p1], options)
+    if grads is None or rows == 0:
+        return out
+    (dlogp,) = torch.autograd.grad(out.loss, leaf)
+    g = token_grads(dlogp.double() / norm, every, count, chunk.layout, options.average)
+    if two_pass:
+        grads.recompute(impl, h, w, b, lab, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
+        return out
+    # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
+    dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
+    impl.logp_backward(z, lab, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
+    grads.add(dz, h.to(w.dtype), w, chunk.rows)
+    return out

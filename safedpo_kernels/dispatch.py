@@ -14,7 +14,7 @@ from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
-from ._checks import Layout
+from ._layout import Layout
 from ._env import env_flag
 
 BACKENDS = ("auto", "triton", "native", "torch")
@@ -25,7 +25,7 @@ _MODULES = {"triton": ".triton", "native": ".native", "torch": ".torch_chunked"}
 class Backend(Protocol):
     """What every backend module provides (all tensors on one device; float32 statistics).
 
-    Logits path, token rows r addressed through ``layout`` (see ``_checks.Layout``):
+    Logits path, token rows r addressed through ``layout`` (see ``_layout.Layout``):
         logp_forward(logits, labels, layout, ignore_index) -> (tok, lse): per-token log-prob (0 where
             ignored, NaN for an out-of-range label) and log-sum-exp, both (rows,) float32.
         logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index, softcap=None) -> None:

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_pair_inputs, check_range
+from ._checks import check_pair_inputs
+from .options import LossOptions
 
 
 class SafeDPOOutput(NamedTuple):
@@ -23,6 +24,7 @@ class SafeDPOOutput(NamedTuple):
         dispreferred responses.
     chosen_rewards / rejected_rewards: beta * (logp - ref_logp) of the same.
     kept: bool, False for pairs dropped by T (both responses unsafe, when drop_both_unsafe).
+    swapped: bool, True for pairs T swapped (preferred response unsafe, the other safe; never with swap=False).
     """
 
     loss: torch.Tensor
@@ -31,58 +33,53 @@ class SafeDPOOutput(NamedTuple):
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     kept: torch.Tensor
+    swapped: torch.Tensor
 
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
-REDUCTIONS = ("mean", "sum")
+class PairRoles(NamedTuple):
+    """The safety transform T of a batch of pairs, (B,) each: which pairs are swapped and which kept, and
+    the safety margin's sign after T, s = h_l - h_w (+1 for a (safe, unsafe) pair, -1 only for an
+    unswapped (unsafe, safe) pair, else 0), as float32."""
+
+    swapped: torch.Tensor
+    kept: torch.Tensor
+    margin_sign: torch.Tensor
 
 
-def check_loss_hparams(beta: float, delta: float, label_smoothing: float, loss_type: str = "sigmoid",
-                       reduction: str = "mean") -> None:
-    """ValueError naming the hyper-parameter that is out of range (or not a number)."""
-    inf = float("inf")
-    check_range(beta=(beta, 0.0, False, inf), delta=(delta, 0.0, True, inf), label_smoothing=(label_smoothing, 0.0, True, 0.5))
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "robust" and float(label_smoothing) >= 0.5:
-        raise ValueError(f"label_smoothing must be below 0.5 for loss_type='robust' (it divides by 1 - 2 * eps), got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def pair_loss(u: torch.Tensor, beta: float, label_smoothing: float, loss_type: str) -> torch.Tensor:
-    """The per-pair loss of margin u = beta * d - delta * (h_l - h_w) for each loss type."""
-    eps = label_smoothing
-    if loss_type == "sigmoid":
-        out = -(1.0 - eps) * F.logsigmoid(u)
-        return out - eps * F.logsigmoid(-u) if eps else out
-    if loss_type == "robust":
-        return (-(1.0 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1.0 - 2.0 * eps)
-    if loss_type == "hinge":
-        return torch.relu(1.0 - u)
-    return (u / beta - 1.0 / (2.0 * beta)) ** 2  # ipo
-
-
-def loss_from_logps(
-    policy_logps: torch.Tensor,
-    ref_logps,
-    chosen_safe: torch.Tensor,
-    rejected_safe: torch.Tensor,
-    beta: float,
-    delta: float,
-    swap: bool,
-    drop_both_unsafe: bool,
-    label_smoothing: float,
-    loss_type: str = "sigmoid",
-    reduction: str = "mean",
-) -> SafeDPOOutput:
-    """``safedpo_loss_from_logps`` without argument checks: the fused entry points check once, up front."""
-    B = chosen_safe.shape[0]
-    ref = torch.zeros_like(policy_logps, dtype=torch.float32) if ref_logps is None else ref_logps.detach().to(torch.float32)
+def safety_transform(chosen_safe: torch.Tensor, rejected_safe: torch.Tensor, options: LossOptions) -> PairRoles:
+    """T, the one place it is computed: h = 1 - safe; swap (when ``options.swap``) a pair with h_w = 1,
+    h_l = 0; drop (when ``options.drop_both_unsafe``) a pair with h_w = h_l = 1."""
     h_w = ~chosen_safe.bool()
     h_l = ~rejected_safe.bool()
-    swapped = (h_w & ~h_l) if swap else torch.zeros_like(h_w)
-    kept = ~(h_w & h_l) if drop_both_unsafe else torch.ones_like(h_w)
+    swapped = (h_w & ~h_l) if options.swap else torch.zeros_like(h_w)
+    kept = ~(h_w & h_l) if options.drop_both_unsafe else torch.ones_like(h_w)
+    # A swapped pair has (safe, unsafe) roles after T: its sign is h_w - h_l of the data's order.
+    sign = torch.where(swapped, h_w.float() - h_l.float(), h_l.float() - h_w.float())
+    return PairRoles(swapped, kept, sign)
+
+
+def pair_loss(u: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """The per-pair loss of margin u = beta * d - delta * (h_l - h_w) for each loss type."""
+    eps = options.label_smoothing
+    if options.loss_type == "sigmoid":
+        out = -(1.0 - eps) * F.logsigmoid(u)
+        return out - eps * F.logsigmoid(-u) if eps else out
+    if options.loss_type == "robust":
+        return (-(1.0 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1.0 - 2.0 * eps)
+    if options.loss_type == "hinge":
+        return torch.relu(1.0 - u)
+    return (u / options.beta - 1.0 / (2.0 * options.beta)) ** 2  # ipo
+
+
+def loss_from_logps(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
+                    options: LossOptions) -> SafeDPOOutput:
+    """``safedpo_loss_from_logps`` without argument checks: the fused entry points check once, up front.
+    ``policy_logps`` is (2B,) float32; ``options.average`` is the caller's business (the log-probs are
+    already sums or means)."""
+    B = chosen_safe.shape[0]
+    ref = torch.zeros_like(policy_logps, dtype=torch.float32) if ref_logps is None else ref_logps.detach().to(torch.float32)
+    roles = safety_transform(chosen_safe, rejected_safe, options)
+    swapped, kept = roles.swapped, roles.kept
 
     pol_w, pol_l = policy_logps[:B], policy_logps[B:]
     ref_w, ref_l = ref[:B], ref[B:]
@@ -90,28 +87,19 @@ def loss_from_logps(
     rejected = torch.where(swapped, pol_w, pol_l)
     chosen_ref = torch.where(swapped, ref_l, ref_w)
     rejected_ref = torch.where(swapped, ref_w, ref_l)
-    # After T, h_l - h_w is +1 for (safe, unsafe), -1 only for an unswapped (unsafe, safe) pair, else 0.
-    new_h_w = torch.where(swapped, h_l, h_w).float()
-    new_h_l = torch.where(swapped, h_w, h_l).float()
 
-    chosen_rewards = beta * (chosen - chosen_ref)
-    rejected_rewards = beta * (rejected - rejected_ref)
-    u = chosen_rewards - rejected_rewards - (new_h_l - new_h_w) * delta
+    chosen_rewards = options.beta * (chosen - chosen_ref)
+    rejected_rewards = options.beta * (rejected - rejected_ref)
+    u = chosen_rewards - rejected_rewards - roles.margin_sign * options.delta
     # A dropped pair must not reach the non-linearity: a NaN there would leak into the kept pairs'
     # gradients through 0 * NaN; masking u first gives its rows an exact zero gradient.
     u = torch.where(kept, u, torch.zeros_like(u))
-    losses = torch.where(kept, pair_loss(u, beta, label_smoothing, loss_type), torch.zeros_like(u))
+    losses = torch.where(kept, pair_loss(u, options), torch.zeros_like(u))
     loss = losses.sum()
-    if reduction == "mean":
+    if options.reduction == "mean":
         loss = loss / kept.sum().clamp(min=1).to(losses.dtype)
-    return SafeDPOOutput(
-        loss,
-        chosen.detach(),
-        rejected.detach(),
-        chosen_rewards.detach(),
-        rejected_rewards.detach(),
-        kept,
-    )
+    return SafeDPOOutput(loss, chosen.detach(), rejected.detach(), chosen_rewards.detach(), rejected_rewards.detach(),
+                         kept, swapped)
 
 
 def safedpo_loss_from_logps(
@@ -151,8 +139,8 @@ def safedpo_loss_from_logps(
             that divides by the kept-pair count of its whole global batch).
 
     Returns:
-        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept), float32
-        scalar loss and (B,) metrics in the roles after T (no gradient); reward = beta * (logp - ref_logp).
+        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped),
+        float32 scalar loss and (B,) metrics in the roles after T (no gradient); reward = beta * (logp - ref_logp).
     """
     if not isinstance(policy_logps, torch.Tensor):
         raise TypeError(f"policy_logps must be a torch.Tensor, got {type(policy_logps).__name__}")
@@ -162,6 +150,6 @@ def safedpo_loss_from_logps(
         raise ValueError(f"policy_logps must be 1-D (2B,), got shape {tuple(policy_logps.shape)}")
     check_pair_inputs(policy_logps.shape[0], policy_logps.device, ref_logps, chosen_safe, rejected_safe,
                       rows_name="policy_logps")
-    check_loss_hparams(beta, delta, label_smoothing, loss_type, reduction)
-    return loss_from_logps(policy_logps.float(), ref_logps, chosen_safe, rejected_safe, beta, delta, swap,
-                           drop_both_unsafe, label_smoothing, loss_type, reduction)
+    options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
+                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction)
+    return loss_from_logps(policy_logps.float(), ref_logps, chosen_safe, rejected_safe, options)

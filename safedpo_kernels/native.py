@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from . import torch_chunked
-from ._checks import Layout, rows_contiguous
+from ._checks import rows_contiguous
+from ._layout import Layout
 
 _SOURCE_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "csrc" / "logprob.cpp",  # source checkout

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .loss import SafeDPOOutput
+from .options import LossOptions
 
 
 def sequence_logps(
@@ -46,87 +47,58 @@ def sequence_logps(
     return total
 
 
-def safedpo_loss_from_logps(
-    policy_logps: torch.Tensor,
-    ref_logps: Optional[torch.Tensor],
-    chosen_safe: torch.Tensor,
-    rejected_safe: torch.Tensor,
-    beta: float = 0.1,
-    delta: float = 10.0,
-    swap: bool = True,
-    drop_both_unsafe: bool = True,
-    label_smoothing: float = 0.0,
-    loss_type: str = "sigmoid",
-    reduction: str = "mean",
-) -> SafeDPOOutput:
+def safedpo_loss_from_logps(policy_logps: torch.Tensor, ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor,
+                            rejected_safe: torch.Tensor, **options) -> SafeDPOOutput:
     """SafeDPO (paper Eq. 12) and the SafeDAA losses from sequence log-probs, one pair at a time.
 
     policy_logps, ref_logps: (2B,), chosen rows first (ref_logps None: zeros). chosen_safe, rejected_safe:
-    (B,), True = safe.
+    (B,), True = safe. ``options``: the keywords of ``LossOptions`` (beta, delta, swap, ...; ``average``
+    is the log-probs' business and unused here).
     """
+    o = LossOptions(**options)
     B = chosen_safe.shape[0]
     if ref_logps is None:
         ref_logps = torch.zeros_like(policy_logps)
-    eps = label_smoothing
+    eps = o.label_smoothing
     losses, rows = [], []
     for i in range(B):
         w, l = i, B + i
         h_w, h_l = 1 - int(chosen_safe[i]), 1 - int(rejected_safe[i])
-        kept = not (drop_both_unsafe and h_w == 1 and h_l == 1)
-        if swap and h_w == 1 and h_l == 0:
+        kept = not (o.drop_both_unsafe and h_w == 1 and h_l == 1)
+        swapped = o.swap and h_w == 1 and h_l == 0
+        if swapped:
             w, l, h_w, h_l = l, w, h_l, h_w
-        chosen_reward = beta * (policy_logps[w] - ref_logps[w])
-        rejected_reward = beta * (policy_logps[l] - ref_logps[l])
-        u = chosen_reward - rejected_reward - (h_l - h_w) * delta
-        if loss_type == "sigmoid":
+        chosen_reward = o.beta * (policy_logps[w] - ref_logps[w])
+        rejected_reward = o.beta * (policy_logps[l] - ref_logps[l])
+        u = chosen_reward - rejected_reward - (h_l - h_w) * o.delta
+        if o.loss_type == "sigmoid":
             loss_i = -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)
-        elif loss_type == "robust":
+        elif o.loss_type == "robust":
             loss_i = (-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)
-        elif loss_type == "hinge":
+        elif o.loss_type == "hinge":
             loss_i = torch.clamp(1 - u, min=0)
         else:  # ipo
-            loss_i = (u / beta - 1 / (2 * beta)) ** 2
+            loss_i = (u / o.beta - 1 / (2 * o.beta)) ** 2
         if kept:
             losses.append(loss_i)
-        rows.append((policy_logps[w], policy_logps[l], chosen_reward, rejected_reward, kept))
+        rows.append((policy_logps[w], policy_logps[l], chosen_reward, rejected_reward, kept, swapped))
     if not losses:
         loss = policy_logps.sum() * 0.0
     else:
-        loss = torch.stack(losses).mean() if reduction == "mean" else torch.stack(losses).sum()
-    cl, rl, cr, rr, kept = zip(*rows)
-    return SafeDPOOutput(
-        loss,
-        torch.stack(cl).detach(),
-        torch.stack(rl).detach(),
-        torch.stack(cr).detach(),
-        torch.stack(rr).detach(),
-        torch.tensor(kept, dtype=torch.bool, device=policy_logps.device),
-    )
+        loss = torch.stack(losses).mean() if o.reduction == "mean" else torch.stack(losses).sum()
+    cl, rl, cr, rr, kept, swapped = zip(*rows)
+    flags = dict(dtype=torch.bool, device=policy_logps.device)
+    return SafeDPOOutput(loss, torch.stack(cl).detach(), torch.stack(rl).detach(), torch.stack(cr).detach(),
+                         torch.stack(rr).detach(), torch.tensor(kept, **flags), torch.tensor(swapped, **flags))
 
 
-def safedpo_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logps: Optional[torch.Tensor],
-    chosen_safe: torch.Tensor,
-    rejected_safe: torch.Tensor,
-    beta: float = 0.1,
-    delta: float = 10.0,
-    swap: bool = True,
-    drop_both_unsafe: bool = True,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    average: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    loss_type: str = "sigmoid",
-    reduction: str = "mean",
-) -> SafeDPOOutput:
-    """Eager SafeDPO from logits: ``sequence_logps`` then ``safedpo_loss_from_logps``."""
-    policy = sequence_logps(logits, labels, ignore_index, average, cu_seqlens)
-    return safedpo_loss_from_logps(
-        policy, None if ref_logps is None else ref_logps.to(policy.dtype), chosen_safe, rejected_safe, beta, delta,
-        swap, drop_both_unsafe, label_smoothing, loss_type, reduction,
-    )
+def safedpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor,
+                 rejected_safe: torch.Tensor, ignore_index: int = -100, cu_seqlens: Optional[torch.Tensor] = None,
+                 **options) -> SafeDPOOutput:
+    """Eager SafeDPO from logits: ``sequence_logps`` (with ``options``' average) then ``safedpo_loss_from_logps``."""
+    policy = sequence_logps(logits, labels, ignore_index, options.get("average", False), cu_seqlens)
+    ref = None if ref_logps is None else ref_logps.to(policy.dtype)
+    return safedpo_loss_from_logps(policy, ref, chosen_safe, rejected_safe, **options)
 
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -17,7 +17,7 @@ from typing import Iterator, Tuple
 
 import torch
 
-from ._checks import Layout
+from ._layout import Layout
 from ._env import env_int
 
 DEFAULT_CHUNK_BYTES = 32 << 20

@@ -44,6 +44,7 @@ def check(got, want, dtype):
     for field in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
         assert max_scaled_err(getattr(g_out, field), getattr(w_out, field)) <= out_tol, field
     assert torch.equal(g_out.kept.cpu(), w_out.kept.cpu())
+    assert torch.equal(g_out.swapped.cpu(), w_out.swapped.cpu())
     for g, w in zip(g_grads, w_grads):
         if w is not None:
             assert g is not None and g.dtype == dtype

@@ -89,8 +89,9 @@ def test_from_logps_matches_the_paper_formulas(loss_type, t_on, delta, eps, ref_
     # Gradients against autograd through the float64 oracle.
     out.loss.backward()
     xd = logp.clone().requires_grad_()
-    oracle = reference.safedpo_loss_from_logps(xd, None if ref_free else ref, cs, rs, beta, delta, t_on, t_on, eps,
-                                               loss_type, reduction)
+    oracle = reference.safedpo_loss_from_logps(xd, None if ref_free else ref, cs, rs, beta=beta, delta=delta, swap=t_on,
+                                               drop_both_unsafe=t_on, label_smoothing=eps, loss_type=loss_type,
+                                               reduction=reduction)
     assert abs(oracle.loss.item() - want) <= 1e-9 * max(1.0, abs(want))
     oracle.loss.backward()
     assert rel_err(x.grad, xd.grad) <= 1e-5

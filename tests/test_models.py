@@ -17,7 +17,9 @@ import transformers  # noqa: E402
 
 from safedpo.collate import collate_packed, collate_padded  # noqa: E402
 from safedpo.data import Example  # noqa: E402
-from safedpo.model import PolicyLogps, causal_lm_class, logit_transform, pick_attn_implementation, router_config  # noqa: E402
+from safedpo.model import PolicyLogps, causal_lm_class, pick_attn_implementation  # noqa: E402
+from safedpo_kernels.integrations.hf import logit_transform, router_config  # noqa: E402
+from safedpo_kernels.options import LossOptions  # noqa: E402
 from safedpo_kernels import reference  # noqa: E402
 from conftest import max_scaled_err, rel_err  # noqa: E402
 
@@ -180,8 +182,8 @@ def test_router_aux_loss_is_the_models_own(name):
     outs = {}
     for loss_input in ("logits", "linear"):
         policy = PolicyLogps(model, loss_input, backend="torch", router_aux=True)
-        outs[loss_input] = policy(padded, loss=dict(ref_logps=ref, reduction="sum"))
+        outs[loss_input] = policy(padded, loss=LossOptions(reduction="sum"), ref_logps=ref)
     want = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], output_router_logits=True).aux_loss
     for out in outs.values():
         assert out.aux_loss is not None and torch.allclose(out.aux_loss, want, rtol=1e-6)
-    assert max_scaled_err(outs["linear"].loss.loss, outs["logits"].loss.loss) <= 1e-5
+    assert max_scaled_err(outs["linear"].result.loss, outs["logits"].result.loss) <= 1e-5

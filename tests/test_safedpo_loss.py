@@ -51,6 +51,7 @@ def check(got, want, dtype):
         assert max_scaled_err(getattr(g_out, field), getattr(w_out, field)) <= out_tol, field
         assert not getattr(g_out, field).requires_grad
     assert torch.equal(g_out.kept.cpu(), w_out.kept.cpu())
+    assert torch.equal(g_out.swapped.cpu(), w_out.swapped.cpu())
     assert g_grad.dtype == dtype
     assert rel_err(g_grad, w_grad) <= grad_tol
 
@@ -91,6 +92,8 @@ def test_transformation_roles(case):
     assert max_scaled_err(out.chosen_logps, logp[chosen_rows]) <= 1e-5
     assert max_scaled_err(out.rejected_logps, logp[rejected_rows]) <= 1e-5
     assert out.kept.tolist() == [True, True, True, False]
+    assert out.swapped.tolist() == [False, False, True, False]
+    assert not safedpo_loss(logits, labels, ref_logps, cs, rs, swap=False, backend=backend).swapped.any()
     # Pair 3 is dropped: its rows get exactly zero gradient.
     x = logits.clone().requires_grad_()
     safedpo_loss(x, labels, ref_logps, cs, rs, backend=backend).loss.backward()

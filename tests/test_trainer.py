@@ -254,3 +254,61 @@ def test_fsdp_resume_is_bitwise_equal(task, tmp_path):
     one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "straight" / "final")).state_dict()
     two = AutoModelForCausalLM.from_pretrained(str(tmp_path / "resumed" / "final")).state_dict()
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+# The T flags of each mode, written out here rather than read from the code under test.
+MODE_FLAGS = {"safedpo": (True, True), "noswap": (False, True), "dpo-helpful": (False, False)}
+
+
+@pytest.mark.parametrize("loss_type, options", [
+    ("sigmoid", dict(mode="safedpo", label_smoothing=0.1)),
+    ("robust", dict(mode="noswap", label_smoothing=0.2)),
+    ("hinge", dict(mode="safedpo", reduction="sum")),
+    ("ipo", dict(mode="safedpo", average_logps=True)),
+    ("sigmoid", dict(mode="dpo-helpful", loss_input="linear")),
+])
+def test_every_loss_option_reaches_the_loss(task, tmp_path, loss_type, options):
+    """loss_type, beta, delta, label_smoothing, average_logps, the mode's swap/drop and reduction all reach
+    the loss in training (the first step's logged loss) and in evaluation (the final eval_loss): each equals
+    safedpo_loss_from_logps on float64 log-probs of the same models and batches."""
+    from transformers import AutoModelForCausalLM
+
+    from safedpo.collate import batch_stream, make_batch
+    from safedpo.data import data_sources, load_examples
+    from safedpo.model import build_model, load_tokenizer
+    from safedpo.train import train
+    from safedpo_kernels import reference, safedpo_loss_from_logps
+
+    # A reference model other than the initial policy, so that beta matters from the first step on.
+    tok = load_tokenizer(task["tokenizer"])
+    ref_dir = tmp_path / "ref"
+    build_model(config(task, tmp_path / "unused", seed=11), len(tok), torch.device("cpu")).save_pretrained(ref_dir)
+    cfg = config(task, tmp_path / "run", max_steps=1, batch_size=6, beta=0.3, delta=1.5, loss_type=loss_type,
+                 reference_model=str(ref_dir), **options)
+    train(cfg)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    step_loss = next(r["loss"] for r in records if r.get("step") == 1 and "event" not in r)
+    eval_loss = next(r["eval_loss"] for r in records if r.get("event") == "eval")
+
+    swap, drop = MODE_FLAGS[cfg.mode]
+    delta = cfg.delta if cfg.mode in ("safedpo", "noswap") else 0.0
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_dir)
+
+    def expected(policy_model, examples, indices):
+        batch = make_batch(examples, indices, tok.pad_token_id, False, torch.device("cpu"))
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with torch.no_grad():
+            logps = [reference.sequence_logps(m(**inputs).logits.double(), batch["labels"], average=cfg.average_logps)
+                     for m in (policy_model, ref_model)]
+        return safedpo_loss_from_logps(logps[0], logps[1], batch["chosen_safe"], batch["rejected_safe"], beta=0.3,
+                                       delta=delta, swap=swap, drop_both_unsafe=drop, label_smoothing=cfg.label_smoothing,
+                                       loss_type=loss_type, reduction=options.get("reduction", "mean")).loss.item()
+
+    train_set, _ = load_examples(cfg, tok, data_sources(cfg, "train"))
+    _, first = next(batch_stream([len(e) for e in train_set], cfg.batch_size, cfg.seed))
+    want = expected(build_model(cfg, len(tok), torch.device("cpu")), train_set, first)
+    assert abs(step_loss - want) <= 1e-4 * max(1.0, abs(want)), (step_loss, want)
+    eval_set, _ = load_examples(cfg, tok, data_sources(cfg, "eval"))
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    want = expected(trained, eval_set, list(range(len(eval_set))))  # evaluation runs in batches: the same total
+    assert abs(eval_loss - want) <= 1e-4 * max(1.0, abs(want)), (eval_loss, want)

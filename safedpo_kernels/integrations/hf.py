@@ -9,17 +9,25 @@ head's weight and bias, refusing PEFT adapters on the head, whose update that we
 A mixture-of-experts model computes its router's load-balancing loss in the same skipped forward:
 ``router_aux_loss`` computes it from the decoder's outputs as the model would.
 
+``CausalLMLoss`` puts these together: the one way from a model's forward to SafeDPO (decoder -> LM
+head -> logit transform -> logits or fused-linear loss -> router loss) that both trainers use, the
+package's own (safedpo.model.PolicyLogps) and TRL's (integrations.trl.SafeDPOTrainer).
+
 No import of transformers here: these read the model objects they are given.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .. import reference
+from .._checks import check_pair_inputs
+from ..api import linear_sequence_logps, loss_on_hidden, loss_on_logits, sequence_logps
+from ..loss import loss_from_logps
+from ..options import LossOptions
 
 
 def text_config(model):
@@ -119,4 +127,97 @@ def router_aux_loss(model, outputs, attention_mask=None) -> Optional[torch.Tenso
     return balance(logits, router["num_experts"], router["top_k"], attention_mask)
 
 
-__all__ = ["text_config", "logit_transform", "lm_head", "check_linear_head", "router_config", "router_aux_loss"]
+LOSS_INPUTS = ("logits", "linear", "eager")
+
+
+class PairLoss(NamedTuple):
+    """What a batch needs besides the model's inputs to be a SafeDPO loss: the (2B,) reference log-probs
+    (or None), the (B,) safety flags, and the loss's options."""
+
+    ref_logps: Optional[torch.Tensor]
+    chosen_safe: torch.Tensor
+    rejected_safe: torch.Tensor
+    options: LossOptions
+
+
+class ModelLoss(NamedTuple):
+    """A ``CausalLMLoss`` result: the SafeDPOOutput (or, without a PairLoss, the (2B,) float32 sequence
+    log-probs) and the router's auxiliary loss (None without a router, or when not asked for)."""
+
+    result: object
+    aux_loss: Optional[torch.Tensor]
+
+
+class CausalLMLoss:
+    """A Hugging Face causal LM's batch -> its sequence log-probs, or its SafeDPO loss.
+
+    loss_input "logits": the model's logits through the fused kernels, the backward written into the
+    logits' own memory (they are ours alone; under torch.no_grad nothing is saved). "linear": the
+    decoder's last hidden states and the LM head through the fused-linear functions, with the model's
+    logit transform (read from its config, checked against its own logits before first use), never
+    materializing the logits. "eager": plain PyTorch (log_softmax, gather, sum), a baseline.
+    ``router_aux``: also return a mixture-of-experts router's load-balancing loss (without its
+    coefficient, which is the trainer's business). ``instead`` names the setting that avoids the
+    fused-linear path, for the error a model with an unknown logit transform gets.
+    """
+
+    def __init__(self, model, loss_input: str = "logits", backend: str = "auto", router_aux: bool = False,
+                 instead: str = "loss_input: logits"):
+        if loss_input not in LOSS_INPUTS:
+            raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {loss_input!r}")
+        self.loss_input = loss_input
+        self.backend = backend
+        self.transform = logit_transform(model)
+        self.router = router_config(model) if router_aux else None
+        self.instead = instead
+        self._checked = False
+
+    def check_head(self, model, forward=None) -> None:
+        """For loss_input "linear": verify once that the LM head with the transform gives the model's
+        logits (``forward``: the model's own forward, when called from inside a replacement of it)."""
+        if self.loss_input == "linear" and not self._checked:
+            check_linear_head(model, self.transform, instead=self.instead, forward=forward)
+            self._checked = True
+
+    def __call__(self, model, inputs: dict, labels: torch.Tensor, *, cu_seqlens=None, average: bool = False,
+                 loss: Optional[PairLoss] = None, forward=None) -> ModelLoss:
+        """``inputs``: the model's keyword inputs (input_ids, attention_mask, ...), (1, total) with
+        ``cu_seqlens`` for a packed batch. ``labels`` (2B, T) or (total,), aligned with the logits.
+        ``average``: mean log-probs (with a ``loss``, its options' average counts). ``forward``: what
+        computes the full model's outputs (default: ``model`` itself; a DDP-wrapped model, or the
+        original forward inside a replacement of it)."""
+        packed = cu_seqlens is not None
+        inputs = dict(inputs)
+        if self.router is not None and loss is not None:
+            inputs["output_router_logits"] = True
+        average = loss.options.average if loss is not None else average
+        kw = dict(cu_seqlens=cu_seqlens, backend=self.backend)
+        if self.loss_input == "linear":
+            self.check_head(model, forward)
+            outputs = model.get_decoder()(**inputs)
+            hidden = outputs.last_hidden_state[0] if packed else outputs.last_hidden_state
+            weight, bias = lm_head(model)
+            if loss is None:
+                return ModelLoss(linear_sequence_logps(hidden, weight, labels, bias=bias, average=average, **kw,
+                                                       **self.transform), None)
+            out = loss_on_hidden(hidden, weight, labels, *loss, bias=bias, **kw, **self.transform)
+        else:
+            outputs = (forward or model)(**inputs)
+            logits = outputs.logits[0] if packed else outputs.logits
+            if self.loss_input == "eager":
+                logps = reference.sequence_logps(logits, labels, average=average, cu_seqlens=cu_seqlens).float()
+                if loss is None:
+                    return ModelLoss(logps, None)
+                check_pair_inputs(logps.shape[0], logps.device, *loss[:3], rows_name="the logits")
+                out = loss_from_logps(logps, *loss)
+            else:
+                inplace = torch.is_grad_enabled()
+                if loss is None:
+                    return ModelLoss(sequence_logps(logits, labels, average=average, inplace_backward=inplace, **kw), None)
+                out = loss_on_logits(logits, labels, *loss, inplace_backward=inplace, **kw)
+        aux = None if self.router is None else router_aux_loss(model, outputs, inputs.get("attention_mask"))
+        return ModelLoss(out, aux)
+
+
+__all__ = ["text_config", "logit_transform", "lm_head", "check_linear_head", "router_config", "router_aux_loss",
+           "CausalLMLoss", "PairLoss", "ModelLoss", "LOSS_INPUTS"]

@@ -39,10 +39,11 @@ try:
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("safedpo_kernels.integrations.trl needs TRL: pip install 'safedpo-kernels[trl]'") from exc
 
-from ..api import linear_safedpo_loss, safedpo_loss, sequence_logps
+from ..dispatch import BACKENDS
 from ..labels import labels_from_completion_mask
-from ..loss import LOSS_TYPES, SafeDPOOutput
-from .hf import check_linear_head, lm_head, logit_transform, router_aux_loss
+from ..loss import SafeDPOOutput
+from ..options import LOSS_TYPES, LossOptions
+from .hf import CausalLMLoss, PairLoss
 from .rows import response_id, safety_flag
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
@@ -63,6 +64,16 @@ class SafeDPOConfig(DPOConfig):
                           "states and the LM head, without logits (the model's logit_scale / softcap are read)."},
     )
     kernel_backend: str = field(default="auto", metadata={"help": "safedpo_kernels backend: auto, triton, native, torch."})
+
+    def loss_options(self) -> LossOptions:
+        """The SafeDPO loss these arguments train (checked: a ValueError names a bad value). TRL's "ipo"
+        uses token-averaged log-ratios, so it takes average=True."""
+        loss_types = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        if len(loss_types) != 1 or loss_types[0] not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES} (one of them), got {self.loss_type!r}")
+        return LossOptions(beta=self.beta, delta=self.delta, swap=self.swap, drop_both_unsafe=self.drop_both_unsafe,
+                           label_smoothing=self.label_smoothing, loss_type=loss_types[0],
+                           average=loss_types[0] == "ipo")
 
 
 class SafetyPreferenceCollator(DataCollatorForPreference):
@@ -94,27 +105,20 @@ def pku_to_preference(dataset):
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
 
 
-def _add_fused_linear_loss(model) -> None:
-    """``model(..., safedpo_linear=kwargs)`` computes linear_safedpo_loss inside the model's forward (so that
-    DDP/FSDP see the LM head used there) and returns its output and the router's auxiliary loss (None
-    unless ``output_router_logits``); without it the forward is unchanged. The first such call checks
-    that the model's logits are its LM head with the transform read from its config."""
+def _add_fused_linear_loss(model, adapter: CausalLMLoss) -> None:
+    """``model(..., safedpo_linear=(labels, PairLoss))`` computes the fused-linear loss inside the model's
+    forward (so that DDP/FSDP see the LM head used there) and returns the SafeDPOOutput's fields and the
+    router's auxiliary loss (None without one); without it the forward is unchanged."""
     original = model.forward
-    transform = logit_transform(model)
-    checked = []
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, safedpo_linear=None, **kwargs):
         if safedpo_linear is None:
             return original(*args, **kwargs)
-        if not checked:
-            check_linear_head(self, transform, instead="fused_loss_input='logits'", forward=original)
-            checked.append(True)
-        labels, pair, options = safedpo_linear
-        outputs = self.get_decoder()(*args, **kwargs)
-        weight, bias = lm_head(self)
-        out = linear_safedpo_loss(outputs.last_hidden_state, weight, labels, *pair, bias=bias, **transform, **options)
-        aux = router_aux_loss(self, outputs, kwargs.get("attention_mask")) if kwargs.get("output_router_logits") else None
+        if args:
+            raise TypeError("the fused-linear loss takes the model's inputs as keywords")
+        labels, request = safedpo_linear
+        out, aux = adapter(self, kwargs, labels, loss=request, forward=original)
         return (*out, aux)
 
     model.forward = types.MethodType(forward, model)
@@ -137,15 +141,16 @@ class SafeDPOTrainer(DPOTrainer):
                 pad_token_id=parent.pad_token_id, max_length=parent.max_length, truncation_mode=parent.truncation_mode,
                 pad_to_multiple_of=parent.pad_to_multiple_of,
             )
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.loss_adapter = CausalLMLoss(base, args.fused_loss_input, args.kernel_backend,
+                                         router_aux=getattr(self, "aux_loss_enabled", False),
+                                         instead="fused_loss_input='logits'")
         if args.fused_loss_input == "linear":
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            _add_fused_linear_loss(base)
+            _add_fused_linear_loss(base, self.loss_adapter)
 
     @staticmethod
     def _check_supported(args: SafeDPOConfig) -> None:
-        loss_types = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
-        if len(loss_types) != 1 or loss_types[0] not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES} (one of them), got {args.loss_type!r}")
+        args.loss_options()
         unsupported = dict(
             ld_alpha=args.ld_alpha is not None, use_weighting=args.use_weighting, padding_free=args.padding_free,
             f_divergence_type=args.f_divergence_type != "reverse_kl",
@@ -156,8 +161,8 @@ class SafeDPOTrainer(DPOTrainer):
             raise ValueError(f"SafeDPOTrainer does not support {', '.join(bad)}; leave them at their defaults")
         if args.fused_loss_input not in ("logits", "linear"):
             raise ValueError(f"fused_loss_input must be 'logits' or 'linear', got {args.fused_loss_input!r}")
-        if args.delta < 0:
-            raise ValueError(f"delta must be >= 0, got {args.delta}")
+        if args.kernel_backend not in BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {args.kernel_backend!r}")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -180,15 +185,24 @@ class SafeDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
+    @property
+    def reference_adapter(self) -> CausalLMLoss:
+        """The reference's way to log-probs: the fused kernels on its logits. Made on first use, which can
+        be TRL's precomputation inside DPOTrainer.__init__."""
+        if getattr(self, "_reference_loss", None) is None:
+            model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._reference_loss = CausalLMLoss(model, "logits", self.args.kernel_backend)
+        return self._reference_loss
+
     @torch.no_grad()
     def _ref_logps(self, model, inputs, autocast: bool) -> torch.Tensor:
-        """(2B,) summed reference log-probs of a batch, with the fused kernels; ``model`` is the reference
-        model, or the policy (then through its reference adapter)."""
+        """(2B,) summed reference log-probs of a batch, with the fused kernels on the logits (whatever the
+        policy's fused_loss_input); ``model`` is the reference model, or the policy (then through its
+        reference adapter)."""
         labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
         with (self._reference_adapter(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self.accelerator.autocast() if autocast else contextlib.nullcontext()):
-            logits = model(**self._model_kwargs(inputs, policy=False)).logits
-        return sequence_logps(logits, labels, backend=self.args.kernel_backend)
+            return self.reference_adapter(model, self._model_kwargs(inputs, policy=False), labels).result
 
     def compute_ref_log_probs(self, model, inputs):
         """(chosen, rejected) reference log-probs of a batch for TRL's precomputation (which runs before
@@ -198,7 +212,7 @@ class SafeDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         args = self.args
-        loss_type = args.loss_type[0] if isinstance(args.loss_type, list) else args.loss_type
+        options = args.loss_options()
         labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
@@ -207,35 +221,27 @@ class SafeDPOTrainer(DPOTrainer):
                 raise ValueError("no reference: pass ref_model, train LoRA adapters, or set precompute_ref_log_probs=True")
             reference = self.model if self.ref_model is None else self.ref_model
             ref = self._ref_logps(reference, inputs, autocast=False).float()
-        average = loss_type == "ipo"  # TRL's IPO uses token-averaged log-ratios
-        if average:
+        if options.average:  # TRL's reference log-probs are sums
             ref = ref / (labels != -100).sum(-1).clamp(min=1)
-        pair = (ref, inputs["chosen_safe"], inputs["rejected_safe"])
-        options = dict(beta=self.beta, delta=args.delta, swap=args.swap, drop_both_unsafe=args.drop_both_unsafe,
-                       label_smoothing=args.label_smoothing, loss_type=loss_type, average=average,
-                       backend=args.kernel_backend)
+        request = PairLoss(ref, inputs["chosen_safe"], inputs["rejected_safe"], options)
         if args.fused_loss_input == "linear":
-            *fields, aux_loss = model(**self._model_kwargs(inputs), safedpo_linear=(labels, pair, options))
+            *fields, aux_loss = model(**self._model_kwargs(inputs), safedpo_linear=(labels, request))
             out = SafeDPOOutput(*fields)
         else:
-            outputs = model(**self._model_kwargs(inputs))
-            out = safedpo_loss(outputs.logits, labels, *pair, inplace_backward=torch.is_grad_enabled(), **options)
-            aux_loss = getattr(outputs, "aux_loss", None)
+            out, aux_loss = self.loss_adapter(model, self._model_kwargs(inputs), labels, loss=request)
         loss = out.loss
         if getattr(self, "aux_loss_enabled", False) and aux_loss is not None:  # as TRL's DPOTrainer adds it
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
-        self._log_metrics(mode, out, inputs)
+        self._log_metrics(mode, out)
         if return_outputs:
             with torch.no_grad():
                 return loss, model(**self._model_kwargs(inputs))
         return loss
 
-    def _log_metrics(self, mode: str, out, inputs: dict) -> None:
+    def _log_metrics(self, mode: str, out: SafeDPOOutput) -> None:
         gather = self.accelerator.gather_for_metrics
         kept = out.kept
-        h_w, h_l = ~inputs["chosen_safe"], ~inputs["rejected_safe"]
-        swapped = h_w & ~h_l if self.args.swap else torch.zeros_like(kept)
         n_kept = gather(kept.sum()).sum().clamp(min=1)
         metrics = {
             "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
@@ -246,7 +252,7 @@ class SafeDPOTrainer(DPOTrainer):
         for name, value in metrics.items():  # over the kept pairs
             self._metrics[mode][name].append((gather((value * kept).sum()).sum() / n_kept).item())
         self._metrics[mode]["safedpo/kept_pairs"].append(gather(kept.float().mean()).mean().item())
-        self._metrics[mode]["safedpo/swapped_pairs"].append(gather(swapped.float().mean()).mean().item())
+        self._metrics[mode]["safedpo/swapped_pairs"].append(gather(out.swapped.float().mean()).mean().item())
 
 
 __all__ = ["SafeDPOConfig", "SafeDPOTrainer", "SafetyPreferenceCollator", "pku_to_preference"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._checks import Layout, rows_contiguous
+from .._checks import rows_contiguous
+from .._layout import Layout
 from ._utils import Launch, cast_for_store
 from .logprob_forward import logprob_tiles
 

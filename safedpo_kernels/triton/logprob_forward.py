@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import Layout, rows_contiguous
+from .._checks import rows_contiguous
+from .._layout import Layout
 from .._env import env_int
 from ._utils import INTERPRETED, Launch, online_lse_update
 
