@@ -158,7 +158,7 @@ def plan(dry: bool) -> list:
     for cfg in (long, liger):
         out += [("linear_safedpo_loss", cfg, ["ours-triton"], {"SAFEDPO_LINEAR_GEMM": "cublas"}),
                 ("linear_safedpo_loss", cfg, ["ours-triton"], {"SAFEDPO_LINEAR_BLOCK_N": "256"}),
-                ("linear_safedpo_loss", cfg, ["ours-triton", "ours-torch"], {"SAFEDPO_LINEAR_LOSS_CHUNK_BYTES": str(1 << 30)})]
+                ("linear_safedpo_loss", cfg, ["ours-triton", "ours-torch"], {"SAFEDPO_LINEAR_CHUNK_BYTES": str(1 << 30)})]
     # The PKU-SafeRLHF shapes (Liger recompiles for each).
     out += [("sequence_logps", cfg, ["eager", "trl", "triton", "triton-inplace"], {}) for cfg in c["short"]]
     out += [("linear_safedpo_loss", cfg, ["eager", "ours-triton", "ours-torch", "liger", "cce"], {}) for cfg in c["short"]]

@@ -68,7 +68,7 @@ def evaluate_pairs(policy: PolicyLogps, reference, examples, cfg, pad_id: int, p
 def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
     from .distributed import Dist
     from .model import quiet_libraries
-    from .reference import Reference
+    from .ref_logps import Reference
 
     quiet_libraries()
     cfg.validate()

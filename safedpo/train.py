@@ -3,7 +3,7 @@
 One process, or many under ``torchrun --nproc_per_node=K`` (DDP; FSDP2 with fsdp=true). Every optimizer
 step sees one global batch of ``batch_size x world_size x grad_accum`` pairs, and its loss is the mean
 over the kept pairs of that whole global batch, however it is split across ranks and micro-batches.
-The pieces live beside this file: distributed.py (processes, DDP/FSDP), reference.py (reference
+The pieces live beside this file: distributed.py (processes, DDP/FSDP), ref_logps.py (reference
 log-probs), checkpoint.py, evaluate.py.
 """
 
@@ -29,7 +29,7 @@ from .distributed import Dist, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
 from .model import PolicyLogps, apply_lora, build_model, load_tokenizer, quiet_libraries, router_config
 from .progress import Progress
-from .reference import Reference
+from .ref_logps import Reference
 
 
 def cosine_schedule(optimizer, warmup: int, total: int):

@@ -1,12 +1,28 @@
-"""The SAFEDPO_* environment variables that tune the kernels, read and checked in one place.
+"""The SAFEDPO_* environment variables that tune the kernels, read and checked in one place, and the
+one reader of true/false words (environment variables here, safety flags in data files elsewhere).
 
 A malformed value is an error that names the variable, never a silent fallback: a typo in a tile size
 must not turn into a wrong result or a division by zero deep inside a kernel launch.
+
+Two memory budgets, each with one purpose (bytes, counted as float32 (rows x V) values):
+    SAFEDPO_CHUNK_BYTES         the working set of the chunked PyTorch / C++ code: the torch backend's
+                                temporaries over logits it is given, and the torch and native backends'
+                                fused-linear chunks (forward, and the backward's recomputed logits).
+                                Default 32 MiB; 256 MiB on CUDA (a 32 MiB chunk of a 128k vocabulary is
+                                65 rows, too few to fill a GPU).
+    SAFEDPO_LINEAR_CHUNK_BYTES  the logits the fused-linear autograd Functions materialize at once: a
+                                chunk of pairs of linear_safedpo_loss (its gradients are formed in the
+                                forward, and each chunk also updates the whole d weight, so larger
+                                chunks are faster), and the Triton backend's backward chunks. Default
+                                512 MiB; 4 GiB on CUDA.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional
+
+import torch
 
 
 def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = False) -> int:
@@ -40,18 +56,45 @@ def env_choice(name: str, default: str, choices: tuple) -> str:
     return text
 
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_bool(value) -> Optional[bool]:
+    """A boolean written as a bool, the number 1 or 0 (1.0 / 0.0 too), or one of the words TRUE_WORDS /
+    FALSE_WORDS (any case, spaces around ignored); None for anything else (the caller names it)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+    return None
 
 
 def env_flag(name: str, default: bool) -> bool:
-    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty gives
-    ``default``; anything else is a ValueError naming the variable."""
-    text = os.environ.get(name, "").strip().lower()
+    """A boolean environment variable (see ``parse_bool``); unset or empty gives ``default``; anything
+    else is a ValueError naming the variable."""
+    text = os.environ.get(name, "").strip()
     if not text:
         return default
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{name} must be one of {_TRUE + _FALSE}, got {os.environ[name]!r}")
+    value = parse_bool(text)
+    if value is None:
+        raise ValueError(f"{name} must be one of {TRUE_WORDS + FALSE_WORDS}, got {os.environ[name]!r}")
+    return value
+
+
+def _on_cuda(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def chunk_bytes(device=None) -> int:
+    """SAFEDPO_CHUNK_BYTES: the chunked PyTorch / C++ working set (see the module docstring)."""
+    return env_int("SAFEDPO_CHUNK_BYTES", (256 << 20) if _on_cuda(device) else (32 << 20))
+
+
+def linear_chunk_bytes(device=None) -> int:
+    """SAFEDPO_LINEAR_CHUNK_BYTES: the fused-linear path's materialized logits (see the module docstring)."""
+    return env_int("SAFEDPO_LINEAR_CHUNK_BYTES", (4 << 30) if _on_cuda(device) else (512 << 20))

@@ -178,7 +178,7 @@ def linear_safedpo_loss(
     its own two log-probs): 3 matmuls over the response tokens (logits, d hidden, d weight) instead of
     the 4 of recomputing the logits in backward; backward only scales them by the upstream gradient.
     Only the gradients of inputs that require grad are formed, none under torch.no_grad(); a second
-    backward through the same graph raises. SAFEDPO_LINEAR_LOSS_CHUNK_BYTES bounds a chunk's float32
+    backward through the same graph raises. SAFEDPO_LINEAR_CHUNK_BYTES bounds a chunk's float32
     logits (default 4 GiB on CUDA, 512 MiB elsewhere); a pair larger than that alone is computed in two
     passes (4 matmuls), so memory stays bounded at any length.
     """

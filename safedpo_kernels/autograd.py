@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._layout import Layout
-from ._env import env_int
+from ._env import linear_chunk_bytes
 from .dispatch import backend_module
 from .loss import loss_from_logps, safety_transform
 from .options import LossOptions
@@ -307,9 +307,8 @@ def plan_pair_chunks(labels: torch.Tensor, layout: Layout, ignore_index: int, bu
 
 def loss_chunk_rows(V: int, device: torch.device) -> int:
     """Token rows per chunk of pairs in linear_safedpo_loss: float32 logits within
-    SAFEDPO_LINEAR_LOSS_CHUNK_BYTES (default 4 GiB on CUDA, 512 MiB elsewhere)."""
-    default = (4 << 30) if torch.device(device).type == "cuda" else (512 << 20)
-    return max(1, env_int("SAFEDPO_LINEAR_LOSS_CHUNK_BYTES", default) // (4 * V))
+    SAFEDPO_LINEAR_CHUNK_BYTES (see _env.py)."""
+    return max(1, linear_chunk_bytes(device) // (4 * V))
 
 
 class LinearHead(NamedTuple):

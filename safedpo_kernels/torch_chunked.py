@@ -2,9 +2,8 @@
 
 Token rows are processed in chunks, so at most one chunk of float32 (rows x V) temporaries exists at a
 time; backward recomputes the softmax from the saved per-token log-sum-exp instead of keeping it. Works
-on any device PyTorch supports. The chunk size comes from a byte budget (``SAFEDPO_CHUNK_BYTES``,
-default 32 MiB of float32 per temporary; 256 MiB on CUDA, where a 32 MiB chunk of a 128k vocabulary is
-65 rows: too few for a matmul to fill the card, and one launch per few microseconds of work).
+on any device PyTorch supports. The chunk size comes from a byte budget (``SAFEDPO_CHUNK_BYTES``, see
+_env.py: 32 MiB of float32 per temporary, 256 MiB on CUDA).
 
 On CUDA the fused-linear matmuls of bf16/fp16 operands run on the tensor cores with float32
 accumulation and a float32 result (``torch.mm(..., out_dtype=torch.float32)``): the logits are as
@@ -18,22 +17,16 @@ from typing import Iterator, Tuple
 import torch
 
 from ._layout import Layout
-from ._env import env_int
+from ._env import chunk_bytes
 
-DEFAULT_CHUNK_BYTES = 32 << 20
-CUDA_CHUNK_BYTES = 256 << 20
 _HALF = (torch.bfloat16, torch.float16)
 # torch.mm(a, b, out_dtype=torch.float32) for half operands: CUDA only, torch >= 2.8.
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def chunk_rows_for(vocab: int, budget_bytes: int | None = None, device=None) -> int:
-    """Rows per chunk such that one float32 (rows x vocab) temporary stays within the budget
-    (``SAFEDPO_CHUNK_BYTES``; default 32 MiB, 256 MiB for CUDA ``device``)."""
-    if budget_bytes is None:
-        cuda = device is not None and torch.device(device).type == "cuda"
-        budget_bytes = env_int("SAFEDPO_CHUNK_BYTES", CUDA_CHUNK_BYTES if cuda else DEFAULT_CHUNK_BYTES)
-    return max(1, budget_bytes // (4 * vocab))
+def chunk_rows_for(vocab: int, device=None) -> int:
+    """Rows per chunk such that one float32 (rows x vocab) temporary stays within SAFEDPO_CHUNK_BYTES."""
+    return max(1, chunk_bytes(device) // (4 * vocab))
 
 
 def _flat(x: torch.Tensor, layout: Layout):

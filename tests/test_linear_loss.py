@@ -144,7 +144,7 @@ def test_chunking_and_two_pass_give_the_same_result(case, monkeypatch, budget):
     kw = dict(backend=backend, softcap=3.0, logit_scale=0.8)
     whole = fused(hidden, weight, b, labels, ref, cs, rs, **kw)
     rows = 12 if budget == "small" else 2  # float32 rows of V = 113
-    monkeypatch.setenv("SAFEDPO_LINEAR_LOSS_CHUNK_BYTES", str(rows * 4 * 113))
+    monkeypatch.setenv("SAFEDPO_LINEAR_CHUNK_BYTES", str(rows * 4 * 113))
     chunked = fused(hidden, weight, b, labels, ref, cs, rs, **kw)
     assert max_scaled_err(chunked[0].loss, whole[0].loss) <= 1e-6
     for x, y in zip(chunked[1], whole[1]):
@@ -164,7 +164,7 @@ def test_three_matmuls_and_a_backward_without_any(monkeypatch):
 
         monkeypatch.setattr(module, name, counted)
     hidden, weight, b, labels, cs, rs, ref = make(4, 8, 16, 97, torch.float32, "cpu", seed=57)
-    monkeypatch.setenv("SAFEDPO_LINEAR_LOSS_CHUNK_BYTES", str(14 * 4 * 97))  # a few pairs per chunk
+    monkeypatch.setenv("SAFEDPO_LINEAR_CHUNK_BYTES", str(14 * 4 * 97))  # a few pairs per chunk
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     out = linear_safedpo_loss(h, w, labels, ref, cs, rs, bias=b, backend="torch")
     chunks = calls["linear_logits"]
@@ -181,7 +181,7 @@ def test_no_gradient_buffers_under_no_grad(monkeypatch):
 
     V, H = 20000, 256
     hidden, weight, b, labels, cs, rs, ref = make(2, 8, H, V, torch.float32, "cpu", seed=58, bias=False)
-    monkeypatch.setenv("SAFEDPO_LINEAR_LOSS_CHUNK_BYTES", str(8 * 4 * V))
+    monkeypatch.setenv("SAFEDPO_LINEAR_CHUNK_BYTES", str(8 * 4 * V))
     dw_bytes = V * H * 4
     w = weight.clone().requires_grad_()
 

@@ -202,7 +202,8 @@ def _fallback(env_extra, setup=None):
 
 def test_missing_source_falls_back(tmp_path):
     """An installation without csrc/ (as the wheel had once): one warning, then backend 'torch'."""
-    setup = "from safedpo_kernels import native\nfrom pathlib import Path\nnative._SOURCE_CANDIDATES = (Path('/nonexistent/csrc/logprob.cpp'),)\n"
+    setup = ("from safedpo_kernels import _native_build\nfrom pathlib import Path\n"
+             "_native_build._SOURCE_CANDIDATES = (Path('/nonexistent/csrc/logprob.cpp'),)\n")
     message = _fallback(dict(SAFEDPO_CACHE_DIR=str(tmp_path)), setup)
     assert "FileNotFoundError" in message and "logprob.cpp" in message
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import env_int
+from .._env import linear_chunk_bytes
 from ._utils import Launch, cast_for_store
 from .fused_linear_forward import linear_logits_tile, tile_launch
 
@@ -57,9 +57,9 @@ def dlogits_launch(hidden, weight, bias, labels, lse, g, dz, logit_scale: float 
 
 
 def dlogits_chunk_rows(V: int, dtype: torch.dtype, device=None) -> int:
-    """Rows per backward chunk: one (rows x V) gradient buffer within SAFEDPO_LINEAR_CHUNK_BYTES (1 GiB)."""
-    budget = env_int("SAFEDPO_LINEAR_CHUNK_BYTES", 1 << 30)
-    return max(1, budget // (V * torch.finfo(dtype).bits // 8))
+    """Rows per backward chunk: its (rows x V) logits, counted as float32, within SAFEDPO_LINEAR_CHUNK_BYTES
+    (see _env.py; the gradient buffer itself is in the hidden dtype, half of that for bf16)."""
+    return max(1, linear_chunk_bytes(device) // (4 * V))
 
 
 def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, logit_scale: float = 1.0,

@@ -1,4 +1,5 @@
-"""The reference policy's sequence log-probs: precomputed once and cached on disk, or computed live."""
+"""The reference policy's sequence log-probs for the trainer: precomputed once and cached on disk, or
+computed live. (Not to be confused with safedpo_kernels.reference, the float64 oracle of the kernels.)"""
 
 from __future__ import annotations
 
