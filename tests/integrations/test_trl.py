@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def trainer_pair(stand_ins, tmp_path, make_model=None, peft_config=None, **safedpo_args):

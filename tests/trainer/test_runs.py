@@ -1,8 +1,11 @@
-"""The trainer: data modes, malformed rows, config, full runs, resume, DDP, loss inputs."""
+"""Training runs on tiny models: the CLI, resume, loss inputs, reference modes, DDP and FSDP on gloo,
+every loss option reaching the loss; output directories, checkpoints and caches that are reused,
+hostile, or written to a full disk."""
 
+import errno
 import json
 import os
-import shutil
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,119 +16,25 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from safedpo.config import load_config, loss_flags  # noqa: E402
-from safedpo.data import DataError, build_pairs, check_row, flip_safety_labels, load_rows  # noqa: E402
+from safedpo.config import load_config  # noqa: E402
 from safedpo.toy import make_task, vocabulary  # noqa: E402
 from safedpo.toy.tokenizer import build_tokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=64)
 
 
-def row(better=0, safer=0, safe0=True, safe1=True, **kw):
-    r = dict(prompt="how do i fix the bike ?", response_0="a", response_1="b", is_response_0_safe=safe0,
-             is_response_1_safe=safe1, better_response_id=better, safer_response_id=safer)
-    r.update(kw)
-    return r
-
-
-# ----------------------------------------------------------------------------- data modes
-
-
-def test_modes_select_and_order_pairs():
-    rows = [
-        row(better=0, safer=0, safe0=True, safe1=False),  # preferred safe, other unsafe
-        row(better=1, safer=0, safe0=True, safe1=False),  # preferred (1) unsafe, other safe
-        row(better=0, safer=1, safe0=False, safe1=False),  # both unsafe
-        row(better=1, safer=0, safe0=True, safe1=True),  # both safe
-    ]
-    helpful = build_pairs(rows, "dpo-helpful")
-    assert [(p.chosen, p.rejected) for p in helpful] == [("a", "b"), ("b", "a"), ("a", "b"), ("b", "a")]
-    assert [(p.chosen_safe, p.rejected_safe) for p in helpful] == [(True, False), (False, True), (False, False), (True, True)]
-    assert [(p.chosen, p.rejected) for p in build_pairs(rows, "safedpo")] == [(p.chosen, p.rejected) for p in helpful]
-    harmless = build_pairs(rows, "dpo-harmless")
-    assert [(p.chosen, p.rejected) for p in harmless] == [("a", "b"), ("a", "b"), ("b", "a"), ("a", "b")]
-    safebetter = build_pairs(rows, "dpo-safebetter")
-    assert [(p.chosen, p.rejected, p.chosen_safe) for p in safebetter] == [("a", "b", True), ("b", "a", True)]
-    assert loss_flags("safedpo", 5.0) == dict(delta=5.0, swap=True, drop_both_unsafe=True)
-    assert loss_flags("noswap", 5.0) == dict(delta=5.0, swap=False, drop_both_unsafe=True)
-    for mode in ("dpo-helpful", "dpo-harmless", "dpo-safebetter"):
-        assert loss_flags(mode, 5.0) == dict(delta=0.0, swap=False, drop_both_unsafe=False)
-
-
-def test_label_noise_is_seeded():
-    rows = [row(safe0=bool(i % 2), safe1=bool(i % 3)) for i in range(400)]
-    assert flip_safety_labels(rows, 0.0, 1) == rows
-    flipped = flip_safety_labels(rows, 1.0, 1)
-    assert all(f["is_response_0_safe"] != r["is_response_0_safe"] and f["is_response_1_safe"] != r["is_response_1_safe"] for f, r in zip(flipped, rows))
-    a, b, c = (flip_safety_labels(rows, 0.2, s) for s in (7, 7, 8))
-    assert a == b and a != c
-    n = sum(x[k] != r[k] for x, r in zip(a, rows) for k in ("is_response_0_safe", "is_response_1_safe"))
-    assert 100 <= n <= 220  # about 20% of 800 flags
-    assert rows[0]["is_response_0_safe"] is False  # the input is not modified
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.mark.parametrize(
-    "bad, column, words",
-    [
-        (dict(response_1=""), "response_1", "non-empty string"),
-        (dict(better_response_id=2), "better_response_id", "0 or 1"),
-        (dict(is_response_0_safe="maybe"), "is_response_0_safe", "boolean"),
-        (dict(safer_response_id=None), "safer_response_id", "missing"),
-    ],
-)
-def test_malformed_rows_named_or_skipped(tmp_path, bad, column, words):
-    path = _write_jsonl(tmp_path / "d.jsonl", [row(), row(**bad), row()])
-    with pytest.raises(DataError) as info:
-        load_rows([path])
-    msg = str(info.value)
-    assert path in msg and "row 1" in msg and repr(column) in msg and words in msg
-    rows, skipped = load_rows([path], skip_bad_rows=True)
-    assert len(rows) == 2 and skipped == 1
-
-
-def test_missing_column_and_remap(tmp_path):
-    r = row()
-    r["question"] = r.pop("prompt")
-    path = _write_jsonl(tmp_path / "d.jsonl", [r])
-    with pytest.raises(DataError, match="row 0, column 'prompt': missing"):
-        load_rows([path])
-    rows, _ = load_rows([path], columns={"prompt": "question"})
-    assert rows[0]["prompt"] == "how do i fix the bike ?"
-    with pytest.raises(DataError, match="row 0"):
-        check_row({}, "row 0")
-
-
-def test_config_unknown_keys_and_overrides(tmp_path):
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("beta: 0.2\nmode: noswap\n")
-    cfg = load_config(str(cfg_file), ["delta=5", "loss_input=linear", "train_files=a.jsonl"])
-    assert (cfg.beta, cfg.mode, cfg.delta, cfg.loss_input, cfg.train_files) == (0.2, "noswap", 5.0, "linear", ["a.jsonl"])
-    cfg_file.write_text("beta: 0.2\nbetta: 1\n")
-    with pytest.raises(ValueError, match="unknown config key\\(s\\): betta"):
-        load_config(str(cfg_file))
-    with pytest.raises(ValueError, match="unknown config key: lrr"):
-        load_config(None, ["lrr=1"])
-    with pytest.raises(ValueError, match="mode must be one of"):
-        load_config(None, ["mode=dpo", "tiny_model={hidden_size: 8}", "train_files=x"]).validate()
-
-
-# ----------------------------------------------------------------------------- runs
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
     data = make_task(seed=3, pairs_per_prompt=1)
-    paths = dict(train=_write_jsonl(root / "train.jsonl", data["train"][:48]), test=_write_jsonl(root / "test.jsonl", data["test"][:16]))
+    paths = dict(train=write_jsonl(root / "train.jsonl", data["train"][:48]), test=write_jsonl(root / "test.jsonl", data["test"][:16]))
     build_tokenizer(vocabulary(), root / "tok")
     paths["tokenizer"] = str(root / "tok")
     return paths
@@ -312,3 +221,123 @@ def test_every_loss_option_reaches_the_loss(task, tmp_path, loss_type, options):
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     want = expected(trained, eval_set, list(range(len(eval_set))))  # evaluation runs in batches: the same total
     assert abs(eval_loss - want) <= 1e-4 * max(1.0, abs(want)), (eval_loss, want)
+
+
+# ----------------------------------------------------------------------------- reused, hostile, full
+
+
+def run_cfg(stand_ins, out, **kw):
+    base = dict(model=stand_ins["model"], train_files=[stand_ins["train_jsonl"]], output_dir=str(out), max_steps=3,
+                batch_size=2, progress=False, max_length=48, max_prompt_length=24, cache_dir=str(out.parent / "cache"))
+    return load_config(None, **{**base, **kw})
+
+
+def steps_in(out):
+    return [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "event" not in r]
+
+
+def test_a_fresh_run_refuses_another_runs_directory(stand_ins, tmp_path):
+    from safedpo.train import train
+
+    out = tmp_path / "run"
+    train(run_cfg(stand_ins, out, max_steps=2))
+    with pytest.raises(ValueError, match="holds another run.*overwrite_output_dir"):
+        train(run_cfg(stand_ins, out, resume="none"))
+    train(run_cfg(stand_ins, out, resume="none", overwrite_output_dir=True))
+    assert steps_in(out) == [1, 2, 3]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-3"]
+
+
+def test_resume_truncates_the_metrics_and_keeps_k_checkpoints(stand_ins, tmp_path):
+    from safedpo.train import train
+
+    out = tmp_path / "run"
+    train(run_cfg(stand_ins, out, max_steps=6, save_every=1, save_total_limit=2, stop_at_step=4))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-3", "step-4"]
+    # A crash after step 4 was logged but before step 4... was saved: pretend step 5 was logged too.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(step=5, loss=1.0)) + "\n")
+    (out / "checkpoints" / ".tmp-step-5-123").mkdir()  # a crash mid-save
+    train(run_cfg(stand_ins, out, max_steps=6, save_every=1, save_total_limit=2, resume="auto"))
+    assert steps_in(out) == [1, 2, 3, 4, 5, 6]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-5", "step-6"]
+
+
+def test_a_full_disk_is_named_and_the_last_checkpoint_stays(stand_ins, tmp_path, monkeypatch):
+    from safedpo import checkpoint
+    from safedpo.train import train
+
+    out = tmp_path / "run"
+    train(run_cfg(stand_ins, out, max_steps=2))
+    real_save = torch.save
+
+    def full(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(OSError, match=r"disk full while writing .*step-4.*intact \(step-2\)"):
+        train(run_cfg(stand_ins, out, max_steps=4, resume="auto"))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    train(run_cfg(stand_ins, out, max_steps=4, resume="auto"))  # the last complete checkpoint still resumes
+    assert steps_in(out) == [1, 2, 3, 4]
+
+
+class Exploit:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def old_torch_load_default(monkeypatch):
+    """torch.load as torch < 2.6 (which pyproject allows) has it: weights_only=False unless passed, so a
+    caller that relies on the default is caught on any installed torch."""
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+
+
+def _refused_without_running_code(run, marker):
+    with pytest.raises(Exception) as info:
+        run()
+    assert not marker.exists(), "unpickling the file ran its code"
+    assert info.type is pickle.UnpicklingError, info.value
+
+
+def test_a_hostile_checkpoint_runs_no_code(stand_ins, tmp_path, old_torch_load_default):
+    from safedpo.train import train
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil" / "step-1"
+    ckpt.mkdir(parents=True)
+    with open(ckpt / "state.pt", "wb") as f:
+        pickle.dump({"model": Exploit(marker)}, f)
+    (ckpt / "meta.json").write_text(json.dumps(dict(step=1, position=1, rng={})))
+    cfg = run_cfg(stand_ins, tmp_path / "run", resume=str(ckpt), max_steps=2)
+    _refused_without_running_code(lambda: train(cfg), marker)
+
+
+def test_a_hostile_reference_cache_runs_no_code(stand_ins, tmp_path, old_torch_load_default):
+    from safedpo.train import train
+
+    marker = tmp_path / "pwned"
+    train(run_cfg(stand_ins, tmp_path / "first", max_steps=1))
+    cached = list((tmp_path / "cache").glob("ref-*.pt"))
+    assert cached
+    for path in cached:
+        with open(path, "wb") as f:
+            pickle.dump(Exploit(marker), f)
+    _refused_without_running_code(lambda: train(run_cfg(stand_ins, tmp_path / "second", max_steps=1)), marker)
+
+

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from safedpo_kernels import SafeDPOLoss, linear_safedpo_loss, reference, safedpo_loss, safedpo_loss_from_logps
-from conftest import make_flags, make_labels, make_logits, max_scaled_err, rel_err
+from helpers import make_flags, make_labels, make_logits, max_scaled_err, rel_err
 
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo"]
 

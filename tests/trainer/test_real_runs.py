@@ -15,7 +15,7 @@ datasets = pytest.importorskip("datasets")
 from safedpo.config import load_config  # noqa: E402
 from safedpo.data import data_sources, load_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 

@@ -10,7 +10,7 @@ from safedpo_kernels import (
     reference,
     sequence_logps,
 )
-from conftest import TOL, make_flags, make_labels, max_scaled_err, pack, rel_err
+from helpers import TOL, make_flags, make_labels, max_scaled_err, pack, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

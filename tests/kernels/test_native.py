@@ -14,7 +14,7 @@ import torch
 
 from safedpo_kernels import sequence_logps
 from safedpo_kernels.dispatch import native_available, resolve_backend
-from conftest import make_labels, make_logits
+from helpers import make_labels, make_logits
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native extension not available")
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 LOGITS_PATH = {"logprob_forward_kernel", "logprob_backward_kernel"}
 

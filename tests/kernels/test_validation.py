@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from safedpo_kernels import SafeDPOLoss, safedpo_loss, sequence_logps
+from safedpo_kernels import SafeDPOLoss, reference, safedpo_loss, sequence_logps
+from helpers import make_labels, make_logits, max_scaled_err
 
 B, T, V = 2, 5, 50
 
@@ -163,3 +164,29 @@ def test_bad_tuning_variable_is_named(monkeypatch, backend, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name):
         sequence_logps(torch.randn(2, 3, V), torch.zeros(2, 3, dtype=torch.long), backend=backend)
+
+
+def test_a_plus_inf_logit_gives_nan_on_every_backend(case):
+    backend, device = case
+    gen = torch.Generator().manual_seed(73)
+    logits = make_logits((3, 4, 50), torch.float32, device, gen)
+    labels = make_labels(3, 4, 50, gen, device, prompt_max=0)
+    labels[1] = 7
+    logits[0, 2, 9] = float("inf")
+    labels[0, 2] = 3  # a counted token whose row holds +inf
+    out = sequence_logps(logits, labels, backend=backend)
+    want = reference.sequence_logps(logits.double(), labels)
+    assert torch.isnan(out[0]) and torch.isnan(want[0])
+    assert max_scaled_err(out[1:], want[1:]) <= 1e-5
+
+
+def test_cu_seqlens_as_a_python_list(case):
+    backend, device = case
+    gen = torch.Generator().manual_seed(74)
+    logits = make_logits((9, 30), torch.float32, device, gen)
+    labels = torch.randint(0, 30, (9,), generator=gen).to(device)
+    a = sequence_logps(logits, labels, cu_seqlens=[0, 4, 9], backend=backend)
+    b = sequence_logps(logits, labels, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32, device=device), backend=backend)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        sequence_logps(logits, labels, cu_seqlens=[0, 4.5, 9], backend=backend)

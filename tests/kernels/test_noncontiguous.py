@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
-from conftest import TOL, float64_logps_and_grad, logps_and_grad, make_flags, make_labels, make_logits, max_scaled_err, rel_err
+from helpers import TOL, float64_logps_and_grad, logps_and_grad, make_flags, make_labels, make_logits, max_scaled_err, rel_err
 
 
 def every_other(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""Helpers of the kernel tests: error measures, the contract's tolerances, the sequence_logps run and
+its float64 oracle, random inputs (odd sizes, masked prompts, padding, a fully ignored row, all four
+safety combinations) and packing."""
+
+import torch
+
+from safedpo_kernels import reference, sequence_logps
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64 (0 when both are 0)."""
+    got, want = got.double(), want.double()
+    denom = want.norm().item()
+    diff = (got - want).norm().item()
+    return diff / denom if denom else diff
+
+
+def max_scaled_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max_i |got_i - want_i| / max(|want_i|, 1): relative for large values, absolute near 0."""
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).abs() / want.abs().clamp(min=1.0)).max().item()
+
+
+# (outputs, gradients) tolerances per logits dtype, against float64: relative 1e-5 for float32; bf16/fp16
+# outputs (accumulated in float32) 1e-4, their gradients (stored in bf16/fp16) 1e-2.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-4, 1e-2),
+    torch.float16: (1e-4, 1e-2),
+}
+
+
+def logps_and_grad(logits, labels, upstream, **kw):
+    """sequence_logps on a fresh leaf copy of logits, then backward of (out * upstream).sum():
+    (out, d/d logits). Keywords go to sequence_logps."""
+    x = logits.detach().clone().requires_grad_()
+    out = sequence_logps(x, labels, **kw)
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad
+
+
+def float64_logps_and_grad(logits, labels, upstream, **kw):
+    """The same from the float64 reference: the oracle of ``logps_and_grad``."""
+    x = logits.detach().double().requires_grad_()
+    out = reference.sequence_logps(x, labels, **kw)
+    (out * upstream.double()).sum().backward()
+    return out.detach(), x.grad
+
+
+def make_logits(shape, dtype, device, gen, scale=3.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+
+def make_labels(N, T, V, gen, device, prompt_max=3):
+    """Random targets; a random-length prompt and random-length padding are ignored (-100), and row 1
+    is fully ignored, as a fully truncated response would be."""
+    labels = torch.randint(0, V, (N, T), generator=gen)
+    for n in range(N):
+        p = int(torch.randint(0, prompt_max + 1, (1,), generator=gen))
+        pad = int(torch.randint(0, 3, (1,), generator=gen))
+        labels[n, :p] = -100
+        if pad:
+            labels[n, T - pad :] = -100
+    if N > 1:
+        labels[1] = -100
+    return labels.to(device)
+
+
+def make_flags(B, gen, device):
+    """(chosen_safe, rejected_safe): the first four pairs cover all four combinations."""
+    base = torch.tensor([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=torch.bool)
+    flags = torch.randint(0, 2, (B, 2), generator=gen).bool()
+    flags[: min(B, 4)] = base[: min(B, 4)]
+    return flags[:, 0].to(device), flags[:, 1].to(device)
+
+
+def pack(logits, labels, keep_lengths):
+    """Padded (N, T, V) -> packed (total, V) keeping the first keep_lengths[n] tokens of each row."""
+    cu = [0]
+    for n_len in keep_lengths:
+        cu.append(cu[-1] + n_len)
+    packed = torch.cat([logits[n, :L] for n, L in enumerate(keep_lengths)])
+    packed_labels = torch.cat([labels[n, :L] for n, L in enumerate(keep_lengths)])
+    return packed, packed_labels, torch.tensor(cu, dtype=torch.int32, device=logits.device)

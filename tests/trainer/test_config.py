@@ -1,0 +1,61 @@
+"""The trainer's configuration: unknown keys, values converted and range-checked by key, YAML spellings,
+a missing model named in one line."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from safedpo.config import load_config  # noqa: E402
+
+
+def test_config_unknown_keys_and_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("beta: 0.2\nmode: noswap\n")
+    cfg = load_config(str(cfg_file), ["delta=5", "loss_input=linear", "train_files=a.jsonl"])
+    assert (cfg.beta, cfg.mode, cfg.delta, cfg.loss_input, cfg.train_files) == (0.2, "noswap", 5.0, "linear", ["a.jsonl"])
+    cfg_file.write_text("beta: 0.2\nbetta: 1\n")
+    with pytest.raises(ValueError, match="unknown config key\\(s\\): betta"):
+        load_config(str(cfg_file))
+    with pytest.raises(ValueError, match="unknown config key: lrr"):
+        load_config(None, ["lrr=1"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        load_config(None, ["mode=dpo", "tiny_model={hidden_size: 8}", "train_files=x"]).validate()
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        (dict(batch_size=0), "batch_size must be at least 1"),
+        (dict(grad_accum=0), "grad_accum must be at least 1"),
+        (dict(max_length=0), "max_length must be at least 1"),
+        (dict(max_prompt_length=-3), "max_prompt_length must be at least 1"),
+        (dict(save_every=-1), "save_every must be >= 0"),
+        (dict(eval_every=-2), "eval_every must be >= 0"),
+        (dict(device="tpu"), "device must be one of"),
+        (dict(progress="no"), "progress expects true or false"),
+        (dict(lr="fast"), "lr expects a number"),
+        (dict(batch_size=2.5), "batch_size expects an integer"),
+        (dict(train_files=[1, 2]), "train_files expects a list of strings"),
+        (dict(beta=float("inf")), "beta expects a finite number"),
+    ],
+)
+def test_config_values_are_checked_by_key(values, words):
+    base = dict(tiny_model={"hidden_size": 8}, train_files=["x.jsonl"])
+    with pytest.raises(ValueError, match=words):
+        load_config(None, **{**base, **values}).validate()
+
+
+def test_config_accepts_numbers_in_any_yaml_spelling(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-6\nbeta: 1\nmax_steps: '10'\ntrain_files: a.jsonl\ntiny_model: {hidden_size: 8}\n")
+    cfg = load_config(str(path)).validate()
+    assert (cfg.lr, cfg.beta, cfg.max_steps, cfg.train_files) == (5e-6, 1.0, 10, ["a.jsonl"])
+
+
+def test_a_missing_model_is_one_clear_line(tmp_path):
+    from safedpo.model import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match=r"tokenizer '.*/nope': no such local directory$"):
+        load_tokenizer(str(tmp_path / "nope"))
+
+
