@@ -20,7 +20,9 @@ $(VENV)/.test-deps: pyproject.toml requirements-cpu.txt | $(PYTHON)
 native: $(VENV)/.test-deps
 	$(PYTHON) -c "import sys; from safedpo_kernels import native; ok = native.load(); print('native kernels:', native.build_info()); sys.exit(0 if ok else 1)"
 
+# The linter first (ruff, configured in pyproject.toml), then the suite.
 test: native
+	$(PYTHON) -m ruff check .
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
 
 # The main job: the embedded toy safety task, SFT then SafeDPO, ending with a table (runs/experiments/).

@@ -35,7 +35,8 @@ def main():
                 labels[:, : int(torch.randint(1, 9, (1,), generator=g))] = -100
                 labels[1] = -100
                 labels = labels.to(device)
-                ref_logps = (reference.sequence_logps(logits.double(), labels) + torch.randn(2 * B, generator=g).to(device) * 2).float()
+                noise = torch.randn(2 * B, generator=g).to(device) * 2
+                ref_logps = (reference.sequence_logps(logits.double(), labels) + noise).float()
                 cs = torch.tensor([1, 1, 0, 0], dtype=torch.bool, device=device)
                 rs = torch.tensor([1, 0, 1, 0], dtype=torch.bool, device=device)
                 x = logits.clone().requires_grad_()

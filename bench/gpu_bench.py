@@ -70,13 +70,15 @@ def _timed(fn, device: str, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def ceilings(device: str, dry: bool) -> dict:
-    n_bytes = (1 << 20) if dry else (1 << 30)
+def _copy_time(n_bytes: int, device: str, iters: int) -> float:
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = _timed(lambda: dst.copy_(src), device, 3 if dry else 20)
-    bandwidth = 2 * n_bytes / t  # read + write
-    del src, dst
+    return _timed(lambda: dst.copy_(src), device, iters)
+
+
+def ceilings(device: str, dry: bool) -> dict:
+    n_bytes = (1 << 20) if dry else (1 << 30)
+    bandwidth = 2 * n_bytes / _copy_time(n_bytes, device, 3 if dry else 20)  # read + write
     n = 256 if dry else 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -199,8 +201,8 @@ def run(dry: bool, out: Path, budget_s: float = 330.0) -> tuple:
     for k, v in meta.items():
         print(f"{k}: {v}")
     ceil = ceilings(device, dry)
-    print(f"== ceilings ==\ndevice-to-device copy: {ceil['bandwidth_Bps'] / 1e9:.1f} GB/s, bf16 matmul: {ceil['bf16_flops'] / 1e12:.1f} TFLOP/s",
-          flush=True)
+    print(f"== ceilings ==\ndevice-to-device copy: {ceil['bandwidth_Bps'] / 1e9:.1f} GB/s, "
+          f"bf16 matmul: {ceil['bf16_flops'] / 1e12:.1f} TFLOP/s", flush=True)
 
     rows = []
     truths = {}
@@ -304,14 +306,16 @@ def targets(rows: list, dry: bool) -> list:
         cce = _find(rows, "linear_safedpo_loss", cfg, "cce")
         if cce:
             grad_w_mb = cfg.V * cfg.H * torch.finfo(getattr(torch, cfg.dtype)).bits // 8 / 2**20
-            lines.append(f"- fused-linear ({name}): peak {best['peak_mb']:.0f} MB vs CCE {cce['peak_mb']:.0f} MB + weight gradient "
-                         f"{grad_w_mb:.0f} MB (target: not more): {verdict(best['peak_mb'] <= cce['peak_mb'] + grad_w_mb)}")
+            lines.append(f"- fused-linear ({name}): peak {best['peak_mb']:.0f} MB vs CCE {cce['peak_mb']:.0f} MB "
+                         f"+ weight gradient {grad_w_mb:.0f} MB (target: not more): "
+                         f"{verdict(best['peak_mb'] <= cce['peak_mb'] + grad_w_mb)}")
     if not dry:
         for variant, key in (("liger", "liger"), ("eager", "torch")):
             r = _find(rows, "linear_safedpo_loss", liger_cfg, variant)
             t, m = LIGER_PUBLISHED[key]
             if r:
-                lines.append(f"- Liger's case, {variant} here: {r['median_s'] * 1e3:.1f} ms, total peak {r['total_peak_mb'] / 1024:.2f} GiB "
+                lines.append(f"- Liger's case, {variant} here: {r['median_s'] * 1e3:.1f} ms, "
+                             f"total peak {r['total_peak_mb'] / 1024:.2f} GiB "
                              f"(Liger's published H100 figure for {key}: {t * 1e3:.1f} ms / {m / 1e9:.2f} GB)")
     return lines
 

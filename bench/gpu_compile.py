@@ -384,7 +384,8 @@ def markdown(rows: list, meta: dict) -> str:
         "227 KiB on sm_90); local memory per thread (register spills); blocks per SM and occupancy (resident "
         "warps / 64) from registers, shared memory and block size, with the limiting resource.",
         "",
-        "| kernel | dtype | tile configuration | target | variants | registers | shared bytes | spill (local) bytes | blocks/SM | occupancy | limited by |",
+        "| kernel | dtype | tile configuration | target | variants | registers | shared bytes | spill (local) bytes "
+        "| blocks/SM | occupancy | limited by |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary(rows):

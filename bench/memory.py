@@ -71,7 +71,8 @@ def run_isolated(module: str, *args: str, timeout: int = 900) -> dict:
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=root)
+    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                         cwd=root)
     if res.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -179,7 +179,9 @@ def main():
                 else:
                     row["matches_eager"] = ""
                 rows.append(row)
-                shown = f"{row['median_s']:.3f} s, {row['peak_mb']:.0f} MB, matches eager: {row['matches_eager']}" if row["status"] == "ok" else row["status"]
+                shown = row["status"]
+                if row["status"] == "ok":
+                    shown = f"{row['median_s']:.3f} s, {row['peak_mb']:.0f} MB, matches eager: {row['matches_eager']}"
                 print(f"[{time.time() - started:6.0f}s] {op} N={cfg.N} T={cfg.T} V={cfg.V} {variant}: {shown}", flush=True)
 
     out = Path(a.out)

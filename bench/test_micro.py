@@ -7,8 +7,7 @@ against the eager reference. The benchmark suite (bench.suite) is where the size
 import pytest
 import torch
 
-from safedpo_kernels import linear_safedpo_loss, reference, safedpo_loss, sequence_logps
-from safedpo_kernels import available_backends
+from safedpo_kernels import available_backends, linear_safedpo_loss, reference, safedpo_loss, sequence_logps
 
 BACKENDS = [b for b in available_backends("cpu") if b != "triton"]  # the interpreter is not timed
 N, T, V, H = 4, 256, 8192, 128

@@ -46,7 +46,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
     tok = AutoTokenizer.from_pretrained(a.model)
-    policy = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="flash_attention_2" if flash else "sdpa").to(device)
+    attn = "flash_attention_2" if flash else "sdpa"
+    policy = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation=attn).to(device)
     rows = [json.loads(line) for line in open(a.data)]
     head = policy.get_output_embeddings()
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr)

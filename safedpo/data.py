@@ -246,18 +246,19 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> List[int]:
 
 
 def encode_pairs(pairs: List[Pair], tokenizer, max_prompt_length: int, max_length: int) -> List[Example]:
-    eos = tokenizer.eos_token_id
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def response(text: str, room: int) -> list:
+        # Cut the text before tokenizing, so that an absurdly long response costs nothing.
+        text = text[: max(room, 1) * CHARS_PER_TOKEN]
+        return (tokenizer(text, add_special_tokens=False)["input_ids"] + eos)[:room]
+
     examples = []
     for pair in pairs:
         prompt_ids = encode_prompt(tokenizer, pair.prompt, max_prompt_length)
         room = max_length - len(prompt_ids)
-
-        def response(text):
-            text = text[: max(room, 1) * CHARS_PER_TOKEN]
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            return ids[:room]
-
-        examples.append(Example(prompt_ids, response(pair.chosen), response(pair.rejected), pair.chosen_safe, pair.rejected_safe))
+        examples.append(Example(prompt_ids, response(pair.chosen, room), response(pair.rejected, room), pair.chosen_safe,
+                                pair.rejected_safe))
     return examples
 
 

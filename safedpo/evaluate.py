@@ -81,7 +81,8 @@ def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
     initial = build_model(cfg, len(tok), dd.device)  # the reference: the policy before training
     trained = build_model(cfg, len(tok), dd.device, path=path) if path else initial
     policy = PolicyLogps(trained, cfg.loss_input, cfg.average_logps, cfg.backend)
-    reference = Reference(dataclasses.replace(cfg, reference="live"), PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend), {}, tok, dd, packed=False)
+    initial_policy = PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend)
+    reference = Reference(dataclasses.replace(cfg, reference="live"), initial_policy, {}, tok, dd, packed=False)
     return evaluate_pairs(policy, reference, examples, cfg, tok.pad_token_id, False, dd.device)
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, router_config
+from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss
 from safedpo_kernels.options import LossOptions
 
 TINY_LLAMA = dict(

@@ -92,7 +92,8 @@ class Reference:
             key = f"ref-{model_fp}-{fingerprint_examples(examples)}-{'avg' if cfg.average_logps else 'sum'}"
             path = cache / f"{key}.pt"
             if dd.main and not path.exists():
-                table = compute_ref_logps(self.policy, examples, 2 * cfg.batch_size, tok.pad_token_id, packed, dd.device, cfg.progress)
+                table = compute_ref_logps(self.policy, examples, 2 * cfg.batch_size, tok.pad_token_id, packed, dd.device,
+                                          cfg.progress)
                 cache.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 torch.save(table, tmp)

@@ -17,17 +17,25 @@ from pathlib import Path
 
 import torch
 
+from safedpo_kernels.integrations.hf import router_config
 from safedpo_kernels.loss import safety_transform
 from safedpo_kernels.options import LossOptions
 
-from .checkpoint import (load_checkpoint, load_sharded_checkpoint, remove_leftovers, resume_point, save_checkpoint,
-                         save_sharded_checkpoint, seed_everything)
+from .checkpoint import (
+    load_checkpoint,
+    load_sharded_checkpoint,
+    remove_leftovers,
+    resume_point,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    seed_everything,
+)
 from .collate import batch_stream, make_batch
 from .config import TrainConfig, config_json
 from .data import data_sources, load_examples
 from .distributed import Dist, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
-from .model import PolicyLogps, apply_lora, build_model, load_tokenizer, quiet_libraries, router_config
+from .model import PolicyLogps, apply_lora, build_model, load_tokenizer, quiet_libraries
 from .progress import Progress
 from .ref_logps import Reference
 

@@ -14,8 +14,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._layout import Layout
 from ._env import linear_chunk_bytes
+from ._layout import Layout
 from .dispatch import backend_module
 from .loss import loss_from_logps, safety_transform
 from .options import LossOptions

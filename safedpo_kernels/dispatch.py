@@ -14,8 +14,8 @@ from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
-from ._layout import Layout
 from ._env import env_flag
+from ._layout import Layout
 
 BACKENDS = ("auto", "triton", "native", "torch")
 _MODULES = {"triton": ".triton", "native": ".native", "torch": ".torch_chunked"}

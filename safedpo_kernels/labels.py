@@ -40,7 +40,8 @@ def labels_from_completion_mask(
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"{name} must hold integers{' or booleans' if name == 'completion_mask' else ''}, got {t.dtype}")
     if completion_mask.shape != input_ids.shape:
-        raise ValueError(f"completion_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(completion_mask.shape)}")
+        raise ValueError(f"completion_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(completion_mask.shape)}")
     if completion_mask.device != input_ids.device:
         raise ValueError(f"completion_mask is on {completion_mask.device} but input_ids is on {input_ids.device}")
     if cu_seqlens is None and input_ids.dim() != 2:

@@ -16,8 +16,8 @@ from typing import Iterator, Tuple
 
 import torch
 
-from ._layout import Layout
 from ._env import chunk_bytes
+from ._layout import Layout
 
 _HALF = (torch.bfloat16, torch.float16)
 # torch.mm(a, b, out_dtype=torch.float32) for half operands: CUDA only, torch >= 2.8.

@@ -17,8 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from . import make_task
-from . import judge, vocabulary
+from . import judge, make_task, vocabulary
 from .tokenizer import build_tokenizer
 
 # Four layers with tied input/output embeddings, as in small real LMs. With two layers and untied output
@@ -197,7 +196,8 @@ def summarize(name: str, results: Dict[str, List[dict]], seeds: List[int]) -> st
         "|---|---|---|",
     ]
     for label, rows in results.items():
-        lines.append(f"| {label} | {_mean_spread([r['harmless_ratio'] for r in rows])} | {_mean_spread([r['helpfulness'] for r in rows])} |")
+        harmless, helpful = (_mean_spread([r[k] for r in rows]) for k in ("harmless_ratio", "helpfulness"))
+        lines.append(f"| {label} | {harmless} | {helpful} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .._checks import rows_contiguous
-from .._layout import Layout
 from .._env import env_int
+from .._layout import Layout
 from ._utils import INTERPRETED, Launch, online_lse_update
 
 

@@ -5,8 +5,8 @@ float32 logits)."""
 import pytest
 import torch
 
-from safedpo_kernels import linear_safedpo_loss, reference, safedpo_loss, sequence_logps
 from helpers import make_flags, make_labels, make_logits, rel_err
+from safedpo_kernels import linear_safedpo_loss, reference, safedpo_loss, sequence_logps
 
 
 def test_inplace_backward_on_a_leaf_reuses_its_memory(case):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import TOL, make_flags, make_labels, max_scaled_err, pack, rel_err
 from safedpo_kernels import (
     LinearSafeDPOLoss,
     linear_safedpo_loss,
@@ -10,7 +11,6 @@ from safedpo_kernels import (
     reference,
     sequence_logps,
 )
-from helpers import TOL, make_flags, make_labels, max_scaled_err, pack, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -47,7 +47,8 @@ def test_loss_matches_float64(case, dtype, bias, average):
     B, T, H, V = 3, 7, 37, 203
     hidden, weight, b, labels, gen = make(2 * B, T, H, V, dtype, device, seed=20, bias=bias)
     cs, rs = make_flags(B, gen, device)
-    ref_logps = reference.sequence_logps(reference.linear_logits(hidden.double(), weight.double(), None if b is None else b.double()), labels, average=average)
+    logits64 = reference.linear_logits(hidden.double(), weight.double(), None if b is None else b.double())
+    ref_logps = reference.sequence_logps(logits64, labels, average=average)
     ref_logps = (ref_logps + torch.randn(2 * B, generator=gen).to(device)).float()
     kw = dict(beta=0.4, delta=2.0, label_smoothing=0.1, average=average)
 
@@ -80,7 +81,8 @@ def test_packed_sequence_logps_match_float64(case, dtype):
         [packed, weight, b],
     )
     want, w_grads = grads_of(
-        lambda h, w, bb: (reference.sequence_logps(reference.linear_logits(h, w, bb), packed_labels, cu_seqlens=cu) * upstream.double()).sum(),
+        lambda h, w, bb: (reference.sequence_logps(reference.linear_logits(h, w, bb), packed_labels, cu_seqlens=cu)
+                          * upstream.double()).sum(),
         [packed.double(), weight.double(), b.double()],
     )
     assert max_scaled_err(got, want) <= TOL[dtype][0]
@@ -146,7 +148,8 @@ def test_deterministic_and_inputs_untouched(case):
     upstream = torch.randn(N, generator=gen).to(device)
 
     def once():
-        return grads_of(lambda h, w, bb: (linear_sequence_logps(h, w, labels, bias=bb, backend=backend) * upstream).sum(), [hidden, weight, b])
+        return grads_of(lambda h, w, bb: (linear_sequence_logps(h, w, labels, bias=bb, backend=backend) * upstream).sum(),
+                        [hidden, weight, b])
 
     (o1, g1), (o2, g2) = once(), once()
     assert torch.equal(o1, o2) and all(torch.equal(x, y) for x, y in zip(g1, g2))

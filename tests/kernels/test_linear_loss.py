@@ -4,9 +4,9 @@
 import pytest
 import torch
 
+from helpers import TOL, make_flags, make_labels, max_scaled_err, pack, rel_err
 from safedpo_kernels import LinearSafeDPOLoss, linear_safedpo_loss, linear_sequence_logps, reference
 from safedpo_kernels.dispatch import backend_module
-from helpers import TOL, make_flags, make_labels, max_scaled_err, pack, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

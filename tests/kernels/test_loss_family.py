@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safedpo_kernels import SafeDPOLoss, linear_safedpo_loss, reference, safedpo_loss, safedpo_loss_from_logps
 from helpers import make_flags, make_labels, make_logits, max_scaled_err, rel_err
+from safedpo_kernels import SafeDPOLoss, linear_safedpo_loss, reference, safedpo_loss, safedpo_loss_from_logps
 
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo"]
 
@@ -185,5 +185,6 @@ def test_metrics_and_no_kept_pair():
 def test_flags_as_integers_equal_bools(combo):
     logp, ref, cs, rs = inputs()
     a = safedpo_loss_from_logps(logp.float(), ref.float(), cs, rs, swap=combo[0], drop_both_unsafe=combo[1])
-    b = safedpo_loss_from_logps(logp.float(), ref.float(), cs.long(), rs.to(torch.int32), swap=combo[0], drop_both_unsafe=combo[1])
+    b = safedpo_loss_from_logps(logp.float(), ref.float(), cs.long(), rs.to(torch.int32), swap=combo[0],
+                                drop_both_unsafe=combo[1])
     assert torch.equal(a.loss, b.loss)

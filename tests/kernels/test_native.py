@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
+from helpers import make_labels, make_logits
 from safedpo_kernels import sequence_logps
 from safedpo_kernels.dispatch import native_available, resolve_backend
-from helpers import make_labels, make_logits
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native extension not available")
 
@@ -160,17 +160,21 @@ def test_cache_off_by_environment():
     assert info["limit_bytes"] == 0 and info["idle_bytes"] == 0 and info["misses"] == 1
 
 
+SMALL_CALL = ("import torch\nfrom safedpo_kernels import sequence_logps\n"
+              "sequence_logps(torch.randn(1, 3, 7), torch.zeros(1, 3, dtype=torch.long))\n")
+
+
 @pytest.mark.parametrize("value", ["lots", "inf", "nan", "-5"])
 def test_bad_cache_setting_is_named(value):
     env = dict(os.environ, SAFEDPO_CPU_GRAD_CACHE_MB=value)
-    code = "import torch\nfrom safedpo_kernels import sequence_logps\nsequence_logps(torch.randn(1, 3, 7), torch.zeros(1, 3, dtype=torch.long))\n"
+    code = SMALL_CALL
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "ValueError: SAFEDPO_CPU_GRAD_CACHE_MB" in res.stderr, res.stderr
 
 
 def test_bad_native_switch_is_named():
     env = dict(os.environ, SAFEDPO_NATIVE="nope")
-    code = "import torch\nfrom safedpo_kernels import sequence_logps\nsequence_logps(torch.randn(1, 3, 7), torch.zeros(1, 3, dtype=torch.long))\n"
+    code = SMALL_CALL
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "ValueError: SAFEDPO_NATIVE" in res.stderr, res.stderr
 

@@ -9,8 +9,8 @@ cu_seqlens -- and checked against the float64 reference of the same values, grad
 import pytest
 import torch
 
-from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
 from helpers import TOL, float64_logps_and_grad, logps_and_grad, make_flags, make_labels, make_logits, max_scaled_err, rel_err
+from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
 
 
 def every_other(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -121,7 +121,8 @@ def test_safedpo_loss_strided_everything(case):
     kw = dict(beta=0.3, delta=2.0, label_smoothing=0.1)
 
     x = transposed_copy(logits).detach().requires_grad_()
-    got = safedpo_loss(x, every_other(labels, 1), every_other(ref, 0), every_other(cs, 0), every_other(rs, 0), backend=backend, **kw)
+    got = safedpo_loss(x, every_other(labels, 1), every_other(ref, 0), every_other(cs, 0), every_other(rs, 0), backend=backend,
+                       **kw)
     got.loss.backward()
     xd = logits.double().requires_grad_()
     want = reference.safedpo_loss(xd, labels, ref.double(), cs, rs, **kw)
@@ -160,7 +161,8 @@ def test_linear_safedpo_loss_strided(case, dtype, hidden_view, weight_view):
     if weight_view == "weight.T.T":
         assert weight_view_of.stride(1) != 1
 
-    leaves = [t.detach().clone().requires_grad_() for t in (HIDDEN_VIEWS[hidden_view](hidden), weight_view_of, every_other(bias, 0))]
+    views = (HIDDEN_VIEWS[hidden_view](hidden), weight_view_of, every_other(bias, 0))
+    leaves = [t.detach().clone().requires_grad_() for t in views]
     got = linear_safedpo_loss(leaves[0], leaves[1], every_other(labels, 1), every_other(ref, 0), every_other(cs, 0),
                               every_other(rs, 0), bias=leaves[2], beta=0.5, delta=1.0, backend=backend)
     got.loss.backward()

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safedpo_kernels import SafeDPOLoss, SafeDPOOutput, reference, safedpo_loss
 from helpers import TOL, make_flags, make_labels, make_logits, max_scaled_err, pack, rel_err
+from safedpo_kernels import SafeDPOLoss, SafeDPOOutput, reference, safedpo_loss
 
 FLAG_SETS = [
     dict(delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0),  # SafeDPO

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from safedpo_kernels import sequence_logps
 from helpers import TOL, float64_logps_and_grad, logps_and_grad, make_labels, make_logits, max_scaled_err, pack, rel_err
+from safedpo_kernels import sequence_logps
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

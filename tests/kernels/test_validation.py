@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from safedpo_kernels import SafeDPOLoss, reference, safedpo_loss, sequence_logps
 from helpers import make_labels, make_logits, max_scaled_err
+from safedpo_kernels import SafeDPOLoss, reference, safedpo_loss, sequence_logps
 
 B, T, V = 2, 5, 50
 

@@ -48,7 +48,8 @@ def test_label_noise_is_seeded():
     rows = [row(safe0=bool(i % 2), safe1=bool(i % 3)) for i in range(400)]
     assert flip_safety_labels(rows, 0.0, 1) == rows
     flipped = flip_safety_labels(rows, 1.0, 1)
-    assert all(f["is_response_0_safe"] != r["is_response_0_safe"] and f["is_response_1_safe"] != r["is_response_1_safe"] for f, r in zip(flipped, rows))
+    flags = ("is_response_0_safe", "is_response_1_safe")
+    assert all(all(f[k] != r[k] for k in flags) for f, r in zip(flipped, rows))
     a, b, c = (flip_safety_labels(rows, 0.2, s) for s in (7, 7, 8))
     assert a == b and a != c
     n = sum(x[k] != r[k] for x, r in zip(a, rows) for k in ("is_response_0_safe", "is_response_1_safe"))
@@ -114,7 +115,8 @@ def test_flags_read_the_same_in_every_format(tmp_path):
     assert all(r["better_response_id"] == 1 for r in loaded)
     jsonl = write_jsonl(tmp_path / "d.jsonl", [row(safe1=False, prompt="p", is_response_0_safe="1", is_response_1_safe="false")])
     assert load_rows([jsonl])[0][0]["is_response_0_safe"] is True
-    bad = write_jsonl(tmp_path / "e.jsonl", [row(safe1=False, prompt="p"), row(safe1=False, prompt="p", is_response_1_safe="maybe")])
+    bad = write_jsonl(tmp_path / "e.jsonl", [row(safe1=False, prompt="p"),
+                                             row(safe1=False, prompt="p", is_response_1_safe="maybe")])
     with pytest.raises(DataError, match=r"row 1, column 'is_response_1_safe'.*'maybe'"):
         load_rows([bad])
 

@@ -15,13 +15,13 @@ pytest.importorskip("transformers")
 
 import transformers  # noqa: E402
 
+from helpers import max_scaled_err, rel_err  # noqa: E402
 from safedpo.collate import collate_packed, collate_padded  # noqa: E402
 from safedpo.data import Example  # noqa: E402
 from safedpo.model import PolicyLogps, causal_lm_class, pick_attn_implementation  # noqa: E402
+from safedpo_kernels import reference  # noqa: E402
 from safedpo_kernels.integrations.hf import logit_transform, router_config  # noqa: E402
 from safedpo_kernels.options import LossOptions  # noqa: E402
-from safedpo_kernels import reference  # noqa: E402
-from helpers import max_scaled_err, rel_err  # noqa: E402
 
 V = 101
 BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

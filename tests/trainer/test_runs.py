@@ -34,7 +34,8 @@ def write_jsonl(path, rows):
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
     data = make_task(seed=3, pairs_per_prompt=1)
-    paths = dict(train=write_jsonl(root / "train.jsonl", data["train"][:48]), test=write_jsonl(root / "test.jsonl", data["test"][:16]))
+    paths = dict(train=write_jsonl(root / "train.jsonl", data["train"][:48]),
+                 test=write_jsonl(root / "test.jsonl", data["test"][:16]))
     build_tokenizer(vocabulary(), root / "tok")
     paths["tokenizer"] = str(root / "tok")
     return paths
