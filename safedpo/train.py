@@ -151,118 +151,157 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
     return stats
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns the last logged metrics (rank 0) and the output directory."""
-    # --- set-up: config, processes, output directory
-    cfg.validate()
-    quiet_libraries()
-    dd = Dist(cfg.device)
-    out_dir = Path(cfg.output_dir)
-    ckpt = resume_point(cfg.resume, out_dir)
-    if dd.main:
-        prepare_output_dir(out_dir, ckpt, cfg.overwrite_output_dir)
-        cfg.save(out_dir / "config.yaml")
-    dd.barrier()
-    seed_everything(cfg.seed)
+class Run:
+    """One training run, set up from its config: processes, output directory, data, policy, reference,
+    optimizer and schedule, restored from a checkpoint when resuming. ``step()`` takes one optimizer step;
+    ``finish()`` evaluates, saves and returns the last metrics."""
 
-    # --- data, policy, reference, optimizer
-    tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    train_set, report = load_examples(cfg, tok, data_sources(cfg, "train"))
-    eval_sources = data_sources(cfg, "eval")
-    eval_set = load_examples(cfg, tok, eval_sources)[0] if eval_sources else []
-    model = build_model(cfg, len(tok), dd.device)
-    if cfg.lora:
-        model = apply_lora(model, cfg.lora)
-    packed = cfg.padding_free if cfg.padding_free is not None else model.config._attn_implementation == "flash_attention_2"
-    router = router_config(model)
-    aux_coef = 0.0 if router is None else (router["coef"] if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef)
-    policy = PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0)
-    reference = Reference(cfg, policy, {"train": train_set, "eval": eval_set}, tok, dd, packed)
-    options = cfg.loss_options()
-    wrapped = wrap_distributed(policy, cfg.fsdp, dd)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
-    step, position = 0, 0
-    sharded = cfg.fsdp and dd.world > 1
-
-    def save(step_now: int) -> None:
-        """A checkpoint: FSDP shards from every rank, or the whole state from the main process."""
-        if sharded:
-            save_sharded_checkpoint(out_dir, step_now, policy, optimizer, scheduler, position, dd.rank, dd.world,
-                                    dd.barrier, cfg.save_total_limit)
-        elif dd.main:
-            save_checkpoint(out_dir, step_now, policy.model, optimizer, scheduler, position, cfg.save_total_limit)
-
-    if ckpt is not None:
-        if sharded:
-            step, position = load_sharded_checkpoint(ckpt, policy, optimizer, scheduler, dd.rank, dd.world)
-        else:
-            step, position = load_checkpoint(ckpt, policy.model, optimizer, scheduler)
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        quiet_libraries()
+        self.cfg = cfg
+        self.dd = dd = Dist(cfg.device)
+        self.out_dir = Path(cfg.output_dir)
+        ckpt = resume_point(cfg.resume, self.out_dir)
         if dd.main:
-            truncate_metrics(out_dir / "metrics.jsonl", step)
+            prepare_output_dir(self.out_dir, ckpt, cfg.overwrite_output_dir)
+            cfg.save(self.out_dir / "config.yaml")
+        dd.barrier()
+        seed_everything(cfg.seed)
 
-    # --- the loop
-    stream = batch_stream([len(e) for e in train_set], cfg.batch_size * dd.world, cfg.seed, start=position)
-    log = MetricsLog(out_dir, dd.main, cfg.tensorboard)
-    if step == 0:
-        log.write(dict(event="start", config=json.loads(config_json(cfg)), **report))
-    end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
-    bar = Progress(cfg.max_steps, cfg.mode, initial=step, disable=not (dd.main and cfg.progress))
-    # Under FSDP the policy's parameters are shards: every rank takes part in an evaluation's forwards.
-    evaluator = dd.main or (cfg.fsdp and dd.world > 1)
+        self.tok = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.train_set, report = load_examples(cfg, self.tok, data_sources(cfg, "train"))
+        eval_sources = data_sources(cfg, "eval")
+        self.eval_set = load_examples(cfg, self.tok, eval_sources)[0] if eval_sources else []
+        self.policy, self.packed, self.aux_coef = self._policy()
+        self.reference = Reference(cfg, self.policy, {"train": self.train_set, "eval": self.eval_set}, self.tok, dd, self.packed)
+        self.options = cfg.loss_options()
+        self.wrapped = wrap_distributed(self.policy, cfg.fsdp, dd)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, cfg.max_steps)
+        self.sharded = cfg.fsdp and dd.world > 1
+        # Under FSDP the policy's parameters are shards: every rank takes part in an evaluation's forwards.
+        self.evaluator = dd.main or self.sharded
 
-    def evaluate() -> dict:
-        return evaluate_pairs(policy, reference, eval_set, cfg, tok.pad_token_id, packed, dd.device)
+        self.step_count, self.position = 0, 0
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * dd.world, cfg.seed, start=self.position)
+        self.log = MetricsLog(self.out_dir, dd.main, cfg.tensorboard)
+        if self.step_count == 0:
+            self.log.write(dict(event="start", config=json.loads(config_json(cfg)), **report))
+        self.end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+        self.bar = Progress(cfg.max_steps, cfg.mode, initial=self.step_count, disable=not (dd.main and cfg.progress))
+        self.last: dict = {}
+        self.t_last = time.perf_counter()
 
-    last = {}
-    policy.train()
-    t_last = time.perf_counter()
-    while step < end:
+    def _policy(self) -> tuple:
+        """(PolicyLogps, packed batches?, router loss coefficient): the model (with LoRA adapters when asked),
+        packed batches with flash-attention unless padding_free says otherwise, and a mixture-of-experts
+        router's load-balancing loss at the config's coefficient (default: the model config's)."""
+        cfg = self.cfg
+        model = build_model(cfg, len(self.tok), self.dd.device)
+        if cfg.lora:
+            model = apply_lora(model, cfg.lora)
+        packed = cfg.padding_free
+        if packed is None:
+            packed = model.config._attn_implementation == "flash_attention_2"
+        router = router_config(model)
+        aux_coef = 0.0
+        if router is not None:
+            aux_coef = router["coef"] if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
+        return PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0), packed, aux_coef
+
+    def _restore(self, ckpt) -> None:
+        if self.sharded:
+            self.step_count, self.position = load_sharded_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler,
+                                                                     self.dd.rank, self.dd.world)
+        else:
+            self.step_count, self.position = load_checkpoint(ckpt, self.policy.model, self.optimizer, self.scheduler)
+        if self.dd.main:
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
+
+    def save(self) -> None:
+        """A checkpoint of this step: FSDP shards from every rank, or the whole state from the main process."""
+        dd, cfg = self.dd, self.cfg
+        if self.sharded:
+            save_sharded_checkpoint(self.out_dir, self.step_count, self.policy, self.optimizer, self.scheduler, self.position,
+                                    dd.rank, dd.world, dd.barrier, cfg.save_total_limit)
+        elif dd.main:
+            save_checkpoint(self.out_dir, self.step_count, self.policy.model, self.optimizer, self.scheduler, self.position,
+                            cfg.save_total_limit)
+
+    def evaluate(self) -> dict:
+        return evaluate_pairs(self.policy, self.reference, self.eval_set, self.cfg, self.tok.pad_token_id, self.packed,
+                              self.dd.device)
+
+    def _micro_batches(self) -> list:
         micro = []
-        for _ in range(cfg.grad_accum):
-            position, indices = next(stream)
-            position += 1  # the stream position after this batch
-            micro.append(make_batch(train_set, rank_slice(indices, dd.rank, dd.world), tok.pad_token_id, packed, dd.device))
-        stats = train_step(wrapped, reference, micro, options, dd, aux_coef)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        for _ in range(self.cfg.grad_accum):
+            position, indices = next(self.stream)
+            self.position = position + 1  # the stream position after this batch
+            indices = rank_slice(indices, self.dd.rank, self.dd.world)
+            micro.append(make_batch(self.train_set, indices, self.tok.pad_token_id, self.packed, self.dd.device))
+        return micro
+
+    def step(self) -> None:
+        """One optimizer step over a global batch; then its metrics, evaluation and checkpoint as configured."""
+        cfg, dd = self.cfg, self.dd
+        stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, dd, self.aux_coef)
+        params = self.policy.parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
 
         now = time.perf_counter()
         tokens = stats.pop("tokens")
-        last = dict(step=step, **stats, lr=scheduler.get_last_lr()[0],
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
-                    tokens_per_s=tokens / max(now - t_last, 1e-9))
-        t_last = now
-        if cfg.eval_every and step % cfg.eval_every == 0 and eval_set and evaluator:
-            last.update(evaluate())
+        self.last = dict(step=self.step_count, **stats, lr=self.scheduler.get_last_lr()[0],
+                         grad_norm=float(grad_norm) if grad_norm is not None else None,
+                         tokens_per_s=tokens / max(now - self.t_last, 1e-9))
+        self.t_last = now
+        if cfg.eval_every and self.step_count % cfg.eval_every == 0 and self.eval_set and self.evaluator:
+            self.last.update(self.evaluate())
         if dd.main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_accuracy']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if step % cfg.log_every == 0 or step == end:
-                log.write(last, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < end:
-            save(step)
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", acc=f"{self.last['reward_accuracy']:.2f}",
+                                 tok_s=f"{self.last['tokens_per_s']:.0f}")
+            if self.step_count % cfg.log_every == 0 or self.step_count == self.end:
+                self.log.write(self.last, self.step_count)
+        if cfg.save_every and self.step_count % cfg.save_every == 0 and self.step_count < self.end:
+            self.save()
         dd.barrier()
-    bar.close()
 
-    # --- the end: a last evaluation, the final checkpoint and model
-    if eval_set and evaluator and not (cfg.eval_every and step % cfg.eval_every == 0):
-        last.update(evaluate())
-        log.write(dict(event="eval", **last))
-    save(step)
-    if sharded:
-        state = full_model_state(policy.model)
+    def finish(self) -> dict:
+        """A last evaluation (unless the last step had one), the final checkpoint and model (with LoRA: the
+        adapters, or with merge_lora the model with them merged in), and the last metrics."""
+        cfg, dd = self.cfg, self.dd
+        self.bar.close()
+        evaluated = cfg.eval_every and self.step_count % cfg.eval_every == 0
+        if self.eval_set and self.evaluator and not evaluated:
+            self.last.update(self.evaluate())
+            self.log.write(dict(event="eval", **self.last))
+        self.save()
+        final = self.out_dir / "final"
+        if self.sharded:
+            state = full_model_state(self.policy.model)
+            if dd.main:
+                self.policy.model.save_pretrained(final, state_dict=state)
+        elif dd.main:
+            (self.policy.model.merge_and_unload() if cfg.merge_lora else self.policy.model).save_pretrained(final)
         if dd.main:
-            policy.model.save_pretrained(out_dir / "final", state_dict=state)
-    elif dd.main:
-        # With LoRA: the adapters (or, with merge_lora, the model with them merged in).
-        final = policy.model.merge_and_unload() if cfg.merge_lora else policy.model
-        final.save_pretrained(out_dir / "final")
-    if dd.main:
-        tok.save_pretrained(out_dir / "final")
-    log.close()
-    dd.barrier()
-    return dict(last, output_dir=str(out_dir))
+            self.tok.save_pretrained(final)
+        self.log.close()
+        dd.barrier()
+        return dict(self.last, output_dir=str(self.out_dir))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; returns the last logged metrics (rank 0) and the output directory."""
+    run = Run(cfg)
+    run.policy.train()
+    while run.step_count < run.end:
+        run.step()
+    return run.finish()

@@ -2,7 +2,7 @@
 
     from safedpo_kernels import sequence_logps, safedpo_loss, linear_sequence_logps, linear_safedpo_loss
     from safedpo_kernels import SafeDPOLoss, LinearSafeDPOLoss, SafeDPOOutput
-    from safedpo_kernels import safedpo_loss_from_logps, labels_from_completion_mask
+    from safedpo_kernels import safedpo_loss_from_logps, labels_from_completion_mask, LossOptions
 
 See README.md for the formula, the layouts and the backends.
 """
@@ -11,6 +11,7 @@ from .api import LinearSafeDPOLoss, SafeDPOLoss, linear_safedpo_loss, linear_seq
 from .dispatch import available_backends
 from .labels import labels_from_completion_mask
 from .loss import SafeDPOOutput, safedpo_loss_from_logps
+from .options import LossOptions
 
 __all__ = [
     "sequence_logps",
@@ -22,6 +23,7 @@ __all__ = [
     "SafeDPOOutput",
     "safedpo_loss_from_logps",
     "labels_from_completion_mask",
+    "LossOptions",
     "available_backends",
 ]
 __version__ = "0.1.0"

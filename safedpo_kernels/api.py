@@ -34,14 +34,8 @@ def _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, vali
 
 
 def sequence_logps(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    average: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace_backward: bool = False,
-    backend: str = "auto",
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
     """Per-sequence log-probability of the labels, fused: no (tokens x V) float32 intermediate.
@@ -114,18 +108,9 @@ def loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, option
 
 
 def linear_sequence_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    average: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    inplace_backward: bool = False,
-    backend: str = "auto",
-    validate: bool = True,
-    logit_scale: float = 1.0,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100, average: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
+    inplace_backward: bool = False, backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
     softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """``sequence_logps`` of the logits of hidden states and an LM head, without ever materializing them.

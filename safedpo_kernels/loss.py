@@ -103,18 +103,9 @@ def loss_from_logps(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Te
 
 
 def safedpo_loss_from_logps(
-    policy_logps: torch.Tensor,
-    ref_logps,
-    chosen_safe: torch.Tensor,
-    rejected_safe: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    delta: float = 10.0,
-    swap: bool = True,
-    drop_both_unsafe: bool = True,
-    label_smoothing: float = 0.0,
-    loss_type: str = "sigmoid",
-    reduction: str = "mean",
+    policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor, *, beta: float = 0.1,
+    delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True, label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid", reduction: str = "mean",
 ) -> SafeDPOOutput:
     """SafeDPO (and the SafeDAA family) from sequence log-probs a caller already has.
 

@@ -21,9 +21,10 @@ REDUCTIONS = ("mean", "sum")
 
 
 def _flag(name: str, value) -> bool:
-    """A true/false option: bool, or the integers 0 / 1; anything else (a string such as 'no') is an error."""
-    if isinstance(value, bool):
-        return value
+    """A true/false option: bool (numpy's too), or the integers 0 / 1; anything else (a string such as 'no',
+    which Python would take as True) is an error."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -17,13 +17,8 @@ from .loss import SafeDPOOutput
 from .options import LossOptions
 
 
-def sequence_logps(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    average: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, average: bool = False,
+                   cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum (or mean) over counted tokens of log_softmax(logits)[label], per sequence.
 
     logits (N, T, V) or packed (total, V); computed in float32, or float64 for float64 logits.

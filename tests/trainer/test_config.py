@@ -59,3 +59,17 @@ def test_a_missing_model_is_one_clear_line(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
 
 
+
+
+def test_the_config_builds_the_loss_options_it_trains():
+    base = dict(tiny_model={"hidden_size": 8}, train_files=["x"], beta=0.2, delta=3.0, label_smoothing=0.1,
+                loss_type="robust", reduction="sum", average_logps=True)
+    flags = dict(safedpo=(3.0, True, True), noswap=(3.0, False, True))
+    flags.update({m: (0.0, False, False) for m in ("dpo-helpful", "dpo-harmless", "dpo-safebetter")})
+    for mode, (delta, swap, drop) in flags.items():
+        o = load_config(None, mode=mode, **base).validate().loss_options()
+        assert (o.beta, o.delta, o.swap, o.drop_both_unsafe, o.label_smoothing, o.loss_type, o.reduction, o.average) == (
+            0.2, delta, swap, drop, 0.1, "robust", "sum", True)
+    for key, value in (("loss_type", "dpo"), ("reduction", "none"), ("beta", 0.0), ("label_smoothing", 0.7)):
+        with pytest.raises(ValueError, match=key):
+            load_config(None, **{**base, key: value}).validate()
