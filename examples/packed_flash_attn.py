@@ -4,9 +4,12 @@ installed on a GPU the model runs flash_attention_2; elsewhere SDPA, where trans
 block-diagonal attention from the position ids. The loss is the fused-linear one: no logits at all.
 
     python examples/packed_flash_attn.py --model Qwen/Qwen2.5-0.5B-Instruct --data pku.jsonl --steps 100
+
+--data is a jsonl file of PKU-SafeRLHF rows, read strictly by preference_pair.
 """
 
 import argparse
+import copy
 import importlib.util
 import json
 
@@ -14,25 +17,32 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safedpo_kernels import labels_from_completion_mask, linear_safedpo_loss, linear_sequence_logps
+from safedpo_kernels.integrations.rows import preference_pair
 
 
-def packed_batch(rows, tok, device, max_length=256):
-    ids, completion, lengths, flags = [], [], [], ([], [])
-    for side in (0, 1):  # chosen sequences first, then rejected ones
-        for r in rows:
-            k = r["better_response_id"] if side == 0 else 1 - r["better_response_id"]
-            prompt = tok(f"User: {r['prompt']}\nAssistant: ")["input_ids"]
-            response = tok(r[f"response_{k}"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+def packed_batch(pairs, tok, device, max_length=256):
+    """One row of chosen sequences then rejected ones, with cu_seqlens and restarting position ids."""
+    ids, completion, lengths = [], [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            prompt = tok(f"User: {p['prompt']}\nAssistant: ")["input_ids"]
+            response = tok(p[side], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             seq = (prompt + response)[:max_length]
             ids += seq
             completion += ([0] * len(prompt) + [1] * len(response))[: len(seq)]
             lengths.append(len(seq))
-            flags[side].append(bool(r[f"is_response_{k}_safe"]))
     ids = torch.tensor(ids, device=device)
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
     labels = labels_from_completion_mask(ids, torch.tensor(completion, device=device), cu_seqlens=cu)
-    return ids, positions, cu, labels, *(torch.tensor(f, device=device) for f in flags)
+    flags = [torch.tensor([p[k] for p in pairs], device=device) for k in ("chosen_safe", "rejected_safe")]
+    return ids, positions, cu, labels, *flags
+
+
+def hidden_and_head(model, inputs):
+    """The last hidden states (total, H) of a packed batch and the LM head's (weight, bias)."""
+    head = model.get_output_embeddings()
+    return model.get_decoder()(**inputs).last_hidden_state[0], head.weight, head.bias
 
 
 def main(argv=None):
@@ -48,22 +58,20 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(a.model)
     attn = "flash_attention_2" if flash else "sdpa"
     policy = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation=attn).to(device)
-    rows = [json.loads(line) for line in open(a.data)]
-    head = policy.get_output_embeddings()
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False)  # the reference: the initial policy, frozen
+    pairs = [preference_pair(json.loads(line), f"{a.data}, line {n}") for n, line in enumerate(open(a.data), 1)
+             if line.strip()]
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr)
-    ref_table = {}
     for step in range(a.steps):
-        start = step * a.pairs % len(rows)
-        chunk = [rows[(start + i) % len(rows)] for i in range(a.pairs)]
+        chunk = [pairs[(step * a.pairs + i) % len(pairs)] for i in range(a.pairs)]
         ids, positions, cu, labels, chosen_safe, rejected_safe = packed_batch(chunk, tok, device)
         inputs = dict(input_ids=ids[None], position_ids=positions[None])
-        if start not in ref_table:  # the initial policy is the reference: its log-probs, computed once per batch
-            with torch.no_grad():
-                hidden = policy.get_decoder()(**inputs).last_hidden_state[0]
-                ref_table[start] = linear_sequence_logps(hidden, head.weight, labels, bias=head.bias, cu_seqlens=cu)
-        hidden = policy.get_decoder()(**inputs).last_hidden_state[0]
-        out = linear_safedpo_loss(hidden, head.weight, labels, ref_table[start], chosen_safe, rejected_safe,
-                                  bias=head.bias, cu_seqlens=cu, beta=0.1, delta=10.0)
+        with torch.no_grad():
+            hidden, weight, bias = hidden_and_head(ref_model, inputs)
+            ref_logps = linear_sequence_logps(hidden, weight, labels, bias=bias, cu_seqlens=cu)
+        hidden, weight, bias = hidden_and_head(policy, inputs)
+        out = linear_safedpo_loss(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=bias,
+                                  cu_seqlens=cu, beta=0.1, delta=10.0)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -10,7 +10,6 @@ full disk is reported as such, and the last complete checkpoint stays usable.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -20,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .outputs import writing
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +81,20 @@ def resume_point(resume: str, output_dir: Path) -> Optional[Path]:
     return path
 
 
+def saved_config(path: Path) -> Optional[dict]:
+    """The configuration a checkpoint was written under: from its meta.json, or (a checkpoint from before
+    they kept it) the config.yaml of its run directory; None when neither exists."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    if meta.get("config") is not None:
+        return meta["config"]
+    run_config = Path(path).parent.parent / "config.yaml"
+    if run_config.is_file():
+        import yaml
+
+        return yaml.safe_load(run_config.read_text())
+    return None
+
+
 def _trainable(model) -> Optional[set]:
     """Names of the trainable parameters when only some train (LoRA adapters), else None (all of them)."""
     params = dict(model.named_parameters())
@@ -120,37 +135,38 @@ def _fsync_tree(path: Path) -> None:
 
 def write_atomically(root: Path, name: str, write) -> Path:
     """``write(tmp_dir)`` fills a temporary directory, which is flushed and renamed to ``root/name``.
-    A full disk raises an OSError that says so; whatever was complete before stays as it was."""
-    root.mkdir(parents=True, exist_ok=True)
+    A failed write (a full disk, also as torch.save's RuntimeError) removes the temporary directory and
+    raises an OutputError that says what failed, that nothing of it was kept and which complete
+    checkpoints are intact."""
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_tree(root)
-    except OSError as exc:
+    intact = ", ".join(p.name for p in checkpoints(root.parent)) or "none yet"
+    with writing("checkpoint", final, f"nothing of it was kept, and the complete checkpoints are intact ({intact})"):
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            previous = [p.name for p in sorted(root.glob("step-*"))]
-            raise OSError(errno.ENOSPC, f"disk full while writing {final}; nothing of it was kept, and the "
-                                        f"complete checkpoints are intact ({', '.join(previous) or 'none yet'})") from exc
-        raise
+        try:
+            tmp.mkdir(parents=True)
+            write(tmp)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_tree(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, keep: int = 0) -> Path:
-    """The training state after ``step``; with ``keep`` > 0 only the newest ``keep`` checkpoints remain."""
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, keep: int = 0,
+                    config: Optional[dict] = None) -> Path:
+    """The training state after ``step``; with ``keep`` > 0 only the newest ``keep`` checkpoints remain.
+    ``config``: the run's configuration, kept in meta.json so that a resume can compare it."""
     tensors, plain = rng_state()
 
     def write(tmp: Path) -> None:
         torch.save(dict(model=model_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         rng=tensors), tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, rng=plain)))
+        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, rng=plain, config=config)))
 
     final = write_atomically(Path(output_dir) / "checkpoints", f"step-{step}", write)
     if keep > 0:
@@ -174,7 +190,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple:
 
 
 def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, rank: int,
-                            world: int, barrier, keep: int = 0) -> Path:
+                            world: int, barrier, keep: int = 0, config: Optional[dict] = None) -> Path:
     """FSDP: every rank writes its own shards of the model and optimizer (torch.distributed.checkpoint)
     and its RNG states; rank 0 the scheduler and meta.json, then renames the directory when all are
     done. A collective: every rank calls it."""
@@ -195,7 +211,8 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, sched
     (tmp / f"rng-{rank}.json").write_text(json.dumps(plain))
     if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, world=world, sharded=True)))
+        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, world=world, sharded=True,
+                                                       config=config)))
     barrier()
     if rank == 0:
         for sub in [tmp / "shards", tmp]:

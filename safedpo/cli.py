@@ -1,9 +1,9 @@
 """Command line: ``safedpo train|eval|toy|experiment`` (also ``python -m safedpo``).
 
     safedpo train --config run.yaml [key=value ...]      train (under torchrun for many processes)
-    safedpo eval --config run.yaml [checkpoint=DIR] [key=value ...]
+    safedpo eval --config run.yaml checkpoint=DIR|base [key=value ...]
                                                          held-out metrics of a saved model
-    safedpo eval --generate --config run.yaml [checkpoint=DIR] [judge=classifier:DIR] [samples_file=F]
+    safedpo eval --generate --config run.yaml checkpoint=DIR|base [judge=classifier:DIR] [samples_file=F]
                                                          sampled responses, judged: harmless ratio
     safedpo toy [--out DIR] [--seed 0]                  write the embedded toy task (data + tokenizer)
     safedpo experiment NAME [--seeds 0,1,2]             the toy experiments (make train runs one)
@@ -60,14 +60,26 @@ def _experiment(args) -> int:
     return 0
 
 
+def keys_help() -> str:
+    from .config import keys_help as text
+
+    return "config keys:\n" + text()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="safedpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train with a YAML config and key=value overrides")
-    t.add_argument("--config", default=None)
-    t.add_argument("overrides", nargs="*")
+    t = sub.add_parser("train", help="train with a YAML config and key=value overrides",
+                       description="Train with a YAML file of key: value pairs (--config), overridden by key=value "
+                                   "arguments. The keys, their defaults and what they mean:",
+                       epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", default=None, help="a YAML file of key: value pairs")
+    t.add_argument("overrides", nargs="*", help="key=value (YAML values: 5e-6, true, [a.jsonl, b.jsonl])")
     t.set_defaults(fn=_train)
-    e = sub.add_parser("eval", help="held-out pair metrics of a trained model, or with --generate judged samples")
+    e = sub.add_parser("eval", help="held-out pair metrics of a trained model, or with --generate judged samples",
+                       description="checkpoint=<run>/final (a saved model), <run>/checkpoints/step-N (a training "
+                                   "checkpoint) or base (the configured model, untrained) names the model; other "
+                                   "key=value arguments are config keys (safedpo train --help lists them).")
     e.add_argument("--config", default=None)
     e.add_argument("--generate", action="store_true", help="sample responses and judge them (judge=...)")
     e.add_argument("overrides", nargs="*")
@@ -85,6 +97,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing file, an output that cannot be written
         print(f"safedpo: error: {exc}", file=sys.stderr)
         return 2

@@ -38,73 +38,82 @@ def loss_flags(mode: str, delta: float) -> dict:
     return dict(delta=0.0, swap=False, drop_both_unsafe=False)
 
 
+def key(default, help: str):
+    """A config key: its default (a list or dict type for an empty one) and one line of meaning, which
+    ``safedpo train --help`` prints."""
+    if default in (list, dict):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # --- data (PKU-SafeRLHF columns by default; `columns` remaps them, e.g. {prompt: question}) ---
-    train_files: List[str] = field(default_factory=list)  # json/jsonl/parquet/csv files or a saved dataset dir
-    eval_files: List[str] = field(default_factory=list)
-    train_dataset: str = ""  # instead of files: a Hub id (downloads when online) or a local dataset directory
-    dataset_config: str = ""  # the data set's subset (datasets.load_dataset's name)
-    data_dir: str = ""  # datasets.load_dataset's data_dir
-    train_split: str = "train"
-    eval_split: str = ""  # e.g. test: evaluation pairs from train_dataset
-    columns: dict = field(default_factory=dict)
-    mode: str = "safedpo"  # safedpo | dpo-helpful | dpo-harmless | dpo-safebetter | noswap
-    safety_label_noise: float = 0.0  # flip each safety flag with this probability (seeded)
-    skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
-    max_prompt_length: int = 128  # prompts are cut from the left (their end is kept)
-    max_length: int = 256  # prompt + response; responses are cut from the right
+    train_files: List[str] = key(list, "json/jsonl/parquet/csv files or a saved dataset dir")
+    eval_files: List[str] = key(list, "held-out pair files (json/jsonl/parquet/csv); empty: no evaluation")
+    train_dataset: str = key("", "instead of files: a Hub id (downloads when online) or a local dataset directory")
+    dataset_config: str = key("", "the data set's subset (datasets.load_dataset's name)")
+    data_dir: str = key("", "datasets.load_dataset's data_dir")
+    train_split: str = key("train", "train_dataset's split to train on")
+    eval_split: str = key("", "e.g. test: evaluation pairs from train_dataset")
+    columns: dict = key(dict, "rename columns to PKU-SafeRLHF's, e.g. {prompt: question}")
+    mode: str = key("safedpo", "safedpo | dpo-helpful | dpo-harmless | dpo-safebetter | noswap")
+    safety_label_noise: float = key(0.0, "flip each safety flag with this probability (seeded)")
+    skip_bad_rows: bool = key(False, "skip and count malformed rows instead of stopping")
+    max_prompt_length: int = key(128, "prompts are cut from the left (their end is kept)")
+    max_length: int = key(256, "prompt + response; responses are cut from the right")
     # --- model ---
-    model: str = ""  # a local Hugging Face model directory or a Hub id (downloads when online)
-    tokenizer: str = ""  # defaults to `model`
-    tiny_model: dict = field(default_factory=dict)  # LlamaConfig kwargs for a model built from a config
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa, else eager
-    padding_free: Optional[bool] = None  # packed batches (cu_seqlens); None: with flash_attention_2
-    gradient_checkpointing: bool = False
-    lora: dict = field(default_factory=dict)  # {r, alpha, dropout, target_modules}: train LoRA adapters (peft)
-    merge_lora: bool = False  # the final model is saved with the adapters merged into the weights
-    router_aux_loss_coef: Optional[float] = None  # MoE load-balancing loss; None: the model config's; 0: off
+    model: str = key("", "a local Hugging Face model directory or a Hub id (downloads when online)")
+    tokenizer: str = key("", "defaults to `model`")
+    tiny_model: dict = key(dict, "LlamaConfig kwargs for a model built from a config")
+    attn_implementation: str = key("auto", "auto: flash_attention_2 on CUDA when installed, else sdpa, else eager")
+    padding_free: Optional[bool] = key(None, "packed batches (cu_seqlens); None: with flash_attention_2")
+    gradient_checkpointing: bool = key(False, "recompute activations in backward (less memory, more time)")
+    lora: dict = key(dict, "{r, alpha, dropout, target_modules}: train LoRA adapters (peft)")
+    merge_lora: bool = key(False, "the final model is saved with the adapters merged into the weights")
+    router_aux_loss_coef: Optional[float] = key(None, "MoE load-balancing loss; None: the model config's; 0: off")
     # --- loss ---
-    beta: float = 0.1
-    delta: float = 10.0
-    label_smoothing: float = 0.0
-    loss_type: str = "sigmoid"  # sigmoid (SafeDPO) | robust | hinge | ipo
-    reduction: str = "mean"  # the step's loss over the kept pairs of its global batch: mean | sum
-    average_logps: bool = False
-    loss_input: str = "logits"  # logits (fused kernel, in-place backward) | linear (no logits) | eager (baseline)
-    backend: str = "auto"
-    reference: str = "precompute"  # precompute (cached on disk) | live (computed per batch)
-    reference_model: str = ""  # defaults to the initial policy (with LoRA: the adapters disabled)
+    beta: float = key(0.1, "the implicit reward's scale (> 0)")
+    delta: float = key(10.0, "SafeDPO's safety margin (>= 0, not multiplied by beta); the dpo-* modes use 0")
+    label_smoothing: float = key(0.0, "eps of conservative / robust DPO, in [0, 0.5]")
+    loss_type: str = key("sigmoid", "sigmoid (SafeDPO) | robust | hinge | ipo")
+    reduction: str = key("mean", "the step's loss over the kept pairs of its global batch: mean | sum")
+    average_logps: bool = key(False, "sequence log-probs as means over response tokens instead of sums (ipo takes true)")
+    loss_input: str = key("logits", "logits (fused kernel, in-place backward) | linear (no logits) | eager (baseline)")
+    backend: str = key("auto", "safedpo_kernels backend: auto | triton | native | torch")
+    reference: str = key("precompute", "precompute (cached on disk) | live (computed per batch)")
+    reference_model: str = key("", "defaults to the initial policy (with LoRA: the adapters disabled)")
     # --- optimization ---
-    batch_size: int = 4  # pairs per optimizer step and rank, per micro-batch
-    grad_accum: int = 1
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_steps: int = 100
-    stop_at_step: int = 0  # stop after this step (as an interrupted job would), keeping max_steps' schedule
-    clip_grad_norm: float = 1.0  # 0: no clipping
-    seed: int = 0
+    batch_size: int = key(4, "pairs per optimizer step and rank, per micro-batch")
+    grad_accum: int = key(1, "micro-batches per optimizer step")
+    lr: float = key(5e-6, "AdamW learning rate (cosine schedule after the warm-up)")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    warmup_steps: int = key(0, "linear warm-up steps of the learning rate")
+    max_steps: int = key(100, "optimizer steps of the run (the schedule's length)")
+    stop_at_step: int = key(0, "stop after this step (as an interrupted job would), keeping max_steps' schedule")
+    clip_grad_norm: float = key(1.0, "0: no clipping")
+    seed: int = key(0, "seed of initialization, data order and label noise")
     # --- run ---
-    output_dir: str = "runs/safedpo"
-    overwrite_output_dir: bool = False  # start afresh over another run's checkpoints and metrics (deleting them)
-    cache_dir: str = ""  # reference log-prob cache; default <output_dir>/../.cache
-    log_every: int = 1
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end
-    save_total_limit: int = 0  # keep only the newest k checkpoints; 0: keep all
-    resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | none | a checkpoint directory
-    tensorboard: bool = False
-    fsdp: bool = False
-    device: str = "auto"  # auto | cuda | cpu
-    progress: bool = True
+    output_dir: str = key("runs/safedpo", "checkpoints/, metrics.jsonl, config.yaml and final/ go here")
+    overwrite_output_dir: bool = key(False, "start afresh over another run's checkpoints and metrics (deleting them)")
+    cache_dir: str = key("", "reference log-prob cache; default <output_dir>/../.cache")
+    log_every: int = key(1, "write metrics every this many steps")
+    eval_every: int = key(0, "0: only at the end")
+    save_every: int = key(0, "0: only at the end")
+    save_total_limit: int = key(0, "keep only the newest k checkpoints; 0: keep all")
+    resume: str = key("auto", "auto (latest checkpoint in output_dir, if any) | none | a checkpoint directory")
+    resume_check: bool = key(True, "refuse a checkpoint trained under another configuration; false: continue anyway")
+    tensorboard: bool = key(False, "also write TensorBoard events under output_dir/tensorboard")
+    fsdp: bool = key(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
+    device: str = key("auto", "auto | cuda | cpu")
+    progress: bool = key(True, "progress lines on stderr (in a log file: one line every SAFEDPO_PROGRESS_EVERY_S seconds)")
     # --- sampled evaluation (safedpo eval --generate) ---
-    judge: str = "keyword"  # keyword (the toy's) | classifier:<model directory or Hub id>
-    judge_threshold: float = 0.5  # classifier: a response is unsafe when its score is above this
-    generation_prompts: str = ""  # a jsonl of {"prompt": ...}; default: the evaluation data's prompts
-    generation_samples: int = 1  # sampled responses per prompt
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0: greedy
+    judge: str = key("keyword", "keyword (the toy's) | classifier:<model directory or Hub id>")
+    judge_threshold: float = key(0.5, "classifier: a response is unsafe when its score is above this")
+    generation_prompts: str = key("", "a jsonl of {'prompt': ...}; default: the evaluation data's prompts")
+    generation_samples: int = key(1, "sampled responses per prompt")
+    max_new_tokens: int = key(128, "sampled evaluation: tokens per response")
+    temperature: float = key(1.0, "0: greedy")
 
     def validate(self) -> "TrainConfig":
         """ValueError naming the first key whose value is out of range or inconsistent."""
@@ -212,29 +221,72 @@ def convert(name: str, value: Any) -> Any:
     raise TypeError(f"no conversion for config field {name} of type {kind}")
 
 
+def _yaml_problem(exc) -> str:
+    """What PyYAML says is wrong, and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
+
+
+# Keys that name the same thing in two ways: setting one in a later layer (keyword arguments over the
+# file, a key=value override over both) replaces the other from an earlier layer, so that a recipe's
+# train_dataset gives way to train_files=... on the command line.
+ALTERNATIVES = (("train_files", "train_dataset"),)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, **kwargs) -> TrainConfig:
     """Defaults <- YAML file <- ``kwargs`` <- ``key=value`` overrides; unknown keys and values of the wrong
-    type raise ValueError naming the key (``validate()`` then checks ranges)."""
+    type raise ValueError naming the key (``validate()`` then checks ranges). Of two ALTERNATIVES, the
+    later layer's wins."""
+    layers = [_file_values(path) if path else {}, dict(kwargs), _override_values(overrides or [])]
     values: dict = {}
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config file {path!r} does not exist")
+    for layer in layers:
+        for group in ALTERNATIVES:
+            if any(layer.get(k) for k in group):
+                for k in group:
+                    if k not in layer:
+                        values.pop(k, None)
+        values.update(layer)
+    unknown = sorted(set(values) - set(_TYPES))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(map(str, unknown))}" + (f" (in {path})" if path else ""))
+    return TrainConfig(**{k: convert(k, v) for k, v in values.items()})
+
+
+def _file_values(path: str) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    try:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file is a mapping of keys to values")
-        values.update(loaded)
-    values.update(kwargs)
-    for item in overrides or []:
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({_yaml_problem(exc)}); fix that line") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a config file is a mapping of keys to values")
+    return loaded
+
+
+def _override_values(overrides: List[str]) -> dict:
+    values = {}
+    for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
         if key not in _TYPES:
             raise ValueError(f"unknown config key: {key}")
-        values[key] = yaml.safe_load(text) if text != "" else ""
-    unknown = sorted(set(values) - set(_TYPES))
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(map(str, unknown))}" + (f" (in {path})" if path else ""))
-    return TrainConfig(**{k: convert(k, v) for k, v in values.items()})
+        try:
+            values[key] = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: its value is not valid YAML ({_yaml_problem(exc)})") from None
+    return values
+
+
+def keys_help() -> str:
+    """Every config key with its default and meaning, grouped as in the class (``safedpo train --help``)."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name} = {json.dumps(default)}\n      {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def config_json(cfg: TrainConfig) -> str:

@@ -65,17 +65,19 @@ class Example:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-def _json_rows(path: Path) -> list:
-    """Rows of a .json (an array of objects, or JSON lines) or .jsonl file, each as written: no column
-    is cast to a common type, so a row is judged by its own values."""
+def _json_rows(path: Path) -> tuple:
+    """(rows, where) of a .json (an array of objects, or JSON lines) or .jsonl file, each row as written:
+    no column is cast to a common type, so a row is judged by its own values. ``where[i]`` names row i
+    in errors: "line N" of a JSON-lines file (N as an editor counts, from 1), else "row N" (from 1)."""
     text = path.read_text()
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        where = [f"row {i + 1}" for i in range(len(rows))]
     else:
-        rows = []
+        rows, where = [], []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -83,16 +85,18 @@ def _json_rows(path: Path) -> list:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    for i, row in enumerate(rows):
+            where.append(f"line {n}")
+    for row, at in zip(rows, where):
         if not isinstance(row, dict):
-            raise DataError(f"{path}, row {i}: expected an object of columns, got {type(row).__name__}")
-    return rows
+            raise DataError(f"{path}, {at}: expected an object of columns, got {type(row).__name__}")
+    return rows, where
 
 
 def _load_table(path: str):
-    """The rows of a local file, or a saved dataset directory (no hub access). JSON and CSV are read
-    here, cell by cell, rather than by a loader that casts each column to one type (which turned one
-    1.0 in a column of ints into floats for every row and blamed row 0)."""
+    """(rows, where) of a local file, or a saved dataset directory (no hub access); ``where[i]`` names row
+    i in errors, or is None ("row i + 1"). JSON and CSV are read here, cell by cell, rather than by a
+    loader that casts each column to one type (which turned one 1.0 in a column of ints into floats for
+    every row and blamed the first row)."""
     p = Path(path)
     if p.is_dir():
         import datasets
@@ -100,24 +104,26 @@ def _load_table(path: str):
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return ds
+        return ds, None
     kind = p.suffix.lower()
     if kind not in (".json", ".jsonl", ".parquet", ".csv"):
         raise DataError(f"{path}: unsupported data file type (json, jsonl, parquet, csv or a saved dataset directory)")
     if not p.exists():
         raise DataError(f"{path}: no such file")
+    where = None
     if kind in (".json", ".jsonl"):
-        rows = _json_rows(p)
+        rows, where = _json_rows(p)
     elif kind == ".csv":
         with open(p, newline="") as f:
             rows = list(csv.DictReader(f))
+        where = [f"row {i + 1} (line {i + 2})" for i in range(len(rows))]  # line 1 is the header
     else:
         import datasets
 
         rows = datasets.load_dataset("parquet", data_files=str(p), split="train")
     if len(rows) == 0:
         raise DataError(f"{path}: no rows")
-    return rows
+    return rows, where
 
 
 def dataset_table(name: str, split: str, config: str = "", data_dir: str = ""):
@@ -158,8 +164,12 @@ def data_sources(cfg, split: str) -> list:
 def check_row(row: dict, where: str) -> dict:
     """The row with validated, normalized values, or DataError naming ``where`` and the column."""
     for col in COLUMNS:
-        if col not in row or row[col] is None:
-            raise DataError(f"{where}, column {col!r}: missing")
+        if col not in row:
+            others = sorted(k for k in row if k not in COLUMNS)
+            hint = (f"; the row has {others}: map one with columns: {{{col}: <its name>}}" if others else "")
+            raise DataError(f"{where}, column {col!r}: missing{hint}")
+        if row[col] is None:
+            raise DataError(f"{where}, column {col!r}: missing (null)")
     out = {}
     for col in ("prompt", "response_0", "response_1"):
         if not isinstance(row[col], str) or not row[col].strip():
@@ -182,11 +192,11 @@ def load_rows(files: Sequence, columns: Optional[dict] = None, skip_bad_rows: bo
         raise DataError(f"columns: unknown standard column name(s) {sorted(unknown)}; they are {list(COLUMNS)}")
     rows, skipped = [], 0
     for source in files:
-        path, table = source if isinstance(source, tuple) else (source, _load_table(source))
+        path, (table, where) = (source[0], (source[1], None)) if isinstance(source, tuple) else (source, _load_table(source))
         for i, raw in enumerate(table):
             row = {rename.get(k, k): v for k, v in raw.items()}
             try:
-                rows.append(check_row(row, f"{path}, row {i}"))
+                rows.append(check_row(row, f"{path}, {where[i] if where else f'row {i + 1}'}"))
             except DataError:
                 if not skip_bad_rows:
                     raise

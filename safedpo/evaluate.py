@@ -13,13 +13,15 @@ harmless ratio.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 
 from .collate import make_batch
 from .data import data_sources, encode_prompt, load_examples
-from .model import PolicyLogps, build_model, load_tokenizer
+from .model import PolicyLogps, build_model
 
 
 def reward_stats(out) -> tuple:
@@ -65,9 +67,44 @@ def evaluate_pairs(policy: PolicyLogps, reference, examples, cfg, pad_id: int, p
     )
 
 
-def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
+BASE = "base"
+CHECKPOINT_HELP = ("checkpoint=<run>/final (a saved model), checkpoint=<run>/checkpoints/step-N (a training "
+                   "checkpoint), or checkpoint=base (the configured model, untrained)")
+
+
+def trained_model(cfg, vocab_size: int, device, checkpoint: str):
+    """The model ``checkpoint`` names: ``base`` (cfg's model, untrained), a saved model directory (a run's
+    final/, or a Hub id), or a training checkpoint (checkpoints/step-N: state.pt + meta.json, restored into
+    cfg's model, with cfg's LoRA adapters when it has them)."""
+    from .checkpoint import restore_model
+    from .model import apply_lora
+
+    if not checkpoint:
+        raise ValueError(f"say which model to evaluate: {CHECKPOINT_HELP}")
+    if checkpoint == BASE:
+        return build_model(cfg, vocab_size, device)
+    path = Path(checkpoint)
+    if (path / "meta.json").is_file():
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("sharded"):
+            raise ValueError(f"{path} holds FSDP shards, which only a run on {meta.get('world')} ranks reads; "
+                             "evaluate the run's final/ instead")
+        model = build_model(cfg, vocab_size, device)
+        if cfg.lora:
+            model = apply_lora(model, cfg.lora)
+        restore_model(model, torch.load(path / "state.pt", weights_only=True, map_location="cpu")["model"])
+        return model
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"checkpoint={checkpoint!r} is neither a saved model (no config.json) nor a training "
+                         f"checkpoint (no meta.json); use {CHECKPOINT_HELP}")
+    return build_model(cfg, vocab_size, device, path=checkpoint)
+
+
+def evaluate_checkpoint(cfg, checkpoint: Optional[str] = None) -> dict:
+    """Held-out pair metrics of the model ``checkpoint`` names (see ``trained_model``) against cfg's
+    reference (the configured model), on cfg's evaluation data."""
     from .distributed import Dist
-    from .model import quiet_libraries
+    from .model import config_tokenizer, quiet_libraries
     from .ref_logps import Reference
 
     quiet_libraries()
@@ -75,15 +112,17 @@ def evaluate_checkpoint(cfg, path: Optional[str] = None) -> dict:
     sources = data_sources(cfg, "eval")
     if not sources:
         raise ValueError("no evaluation data: set eval_files, or train_dataset with eval_split")
+    if not checkpoint:
+        raise ValueError(f"say which model to evaluate: {CHECKPOINT_HELP}")
     dd = Dist(cfg.device)
-    tok = load_tokenizer(cfg.tokenizer or cfg.model or path)
+    tok = config_tokenizer(cfg, checkpoint)
     examples, _ = load_examples(cfg, tok, sources)
     initial = build_model(cfg, len(tok), dd.device)  # the reference: the policy before training
-    trained = build_model(cfg, len(tok), dd.device, path=path) if path else initial
+    trained = trained_model(cfg, len(tok), dd.device, checkpoint)
     policy = PolicyLogps(trained, cfg.loss_input, cfg.average_logps, cfg.backend)
     initial_policy = PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend)
     reference = Reference(dataclasses.replace(cfg, reference="live"), initial_policy, {}, tok, dd, packed=False)
-    return evaluate_pairs(policy, reference, examples, cfg, tok.pad_token_id, False, dd.device)
+    return dict(evaluate_pairs(policy, reference, examples, cfg, tok.pad_token_id, False, dd.device), checkpoint=checkpoint)
 
 
 @torch.no_grad()
@@ -150,9 +189,6 @@ def generation_eval(model, tokenizer, items: List[dict], judge: Callable[[dict, 
 def prompt_items(cfg) -> List[dict]:
     """The prompts of a sampled evaluation: cfg.generation_prompts (a jsonl of {"prompt": ...}, extra
     fields kept for the judge), else the distinct prompts of the evaluation data, in order."""
-    import json
-    from pathlib import Path
-
     from .data import load_rows
 
     if cfg.generation_prompts:
@@ -203,23 +239,22 @@ def generation_report(cfg, checkpoint: Optional[str] = None, samples_file: Optio
     write every sample with its verdict to a JSONL file, and report the harmless ratio (the share of
     responses judged safe) with its 95% Wilson interval; on prompts marked "harmful" (the toy's items)
     the harmless ratio covers those, and helpfulness the others when the judge rates it."""
-    import json
-    from pathlib import Path
-
     from .distributed import Dist
     from .judge import make_judge, wilson_interval
-    from .model import quiet_libraries
+    from .model import config_tokenizer, quiet_libraries
 
     quiet_libraries()
     cfg.validate()
     dd = Dist(cfg.device)
     items = prompt_items(cfg)
-    tok = load_tokenizer(cfg.tokenizer or checkpoint or cfg.model)
-    model = build_model(cfg, len(tok), dd.device, path=checkpoint)
+    rows = [item for item in items for _ in range(cfg.generation_samples)]
+    judge = make_judge(cfg.judge, cfg.judge_threshold, dd.device, cfg.progress)
+    judge.check(rows)  # before sampling, not after
+    tok = config_tokenizer(cfg, checkpoint)
+    model = trained_model(cfg, len(tok), dd.device, checkpoint)
     responses = sample_responses(model, tok, [i["prompt"] for i in items], cfg.generation_samples, cfg.max_new_tokens,
                                  cfg.temperature, cfg.seed, cfg.max_prompt_length, progress=cfg.progress)
-    rows = [item for item in items for _ in range(cfg.generation_samples)]
-    verdicts = make_judge(cfg.judge, cfg.judge_threshold, dd.device, cfg.progress)(rows, responses)
+    verdicts = judge(rows, responses)
     path = Path(samples_file or Path(cfg.output_dir) / "generation_samples.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

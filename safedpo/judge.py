@@ -30,13 +30,19 @@ def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple:
 class KeywordJudge:
     """The toy task's judge: unsafe when a response carries out a harmful verb."""
 
+    def check(self, items: Sequence[dict]) -> None:
+        """ValueError unless every item has the toy's fields (called before any sampling)."""
+        for n, item in enumerate(items):
+            missing = [k for k in ("verb", "object", "harmful") if k not in item]
+            if missing:
+                raise ValueError(f"judge: keyword is the toy task's judge and needs prompt items with {missing} "
+                                 f"(prompt {n + 1} has none; safedpo toy writes them); for other data use "
+                                 "judge: classifier:<model>")
+
     def __call__(self, items: Sequence[dict], responses: Sequence[str]) -> List[dict]:
         from .toy import judge
 
-        missing = [k for k in ("verb", "object", "harmful") if k not in items[0]] if items else []
-        if missing:
-            raise ValueError(f"judge: keyword is the toy task's judge and needs prompt items with {missing} "
-                             "(safedpo toy writes them); for other data use judge: classifier:<model>")
+        self.check(items)
         return [dict(judge(item, r), score=float(judge(item, r)["unsafe"])) for item, r in zip(items, responses)]
 
 
@@ -76,6 +82,12 @@ class ClassifierJudge:
                 out += score.cpu().tolist()
                 bar.update(len(score))
         return out
+
+    def check(self, items: Sequence[dict]) -> None:
+        """Every item needs its prompt (the model itself was loaded, so it is known to work)."""
+        for n, item in enumerate(items):
+            if not isinstance(item.get("prompt"), str):
+                raise ValueError(f"judge: prompt {n + 1} has no 'prompt' text")
 
     def __call__(self, items: Sequence[dict], responses: Sequence[str]) -> List[dict]:
         scores = self.scores([i["prompt"] for i in items], responses)

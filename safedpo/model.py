@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -88,13 +89,25 @@ def _pretrained(loader, path: str, what: str, **kwargs):
         raise FileNotFoundError(f"{what} {path!r}: {where}") from None
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, what: str = "tokenizer"):
+    """The tokenizer at ``path`` (pad token = EOS when it has none). ``what`` names ``path`` in the error
+    when nothing is there: "model" when the tokenizer is taken from the model's directory."""
     from transformers import AutoTokenizer
 
-    tok = _pretrained(AutoTokenizer, path, "tokenizer")
+    tok = _pretrained(AutoTokenizer, path, what)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def config_tokenizer(cfg, model_dir: Optional[str] = None):
+    """cfg's tokenizer: ``tokenizer``, else the one saved with ``model_dir`` (a trained model), else the
+    model's; an error for a missing directory names the key it came from."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if model_dir and (Path(model_dir) / "tokenizer_config.json").is_file():
+        return load_tokenizer(model_dir)
+    return load_tokenizer(cfg.model, what="model")
 
 
 def build_model(cfg, vocab_size: int, device: torch.device, path: Optional[str] = None):

@@ -13,6 +13,7 @@ import torch
 
 from .collate import make_batch
 from .model import PolicyLogps, build_model, is_lora
+from .outputs import writing
 from .progress import progress as iterate
 
 
@@ -94,10 +95,14 @@ class Reference:
             if dd.main and not path.exists():
                 table = compute_ref_logps(self.policy, examples, 2 * cfg.batch_size, tok.pad_token_id, packed, dd.device,
                                           cfg.progress)
-                cache.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save(table, tmp)
-                os.replace(tmp, path)  # a crash never leaves a half-written cache file
+                with writing("the reference log-prob cache", path, "set cache_dir elsewhere or free some space"):
+                    try:
+                        cache.mkdir(parents=True, exist_ok=True)
+                        torch.save(table, tmp)
+                        os.replace(tmp, path)  # a crash never leaves a half-written cache file
+                    finally:
+                        tmp.unlink(missing_ok=True)
             dd.barrier()
             self.tables[name] = torch.load(path, weights_only=True)
         self.policy = None  # precomputed: the reference model is not kept in memory

@@ -9,14 +9,17 @@ log-probs), checkpoint.py, evaluate.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from safedpo_kernels import available_backends
 from safedpo_kernels.integrations.hf import router_config
 from safedpo_kernels.loss import safety_transform
 from safedpo_kernels.options import LossOptions
@@ -28,6 +31,7 @@ from .checkpoint import (
     resume_point,
     save_checkpoint,
     save_sharded_checkpoint,
+    saved_config,
     seed_everything,
 )
 from .collate import batch_stream, make_batch
@@ -35,7 +39,8 @@ from .config import TrainConfig, config_json
 from .data import data_sources, load_examples
 from .distributed import Dist, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
-from .model import PolicyLogps, apply_lora, build_model, load_tokenizer, quiet_libraries
+from .model import PolicyLogps, apply_lora, build_model, config_tokenizer, quiet_libraries
+from .outputs import prepare_dir, writing
 from .progress import Progress
 from .ref_logps import Reference
 
@@ -54,7 +59,11 @@ class MetricsLog:
     """metrics.jsonl (and TensorBoard when asked), written by the main process only."""
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
-        self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None
+        self.path = out_dir / "metrics.jsonl"
+        self.file = None
+        if enabled:
+            with writing("metrics", self.path):
+                self.file = open(self.path, "a")
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -64,8 +73,9 @@ class MetricsLog:
     def write(self, record: dict, step=None) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing("metrics", self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.writer and step is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)):
@@ -78,28 +88,57 @@ class MetricsLog:
             self.writer.close()
 
 
-def prepare_output_dir(out_dir: Path, ckpt, overwrite: bool) -> None:
-    """Refuse to start afresh over another run's checkpoints or metrics (a later resume: auto would pick
-    up that run) unless ``overwrite``, which deletes them; remove what a crash left mid-save."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+# What a run leaves in its output directory (besides config.yaml, which every start rewrites).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "tensorboard")
+# The configuration a checkpoint's training depends on: resuming under other values of these would not
+# continue that run (a changed max_steps changes the learning-rate schedule, a changed seed or batch size
+# the data order, ...). loss_input, backend, device, logging and saving settings may change.
+RESUME_KEYS = ("mode", "beta", "delta", "label_smoothing", "loss_type", "reduction", "average_logps",
+               "train_files", "train_dataset", "dataset_config", "data_dir", "train_split", "columns",
+               "safety_label_noise", "skip_bad_rows", "max_prompt_length", "max_length", "model", "tokenizer",
+               "tiny_model", "lora", "router_aux_loss_coef", "reference", "reference_model", "batch_size",
+               "grad_accum", "lr", "weight_decay", "warmup_steps", "max_steps", "clip_grad_norm", "seed", "fsdp",
+               "world_size")
+
+
+def prepare_output_dir(out_dir: Path, overwrite: bool, resume: str) -> None:
+    """The output directory, writable (or one line saying why not), without what a crash left mid-save;
+    with ``overwrite`` emptied of the previous run's files (or one line naming what could not go)."""
+    prepare_dir(out_dir)
     remove_leftovers(out_dir)
-    if ckpt is not None:
+    if not overwrite:
         return
-    previous = [p for p in (out_dir / "checkpoints", out_dir / "metrics.jsonl", out_dir / "final") if p.exists()]
-    if previous and not overwrite:
+    if resume not in ("auto", "none", "") and Path(resume).resolve().is_relative_to(out_dir.resolve()):
+        raise ValueError(f"overwrite_output_dir deletes the checkpoint resume={resume!r} names; set one of them only")
+    for name in RUN_FILES:
+        path = out_dir / name
+        with writing("(removing the previous run's)", path, "nothing new was written"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def refuse_another_run(out_dir: Path) -> None:
+    """Starting afresh over another run's files would mix two runs (and a later resume: auto would pick up
+    the other one): refuse, saying what to do instead."""
+    previous = [name for name in RUN_FILES[:3] if (out_dir / name).exists()]
+    if previous:
         raise ValueError(
-            f"output_dir {str(out_dir)!r} holds another run ({', '.join(p.name for p in previous)}): set resume: auto "
-            "to continue it, another output_dir, or overwrite_output_dir: true to delete it and start afresh"
+            f"output_dir {str(out_dir)!r} holds another run ({', '.join(previous)}): set resume: auto to continue it, "
+            "another output_dir, or overwrite_output_dir: true to delete it and start afresh"
         )
-    for path in previous + [out_dir / "tensorboard"]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+
+
+def config_changes(saved: dict, now: dict) -> list:
+    """'key: saved -> now' for each training-relevant key whose value differs."""
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if k in saved and k in now and saved[k] != now[k]]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records after ``step`` (a run resumed from step k logs steps k + 1... again)."""
+    """Keep the records a run resumed at ``step`` continues: its steps up to ``step`` and its start and
+    resume events; drop later steps and the evaluation the finished run ended with (which the resumed run
+    writes again), and lines a crash cut short."""
     if not path.exists():
         return
     keep = []
@@ -107,10 +146,13 @@ def truncate_metrics(path: Path, step: int) -> None:
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # a line cut short by the crash
-        if record.get("step", 0) <= step:
+            continue
+        event = record.get("event")
+        if event in ("start", "resume") or (event is None and record.get("step", 0) <= step) or \
+                (event == "eval" and record.get("step", 0) < step):
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    with writing("metrics", path):
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, aux_coef: float = 0.0) -> dict:
@@ -162,17 +204,27 @@ class Run:
         self.cfg = cfg
         self.dd = dd = Dist(cfg.device)
         self.out_dir = Path(cfg.output_dir)
-        ckpt = resume_point(cfg.resume, self.out_dir)
+        self.run_config = dict(dataclasses.asdict(cfg), world_size=dd.world)
         if dd.main:
-            prepare_output_dir(self.out_dir, ckpt, cfg.overwrite_output_dir)
-            cfg.save(self.out_dir / "config.yaml")
+            prepare_output_dir(self.out_dir, cfg.overwrite_output_dir, cfg.resume)
+        dd.barrier()
+        ckpt = resume_point(cfg.resume, self.out_dir)
+        if ckpt is None and dd.main:
+            refuse_another_run(self.out_dir)
+        if ckpt is not None:
+            self._check_resume(ckpt)
+        if dd.main:
+            with writing("the run's configuration", self.out_dir / "config.yaml"):
+                cfg.save(self.out_dir / "config.yaml")
         dd.barrier()
         seed_everything(cfg.seed)
 
-        self.tok = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.tok = config_tokenizer(cfg)
         self.train_set, report = load_examples(cfg, self.tok, data_sources(cfg, "train"))
+        self._check_data(report)
         eval_sources = data_sources(cfg, "eval")
         self.eval_set = load_examples(cfg, self.tok, eval_sources)[0] if eval_sources else []
+        available_backends(dd.device)  # builds / loads the native kernels now, not inside the first step
         self.policy, self.packed, self.aux_coef = self._policy()
         self.reference = Reference(cfg, self.policy, {"train": self.train_set, "eval": self.eval_set}, self.tok, dd, self.packed)
         self.options = cfg.loss_options()
@@ -189,12 +241,27 @@ class Run:
             self._restore(ckpt)
         self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * dd.world, cfg.seed, start=self.position)
         self.log = MetricsLog(self.out_dir, dd.main, cfg.tensorboard)
-        if self.step_count == 0:
+        if ckpt is None:
             self.log.write(dict(event="start", config=json.loads(config_json(cfg)), **report))
+        else:
+            self.log.write(dict(event="resume", step=self.step_count, checkpoint=str(ckpt)))
         self.end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
         self.bar = Progress(cfg.max_steps, cfg.mode, initial=self.step_count, disable=not (dd.main and cfg.progress))
         self.last: dict = {}
-        self.t_last = time.perf_counter()
+
+    def _check_data(self, report: dict) -> None:
+        """Say how many rows skip_bad_rows skipped; refuse (before any model work) too few pairs for one
+        global batch."""
+        cfg, dd = self.cfg, self.dd
+        if report["skipped_rows"] and dd.main:
+            print(f"safedpo: skipped {report['skipped_rows']} malformed row(s) of "
+                  f"{report['rows'] + report['skipped_rows']} (skip_bad_rows)", file=sys.stderr)
+        need = cfg.batch_size * dd.world
+        if len(self.train_set) < need:
+            why = (f"all {report['skipped_rows']} rows were malformed and skipped" if report["rows"] == 0 else
+                   f"{report['rows']} rows gave {report['pairs']} pairs for mode {cfg.mode}")
+            raise ValueError(f"too little training data: {why}, fewer than one global batch of {need} pairs "
+                             "(batch_size x processes)")
 
     def _policy(self) -> tuple:
         """(PolicyLogps, packed batches?, router loss coefficient): the model (with LoRA adapters when asked),
@@ -213,6 +280,25 @@ class Run:
             aux_coef = router["coef"] if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
         return PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0), packed, aux_coef
 
+    def _check_resume(self, ckpt: Path) -> None:
+        """Refuse a checkpoint written under another training configuration (naming the keys), unless
+        resume_check is off: then say what changed and go on."""
+        saved = saved_config(ckpt)
+        if saved is None:
+            if self.dd.main:
+                print(f"safedpo: warning: {ckpt} keeps no configuration to compare with this run's", file=sys.stderr)
+            return
+        changes = config_changes(saved, self.run_config)
+        if not changes:
+            return
+        listed = "; ".join(changes)
+        if self.cfg.resume_check:
+            raise ValueError(f"resume: {ckpt} was trained under another configuration ({listed}); restore those "
+                             "values, start afresh (overwrite_output_dir: true or another output_dir), or set "
+                             "resume_check: false to continue anyway")
+        if self.dd.main:
+            print(f"safedpo: warning: resuming {ckpt} under a changed configuration ({listed})", file=sys.stderr)
+
     def _restore(self, ckpt) -> None:
         if self.sharded:
             self.step_count, self.position = load_sharded_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler,
@@ -221,16 +307,17 @@ class Run:
             self.step_count, self.position = load_checkpoint(ckpt, self.policy.model, self.optimizer, self.scheduler)
         if self.dd.main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
+            print(f"safedpo: resumed from {ckpt} at step {self.step_count}", file=sys.stderr, flush=True)
 
     def save(self) -> None:
         """A checkpoint of this step: FSDP shards from every rank, or the whole state from the main process."""
         dd, cfg = self.dd, self.cfg
         if self.sharded:
             save_sharded_checkpoint(self.out_dir, self.step_count, self.policy, self.optimizer, self.scheduler, self.position,
-                                    dd.rank, dd.world, dd.barrier, cfg.save_total_limit)
+                                    dd.rank, dd.world, dd.barrier, cfg.save_total_limit, self.run_config)
         elif dd.main:
             save_checkpoint(self.out_dir, self.step_count, self.policy.model, self.optimizer, self.scheduler, self.position,
-                            cfg.save_total_limit)
+                            cfg.save_total_limit, self.run_config)
 
     def evaluate(self) -> dict:
         return evaluate_pairs(self.policy, self.reference, self.eval_set, self.cfg, self.tok.pad_token_id, self.packed,
@@ -248,6 +335,7 @@ class Run:
     def step(self) -> None:
         """One optimizer step over a global batch; then its metrics, evaluation and checkpoint as configured."""
         cfg, dd = self.cfg, self.dd
+        start = time.perf_counter()
         stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, dd, self.aux_coef)
         params = self.policy.parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
@@ -256,12 +344,10 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
 
-        now = time.perf_counter()
-        tokens = stats.pop("tokens")
+        tokens = stats.pop("tokens")  # per second of this step's own work: no set-up, evaluation or saving
         self.last = dict(step=self.step_count, **stats, lr=self.scheduler.get_last_lr()[0],
                          grad_norm=float(grad_norm) if grad_norm is not None else None,
-                         tokens_per_s=tokens / max(now - self.t_last, 1e-9))
-        self.t_last = now
+                         tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
         if cfg.eval_every and self.step_count % cfg.eval_every == 0 and self.eval_set and self.evaluator:
             self.last.update(self.evaluate())
         if dd.main:
@@ -285,14 +371,12 @@ class Run:
             self.log.write(dict(event="eval", **self.last))
         self.save()
         final = self.out_dir / "final"
-        if self.sharded:
-            state = full_model_state(self.policy.model)
-            if dd.main:
-                self.policy.model.save_pretrained(final, state_dict=state)
-        elif dd.main:
-            (self.policy.model.merge_and_unload() if cfg.merge_lora else self.policy.model).save_pretrained(final)
+        state = full_model_state(self.policy.model) if self.sharded else None  # a collective
         if dd.main:
-            self.tok.save_pretrained(final)
+            model = self.policy.model.merge_and_unload() if cfg.merge_lora and not self.sharded else self.policy.model
+            with writing("the final model", final, f"the checkpoint of step {self.step_count} is complete"):
+                model.save_pretrained(final, **({} if state is None else dict(state_dict=state)))
+                self.tok.save_pretrained(final)
         self.log.close()
         dd.barrier()
         return dict(self.last, output_dir=str(self.out_dir))

@@ -44,7 +44,7 @@ from ..labels import labels_from_completion_mask
 from ..loss import SafeDPOOutput
 from ..options import LOSS_TYPES, LossOptions
 from .hf import CausalLMLoss, PairLoss
-from .rows import response_id, safety_flag
+from .rows import preference_pair, safety_flag
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
 # Batch columns that are not the model's inputs (as TRL's DPOTrainer has them, plus the safety flags).
@@ -96,13 +96,29 @@ def pku_to_preference(dataset):
     (bool, 0/1, or the strings true/false, 1/0, yes/no): anything else is a ValueError naming the row."""
 
     def convert(row, i):
-        where = f"pku_to_preference: row {i}"
-        w = response_id(row["better_response_id"], f"{where}, column 'better_response_id'")
-        safe = [safety_flag(row[f"is_response_{k}_safe"], f"{where}, column 'is_response_{k}_safe'") for k in (0, 1)]
-        return dict(prompt=row["prompt"], chosen=row[f"response_{w}"], rejected=row[f"response_{1 - w}"],
-                    chosen_safe=safe[w], rejected_safe=safe[1 - w])
+        return preference_pair(row, f"pku_to_preference: row {i + 1}")
 
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
+
+
+def check_preference_columns(dataset, name: str = "train_dataset") -> None:
+    """ValueError naming the missing columns (and pku_to_preference for PKU-SafeRLHF rows) before TRL's
+    dataset preparation would fail on them with a bare KeyError. Datasets without column names (a
+    streaming one) and dicts of several (one per eval set) are checked where possible."""
+    if isinstance(dataset, dict):
+        for key, part in dataset.items():
+            check_preference_columns(part, f"{name}[{key!r}]")
+        return
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list):
+        return
+    missing = [c for c in ("chosen", "rejected", *SAFETY_COLUMNS) if c not in columns]
+    if missing:
+        hint = ("; these are PKU-SafeRLHF rows: convert them with pku_to_preference(dataset)"
+                if "better_response_id" in columns else "")
+        raise ValueError(f"{name}: missing column(s) {missing} (it has {columns}); SafeDPOTrainer takes TRL's "
+                         f"preference columns (prompt,) chosen, rejected and the safety flags chosen_safe, "
+                         f"rejected_safe (True = safe){hint}")
 
 
 def _add_fused_linear_loss(model, adapter: CausalLMLoss) -> None:
@@ -134,6 +150,10 @@ class SafeDPOTrainer(DPOTrainer):
         if not isinstance(args, SafeDPOConfig):
             raise TypeError(f"args must be a SafeDPOConfig, got {type(args).__name__}")
         self._check_supported(args)
+        datasets = dict(zip(("train_dataset", "eval_dataset"), rest))
+        datasets.update({k: kwargs[k] for k in ("train_dataset", "eval_dataset") if k in kwargs})
+        for name, dataset in datasets.items():
+            check_preference_columns(dataset, name)
         super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
         if data_collator is None and isinstance(self.data_collator, DataCollatorForPreference):
             parent = self.data_collator
@@ -255,4 +275,4 @@ class SafeDPOTrainer(DPOTrainer):
         self._metrics[mode]["safedpo/swapped_pairs"].append(gather(out.swapped.float().mean()).mean().item())
 
 
-__all__ = ["SafeDPOConfig", "SafeDPOTrainer", "SafetyPreferenceCollator", "pku_to_preference"]
+__all__ = ["SafeDPOConfig", "SafeDPOTrainer", "SafetyPreferenceCollator", "pku_to_preference", "check_preference_columns"]

@@ -2,6 +2,7 @@
 (a TRL run, a plain transformers loop, padding-free packed batches), each on a tiny local model."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -190,9 +191,9 @@ def test_pku_rows_are_read_strictly():
         assert (out["chosen"], out["chosen_safe"], out["rejected_safe"]) == ("b", True, False)
     out = pku_to_preference(rows("0", "1", "0"))[0]
     assert (out["chosen"], out["chosen_safe"], out["rejected_safe"]) == ("a", False, True)
-    with pytest.raises(ValueError, match="row 0, column 'is_response_0_safe'.*'maybe'"):
+    with pytest.raises(ValueError, match="row 1, column 'is_response_0_safe'.*'maybe'"):
         pku_to_preference(rows("maybe", "true", "1"))
-    with pytest.raises(ValueError, match="row 0, column 'better_response_id'"):
+    with pytest.raises(ValueError, match="row 1, column 'better_response_id'"):
         pku_to_preference(rows("false", "true", "2"))
 
 
@@ -213,6 +214,24 @@ def test_unsupported_options_and_missing_flags(stand_ins, tmp_path):
         collator([{**example, "chosen_safe": "unsafe"}])
 
 
+
+def test_a_dataset_without_preference_columns_is_named(stand_ins, tmp_path):
+    """Forgetting pku_to_preference, or a renamed column: one clear error before TRL's preparation (which
+    fails with a bare KeyError 'chosen' or 'prompt')."""
+    from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer
+
+    args = SafeDPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    pku = datasets.load_from_disk(stand_ins["data"])["train"]
+    with pytest.raises(ValueError, match=r"train_dataset: missing column\(s\) \['chosen', 'rejected', 'chosen_safe', "
+                                         r"'rejected_safe'\].*convert them with pku_to_preference"):
+        SafeDPOTrainer(model=stand_ins["model"], args=args, train_dataset=pku)
+    renamed = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c", "chosen_is_safe": True,
+                                           "rejected_safe": False}])
+    with pytest.raises(ValueError, match=r"eval_dataset: missing column\(s\) \['chosen_safe'\]"):
+        SafeDPOTrainer(stand_ins["model"], None, args, None, renamed.rename_column("chosen_is_safe", "chosen_safe"),
+                       renamed)
+
+
 def run_example(args, timeout=900):
     res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
@@ -220,12 +239,47 @@ def run_example(args, timeout=900):
     return res.stdout
 
 
-@pytest.mark.parametrize("example", ["hf_loop.py", "packed_flash_attn.py"])
-def test_loop_examples_run(stand_ins, example):
-    out = run_example([f"examples/{example}", "--model", stand_ins["model"], "--data", stand_ins["train_jsonl"],
-                       "--steps", "2", "--lr", "1e-3"])
-    steps = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] == s["loss"] for s in steps)
+WORDS = {True: ("true", "yes", "1", "True"), False: ("false", "no", "0", "FALSE")}
+
+
+def zero_margin_loss(rows, delta=10.0):
+    """The first step's SafeDPO loss, worked out from the flags alone: at step 1 the policy is its own
+    reference, so u = -delta * s with s = 1 for a (safe, unsafe) pair and for a swapped (unsafe, safe)
+    one, 0 for (safe, safe); (unsafe, unsafe) is dropped."""
+    losses = []
+    for r in rows:
+        w = int(r["better_response_id"])
+        chosen, rejected = (r[f"is_response_{k}_safe"] in WORDS[True] for k in (w, 1 - w))
+        if not chosen and not rejected:
+            continue
+        s = 0.0 if chosen and rejected else 1.0
+        losses.append(math.log1p(math.exp(delta * s)))
+    return sum(losses) / len(losses)
+
+
+def test_loop_examples_read_string_flags_and_keep_a_frozen_reference(stand_ins, tmp_path):
+    """Both loop examples on rows whose safety flags are strings ("false", "no", "0" are unsafe): the
+    first step's loss is the one worked out from the flags, and later steps (the reference frozen at the
+    initial policy, not the current one) agree between the logits example and the packed fused-linear one."""
+    rows = [json.loads(line) for line in open(stand_ins["train_jsonl"])][:12]
+    for i, r in enumerate(rows):
+        for k in (0, 1):
+            r[f"is_response_{k}_safe"] = WORDS[bool(r[f"is_response_{k}_safe"])][(i + k) % 4]
+    data = tmp_path / "strings.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for example in ("hf_loop.py", "packed_flash_attn.py"):
+        out = run_example([f"examples/{example}", "--model", stand_ins["model"], "--data", str(data), "--steps", "3",
+                           "--pairs", "4", "--lr", "1e-3"])
+        losses[example] = [json.loads(line)["loss"] for line in out.splitlines() if line.startswith("{")]
+    want = zero_margin_loss(rows[:4])
+    for got in losses.values():
+        assert len(got) == 3 and abs(got[0] - want) <= 1e-5, (got, want)
+        # A reference recomputed from the trained policy would keep every later step at its zero-margin value.
+        assert abs(got[1] - zero_margin_loss(rows[4:8])) > 1e-3
+    # Padded logits and packed hidden states compute the same losses; Adam's first, sign-like step turns
+    # their float32 differences into small ones in the weights.
+    assert max(abs(a - b) for a, b in zip(*losses.values())) <= 1e-2, losses
 
 
 def test_trl_example_runs(stand_ins, tmp_path):

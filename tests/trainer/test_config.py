@@ -73,3 +73,44 @@ def test_the_config_builds_the_loss_options_it_trains():
     for key, value in (("loss_type", "dpo"), ("reduction", "none"), ("beta", 0.0), ("label_smoothing", 0.7)):
         with pytest.raises(ValueError, match=key):
             load_config(None, **{**base, key: value}).validate()
+
+
+def test_a_later_layer_picks_between_files_and_a_dataset(tmp_path):
+    """A recipe's train_dataset gives way to train_files=... on the command line (and the other way round);
+    both in one layer stay an error."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: m\ntrain_dataset: PKU-Alignment/PKU-SafeRLHF\n")
+    cfg = load_config(str(recipe), ["train_files=mine.jsonl"]).validate()
+    assert cfg.train_files == ["mine.jsonl"] and cfg.train_dataset == ""
+    recipe.write_text("model: m\ntrain_files: [a.jsonl]\n")
+    cfg = load_config(str(recipe), ["train_dataset=some/set"]).validate()
+    assert cfg.train_files == [] and cfg.train_dataset == "some/set"
+    with pytest.raises(ValueError, match="not both"):
+        load_config(str(recipe), ["train_dataset=some/set", "train_files=b.jsonl"]).validate()
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("beta: 0.1\nmode: [safedpo\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML \(.*line 3, column 1\)"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match=r"override 'columns=\{a: \[': its value is not valid YAML"):
+        load_config(None, ["columns={a: ["])
+
+
+def test_train_help_lists_every_key_with_its_default():
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safedpo.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "safedpo", "train", "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=root)
+    assert res.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert f"\n  {f.name} = " in res.stdout, f.name
+        assert f.metadata["help"] in res.stdout
+    assert '\n  beta = 0.1\n      the implicit reward' in res.stdout

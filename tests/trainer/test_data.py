@@ -71,7 +71,7 @@ def test_malformed_rows_named_or_skipped(tmp_path, bad, column, words):
     with pytest.raises(DataError) as info:
         load_rows([path])
     msg = str(info.value)
-    assert path in msg and "row 1" in msg and repr(column) in msg and words in msg
+    assert path in msg and "line 2" in msg and repr(column) in msg and words in msg  # the second line, as an editor counts
     rows, skipped = load_rows([path], skip_bad_rows=True)
     assert len(rows) == 2 and skipped == 1
 
@@ -80,7 +80,8 @@ def test_missing_column_and_remap(tmp_path):
     r = row()
     r["question"] = r.pop("prompt")
     path = write_jsonl(tmp_path / "d.jsonl", [r])
-    with pytest.raises(DataError, match="row 0, column 'prompt': missing"):
+    with pytest.raises(DataError, match=r"line 1, column 'prompt': missing; the row has \['question'\]: map one with "
+                                        r"columns: \{prompt: <its name>\}"):
         load_rows([path])
     rows, _ = load_rows([path], columns={"prompt": "question"})
     assert rows[0]["prompt"] == "how do i fix the bike ?"
@@ -95,7 +96,7 @@ def test_one_float_in_a_column_is_judged_on_its_own(tmp_path):
     assert loaded[5]["better_response_id"] == 1 and loaded[0]["better_response_id"] == 0
     rows[5]["better_response_id"] = 0.5
     path = write_jsonl(tmp_path / "b.jsonl", rows)
-    with pytest.raises(DataError, match=r"row 5, column 'better_response_id': expected 0 or 1, got 0.5"):
+    with pytest.raises(DataError, match=r"line 6, column 'better_response_id': expected 0 or 1, got 0.5"):
         load_rows([path])
     kept, skipped = load_rows([path], skip_bad_rows=True)
     assert len(kept) == 7 and skipped == 1  # only that row, not the whole file
@@ -117,8 +118,11 @@ def test_flags_read_the_same_in_every_format(tmp_path):
     assert load_rows([jsonl])[0][0]["is_response_0_safe"] is True
     bad = write_jsonl(tmp_path / "e.jsonl", [row(safe1=False, prompt="p"),
                                              row(safe1=False, prompt="p", is_response_1_safe="maybe")])
-    with pytest.raises(DataError, match=r"row 1, column 'is_response_1_safe'.*'maybe'"):
+    with pytest.raises(DataError, match=r"e.jsonl, line 2, column 'is_response_1_safe'.*'maybe'"):
         load_rows([bad])
+    path.write_text(path.read_text().replace("no", "nope", 1))  # a CSV names the row and its line (after the header)
+    with pytest.raises(DataError, match=r"d.csv, row 1 \(line 2\), column 'is_response_1_safe'.*'nope'"):
+        load_rows([str(path)])
 
 
 def test_invalid_json_and_empty_files_are_named(tmp_path):

@@ -129,7 +129,8 @@ def test_classifier_judge_generation_report(local, tmp_path):
     samples = tmp_path / "samples.jsonl"
     overrides = [f"model={local['model']}", f"train_dataset={local['data']}", f"output_dir={tmp_path}",
                  f"judge=classifier:{local['judge']}", f"generation_prompts={test_prompts}", "generation_samples=2",
-                 "max_new_tokens=4", "progress=false", "device=cpu", "max_length=48", "max_prompt_length=24"]
+                 "max_new_tokens=4", "progress=false", "device=cpu", "max_length=48", "max_prompt_length=24",
+                 "checkpoint=base"]
     res = subprocess.run([sys.executable, "-m", "safedpo", "eval", "--generate", *overrides, f"samples_file={samples}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -146,3 +147,45 @@ def test_classifier_judge_generation_report(local, tmp_path):
     res = subprocess.run([sys.executable, "-m", "safedpo", "eval", "--generate", *overrides, f"judge_threshold={median}",
                           f"samples_file={samples}"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert json.loads(res.stdout)["harmless_ratio"] == sum(s <= median for s in scores) / 12
+
+
+def test_eval_needs_a_checkpoint_and_reads_training_checkpoints(local, tmp_path):
+    """safedpo eval without checkpoint= is an error naming the choices; a training checkpoint
+    (checkpoints/step-N) evaluates as the saved model of the same step does."""
+    from safedpo.evaluate import evaluate_checkpoint
+    from safedpo.train import train
+
+    overrides = tiny_overrides(local, tmp_path / "run", max_steps=2)
+    train(load_config(None, **overrides))
+    res = subprocess.run([sys.executable, "-m", "safedpo", "eval", *[f"{k}={v}" for k, v in overrides.items()]],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "checkpoint=<run>/final" in res.stderr and "checkpoint=base" in res.stderr
+    cfg = load_config(None, **overrides)
+    final = evaluate_checkpoint(cfg, str(tmp_path / "run" / "final"))
+    step = evaluate_checkpoint(cfg, str(tmp_path / "run" / "checkpoints" / "step-2"))
+    base = evaluate_checkpoint(cfg, "base")
+    for key in ("eval_loss", "eval_reward_accuracy", "eval_margin"):
+        assert abs(final[key] - step[key]) <= 1e-6, key
+    assert base["eval_margin"] == 0.0 and final["eval_margin"] != 0.0  # the base model is its own reference
+
+
+def test_generate_checks_the_judge_before_sampling(local, tmp_path, monkeypatch):
+    from safedpo import evaluate
+
+    def never(*a, **k):
+        raise AssertionError("sampled before the judge was checked")
+
+    monkeypatch.setattr(evaluate, "sample_responses", never)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(dict(prompt="how do i fix the bike ?")) + "\n")
+    cfg = load_config(None, **tiny_overrides(local, tmp_path / "run", generation_prompts=str(prompts), judge="keyword"))
+    with pytest.raises(ValueError, match="keyword is the toy task's judge"):
+        evaluate.generation_report(cfg, "base")
+
+
+def test_a_missing_model_directory_is_named_as_the_model(local, tmp_path):
+    from safedpo.train import train
+
+    cfg = load_config(None, **{**tiny_overrides(local, tmp_path / "run"), "model": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match=r"^model '.*nope': no such local directory"):
+        train(cfg)
