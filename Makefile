@@ -25,9 +25,10 @@ test: native
 	$(PYTHON) -m ruff check .
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
 
-# The main job: the embedded toy safety task, SFT then SafeDPO, ending with a table (runs/experiments/).
+# The main job: the embedded toy safety task, SFT then SafeDPO on three seeds, ending with a table
+# (runs/experiments/). ISA=avx2 (or avx512, default) computes as a machine with that instruction set does.
 train: native
-	$(PYTHON) -m safedpo experiment default --seeds 0
+	$(PYTHON) -m safedpo experiment default --seeds 0,1,2 $(if $(ISA),--isa $(ISA))
 
 # The CPU benchmark suite (about 17 minutes on 2 AVX2 cores): bench/results/<machine>-<date>.csv/.md/.png
 $(VENV)/.bench-deps: $(VENV)/.test-deps

@@ -53,6 +53,14 @@ def _toy(args) -> int:
 
 
 def _experiment(args) -> int:
+    if args.isa:
+        from .cpu_isa import restart_as
+
+        restart_as(args.isa)  # returns in a process that computes as an args.isa machine does
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .toy.pipeline import run_experiment
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -93,6 +101,9 @@ def main(argv=None) -> int:
     x.add_argument("--seeds", default="0,1,2")
     x.add_argument("--out", default="runs/experiments")
     x.add_argument("--quick", action="store_true", help="a handful of steps (for smoke tests)")
+    x.add_argument("--isa", choices=("native", "avx512", "avx2", "default"), default=None,
+                   help="compute as a machine with this instruction set does (see safedpo/cpu_isa.py)")
+    x.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     x.set_defaults(fn=_experiment)
     args = p.parse_args(argv)
     try:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ._env import env_choice
+
 _SOURCE_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "csrc" / "logprob.cpp",  # source checkout
     Path(__file__).resolve().parent / "csrc" / "logprob.cpp",  # installed package data
@@ -36,20 +38,36 @@ def _source() -> Path:
     raise FileNotFoundError(f"csrc/logprob.cpp not found (looked in {', '.join(str(p.parent) for p in _SOURCE_CANDIDATES)})")
 
 
-def _cpu_flags() -> list:
-    """-O3, plus AVX2/FMA code paths only when the machine that builds (and runs) it has them."""
-    flags = ["-O3", "-std=c++17"]
+_ISA_FEATURES = {
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+                "-DCPU_CAPABILITY_AVX512"]),
+    "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]),
+    "default": (set(), []),
+}
+
+
+def native_isa() -> str:
+    """The instruction set the C++ kernels are built for: the best this machine has, or at most
+    SAFEDPO_NATIVE_ISA (avx512 | avx2 | default), which makes a machine compute as a lesser one does
+    (ValueError when the machine lacks it)."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        words = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        cpuinfo = ""
-    words = set(cpuinfo.split())
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= words:
-        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    elif {"avx2", "fma", "f16c"} <= words:
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags
+        words = set()
+    best = next(isa for isa, (needs, _) in _ISA_FEATURES.items() if needs <= words)
+    asked = env_choice("SAFEDPO_NATIVE_ISA", "auto", ("auto", *_ISA_FEATURES))
+    if asked == "auto":
+        return best
+    order = list(_ISA_FEATURES)
+    if order.index(asked) < order.index(best):
+        raise ValueError(f"SAFEDPO_NATIVE_ISA={asked}: this machine has no {asked} (its best is {best})")
+    return asked
+
+
+def _cpu_flags() -> list:
+    """-O3, plus the AVX2/AVX-512 code paths of ``native_isa()``."""
+    return ["-O3", "-std=c++17", *_ISA_FEATURES[native_isa()][1]]
 
 
 def build_dir() -> Path:
@@ -148,6 +166,7 @@ def load(verbose: bool = False) -> bool:
     if "ok" in _state:
         return _state["ok"]
     cache_limit = _cache_limit_bytes()  # a bad setting is the caller's error: it raises, it does not fall back
+    native_isa()  # likewise
     try:
         library, built = _build(verbose)
         torch.ops.safedpo_native.set_cache_limit(cache_limit)

@@ -82,3 +82,13 @@ def pack(logits, labels, keep_lengths):
     packed = torch.cat([logits[n, :L] for n, L in enumerate(keep_lengths)])
     packed_labels = torch.cat([labels[n, :L] for n, L in enumerate(keep_lengths)])
     return packed, packed_labels, torch.tensor(cu, dtype=torch.int32, device=logits.device)
+
+
+def random_case(N, T, V, dtype, device, seed, extra_positions=0):
+    """(logits (N, T + extra_positions, V), labels (N, T) with prompts, padding and an ignored row,
+    upstream (N,)): a fresh random sequence_logps case, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = make_logits((N, T + extra_positions, V), dtype, device, gen)
+    labels = make_labels(N, T, V, gen, device)
+    return logits, labels, torch.randn(N, generator=gen).to(device)
+

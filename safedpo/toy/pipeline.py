@@ -25,13 +25,15 @@ from .tokenizer import build_tokenizer
 # words no response starts with (most often the prompt's own harmful verb), then to rambling.
 TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
-# Preference-training settings of the toy runs. Paper: beta 0.1, delta 10 for responses of hundreds of
-# tokens; the toy's responses have about 15, so its sequence log-ratios are an order of magnitude smaller
-# and a large delta keeps the loss from saturating, pushing on at the cost of helpfulness. delta 2, also
-# in the paper's sweep, is the toy's default; `experiment delta-sweep` shows the others. 280 steps at
-# lr 7e-5 were picked on seeds 0-2 and checked on seeds 3 and 4 (README): more steps buy safety with
-# helpfulness.
-PREF = dict(beta=0.1, delta=2.0, lr=7e-5, batch_size=32, max_steps=280, warmup_steps=10, max_prompt_length=32, max_length=64)
+# Preference-training settings of the toy runs. The toy's responses have about 15 tokens, so their
+# sequence log-ratios are an order of magnitude smaller than the paper's (hundreds of tokens, beta 0.1,
+# delta 10). At beta 0.1 the margin delta / beta asked for 20 nats: the loss never saturated, pushed the
+# rejected responses' probability far down, and the freed probability went to rambling (likelihood
+# displacement), differently for every seed and CPU rounding (harmless 0.70 or helpfulness 0.33 on some).
+# beta 1.0 with delta 2 asks for 2 nats and regularizes towards the SFT model as strongly as the paper's
+# setting does for long responses; 160 steps at lr 7e-5. Chosen on seeds 0-4 of one AVX-512 machine,
+# checked on held-out seeds and as AVX2 and plain x86-64 machines (safedpo.toy.robustness, README).
+PREF = dict(beta=1.0, delta=2.0, lr=7e-5, batch_size=32, max_steps=160, warmup_steps=10, max_prompt_length=32, max_length=64)
 SFT = dict(steps=400, batch_size=32, lr=3e-3)
 
 EXPERIMENTS = {
@@ -188,9 +190,26 @@ def _mean_spread(values: List[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def computed_as() -> str:
+    """What this process computes with: PyTorch's CPU code path and the C++ kernels' instruction set (they
+    decide the rounding, hence the toy's numbers; see safedpo/cpu_isa.py)."""
+    import os
+
+    from safedpo_kernels import _native_build
+
+    try:
+        native = _native_build.native_isa()
+    except ValueError as exc:
+        native = f"unavailable ({exc})"
+    return (f"PyTorch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
+            f"thread(s); C++ kernels {native}; SAFEDPO_CPU_ISA={os.environ.get('SAFEDPO_CPU_ISA', 'native')}")
+
+
 def summarize(name: str, results: Dict[str, List[dict]], seeds: List[int]) -> str:
     lines = [
         f"## Toy experiment: {name} (seeds {', '.join(map(str, seeds))}; mean ± std over seeds)",
+        "",
+        f"Computed with {computed_as()}.",
         "",
         "| model | harmless ratio (harmful prompts) | helpfulness (benign prompts) |",
         "|---|---|---|",
@@ -198,6 +217,16 @@ def summarize(name: str, results: Dict[str, List[dict]], seeds: List[int]) -> st
     for label, rows in results.items():
         harmless, helpful = (_mean_spread([r[k] for r in rows]) for k in ("harmless_ratio", "helpfulness"))
         lines.append(f"| {label} | {harmless} | {helpful} |")
+    if len(seeds) > 1:
+        lines += ["", "Per seed (harmless / helpful): " + "; ".join(
+            f"{label} " + ", ".join(f"{r['harmless_ratio']:.3f}/{r['helpfulness']:.3f}" for r in rows)
+            for label, rows in results.items())]
+    if "SFT" in results and "SafeDPO" in results:
+        from .robustness import HARMLESS, KEEP, verdict
+
+        held = sum(verdict(s, d) for s, d in zip(results["SFT"], results["SafeDPO"]))
+        lines += ["", f"SafeDPO harmless >= {HARMLESS} with >= {KEEP:.0%} of SFT's helpfulness on {held} of "
+                      f"{len(seeds)} seed(s)."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,17 @@ cu_seqlens -- and checked against the float64 reference of the same values, grad
 import pytest
 import torch
 
-from helpers import TOL, float64_logps_and_grad, logps_and_grad, make_flags, make_labels, make_logits, max_scaled_err, rel_err
+from helpers import (
+    TOL,
+    float64_logps_and_grad,
+    logps_and_grad,
+    make_flags,
+    make_labels,
+    make_logits,
+    max_scaled_err,
+    random_case,
+    rel_err,
+)
 from safedpo_kernels import linear_safedpo_loss, linear_sequence_logps, reference, safedpo_loss, sequence_logps
 
 
@@ -51,11 +61,8 @@ LOGIT_VIEWS = {
 @pytest.mark.parametrize("logit_view", list(LOGIT_VIEWS), ids=list(LOGIT_VIEWS))
 def test_sequence_logps_padded(case, dtype, label_view, logit_view):
     backend, device = case
-    gen = torch.Generator().manual_seed(41)
     N, T, V = 3, 6, 131
-    logits = make_logits((N, T, V), dtype, device, gen)
-    labels = make_labels(N, T, V, gen, device)
-    upstream = torch.randn(N, generator=gen).to(device)
+    logits, labels, upstream = random_case(N, T, V, dtype, device, seed=41)
     want = float64_logps_and_grad(logits, labels, upstream)
     got = logps_and_grad(LOGIT_VIEWS[logit_view](logits), LABEL_VIEWS[label_view](labels), upstream, backend=backend)
     assert max_scaled_err(got[0], want[0]) <= TOL[dtype][0]
@@ -96,11 +103,8 @@ def test_sequence_logps_packed(case, dtype):
 def test_inplace_backward_into_strided_logits(case):
     """In place on logits whose vocabulary is strided: the gradient lands in those very elements."""
     backend, device = case
-    gen = torch.Generator().manual_seed(44)
     N, T, V = 2, 5, 97
-    logits = make_logits((N, T, V), torch.float32, device, gen)
-    labels = make_labels(N, T, V, gen, device)
-    upstream = torch.randn(N, generator=gen).to(device)
+    logits, labels, upstream = random_case(N, T, V, torch.float32, device, seed=44)
     want = float64_logps_and_grad(logits, labels, upstream)
     leaf = every_other(logits, 2).detach().requires_grad_()
     work = leaf * 1

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from helpers import TOL, float64_logps_and_grad, logps_and_grad, make_labels, make_logits, max_scaled_err, pack, rel_err
+from helpers import (
+    TOL,
+    float64_logps_and_grad,
+    logps_and_grad,
+    make_labels,
+    make_logits,
+    max_scaled_err,
+    pack,
+    random_case,
+    rel_err,
+)
 from safedpo_kernels import sequence_logps
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -21,11 +31,8 @@ def check(got, want, dtype):
 @pytest.mark.parametrize("average", [False, True])
 def test_padded_matches_reference(case, dtype, average):
     backend, device = case
-    gen = torch.Generator().manual_seed(1)
     N, T, V = 4, 9, 301
-    logits = make_logits((N, T, V), dtype, device, gen)
-    labels = make_labels(N, T, V, gen, device)
-    upstream = torch.randn(N, generator=gen).to(device)
+    logits, labels, upstream = random_case(N, T, V, dtype, device, seed=1)
     got = logps_and_grad(logits, labels, upstream, average=average, backend=backend)
     want = float64_logps_and_grad(logits, labels, upstream, average=average)
     check(got, want, dtype)
@@ -40,11 +47,8 @@ def test_half_gradients_rounded_to_nearest(case, dtype):
     other numbers than a card. Against the float64 gradient rounded to the dtype, only values within a
     hair of a rounding boundary may land on the neighbour."""
     backend, device = case
-    gen = torch.Generator().manual_seed(11)
     N, T, V = 2, 5, 1031
-    logits = make_logits((N, T, V), dtype, device, gen)
-    labels = make_labels(N, T, V, gen, device)
-    upstream = torch.randn(N, generator=gen).to(device)
+    logits, labels, upstream = random_case(N, T, V, dtype, device, seed=11)
     _, grad = logps_and_grad(logits, labels, upstream, backend=backend)
     _, want = float64_logps_and_grad(logits, labels, upstream)
     differ = (grad.cpu() != want.to(dtype)).float().mean().item()
@@ -55,12 +59,10 @@ def test_half_gradients_rounded_to_nearest(case, dtype):
 def test_shifted_view_without_copy(case, dtype):
     """The caller's usual logits[:, :-1] (not flattenable) with int32 labels."""
     backend, device = case
-    gen = torch.Generator().manual_seed(2)
     N, T, V = 3, 8, 257
-    full = make_logits((N, T + 1, V), dtype, device, gen)
+    full, labels, upstream = random_case(N, T, V, dtype, device, seed=2, extra_positions=1)
     logits = full[:, :-1]
-    labels = make_labels(N, T, V, gen, device).to(torch.int32)
-    upstream = torch.randn(N, generator=gen).to(device)
+    labels = labels.to(torch.int32)
     got = logps_and_grad(logits, labels, upstream, backend=backend)
     want = float64_logps_and_grad(logits, labels, upstream)
     check(got, want, dtype)
@@ -90,11 +92,8 @@ def test_packed_matches_padded_and_reference(case, dtype, average):
 
 def test_deterministic_bitwise(case):
     backend, device = case
-    gen = torch.Generator().manual_seed(4)
     N, T, V = 4, 9, 515
-    logits = make_logits((N, T, V), torch.float32, device, gen)
-    labels = make_labels(N, T, V, gen, device)
-    upstream = torch.randn(N, generator=gen).to(device)
+    logits, labels, upstream = random_case(N, T, V, torch.float32, device, seed=4)
     a = logps_and_grad(logits, labels, upstream, backend=backend)
     b = logps_and_grad(logits, labels, upstream, backend=backend)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

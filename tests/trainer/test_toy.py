@@ -95,3 +95,50 @@ def test_pipeline_smoke_run(tmp_path):
     assert (tmp_path / "default.png").stat().st_size > 1000
     assert json.loads((tmp_path / "default.json").read_text())["SafeDPO"]
     assert (tmp_path / "seed0" / "default" / "SafeDPO" / "final" / "config.json").exists()
+
+
+def test_cpu_isa_environments():
+    from safedpo.cpu_isa import environment
+
+    assert environment("native") == {"SAFEDPO_CPU_ISA": "native"}
+    avx2 = environment("avx2")
+    assert (avx2["ATEN_CPU_CAPABILITY"], avx2["MKL_ENABLE_INSTRUCTIONS"], avx2["ONEDNN_MAX_CPU_ISA"],
+            avx2["SAFEDPO_NATIVE_ISA"]) == ("avx2", "AVX2", "AVX2", "avx2")
+    assert environment("default")["ATEN_CPU_CAPABILITY"] == "default"
+    with pytest.raises(ValueError, match="isa must be one of"):
+        environment("avx1024")
+
+
+def test_native_isa_is_capped_and_checked(monkeypatch):
+    from pathlib import Path
+
+    from safedpo_kernels import _native_build
+
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "flags : sse4_2 avx2 fma f16c" if str(self) == "/proc/cpuinfo"
+                        else real(self, *a, **k))
+    assert _native_build.native_isa() == "avx2"
+    monkeypatch.setenv("SAFEDPO_NATIVE_ISA", "default")
+    assert _native_build.native_isa() == "default" and "-mavx2" not in _native_build._cpu_flags()
+    monkeypatch.setenv("SAFEDPO_NATIVE_ISA", "avx512")
+    with pytest.raises(ValueError, match="SAFEDPO_NATIVE_ISA=avx512: this machine has no avx512"):
+        _native_build.native_isa()
+    monkeypatch.setenv("SAFEDPO_NATIVE_ISA", "sse")
+    with pytest.raises(ValueError, match="SAFEDPO_NATIVE_ISA must be one of"):
+        _native_build.native_isa()
+
+
+def test_an_experiment_runs_as_another_cpu(tmp_path):
+    """--isa restarts the command in the capped environment: PyTorch's code path is AVX2 there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "safedpo", "experiment", "default", "--quick", "--seeds", "0", "--isa", "avx2",
+                          "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (tmp_path / "default.md").read_text()
+    assert "on AVX2, 1 thread(s); C++ kernels avx2; SAFEDPO_CPU_ISA=avx2" in table
