@@ -105,6 +105,8 @@ class TrainConfig:
     resume_check: bool = key(True, "refuse a checkpoint trained under another configuration; false: continue anyway")
     tensorboard: bool = key(False, "also write TensorBoard events under output_dir/tensorboard")
     fsdp: bool = key(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
+    compile: bool = key(False, "torch.compile the policy's forward and loss (the first steps, and new batch shapes, compile)")
+    compile_backend: str = key("inductor", "torch.compile's backend (inductor; aot_eager traces without generating code)")
     device: str = key("auto", "auto | cuda | cpu")
     progress: bool = key(True, "progress lines on stderr (in a log file: one line every SAFEDPO_PROGRESS_EVERY_S seconds)")
     # --- sampled evaluation (safedpo eval --generate) ---

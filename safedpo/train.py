@@ -229,6 +229,10 @@ class Run:
         self.reference = Reference(cfg, self.policy, {"train": self.train_set, "eval": self.eval_set}, self.tok, dd, self.packed)
         self.options = cfg.loss_options()
         self.wrapped = wrap_distributed(self.policy, cfg.fsdp, dd)
+        if cfg.compile:
+            # The whole forward and loss: the decoder (with graph breaks where transformers' code has them)
+            # and the kernels, which are torch.library ops with fake implementations (no break of their own).
+            self.wrapped = torch.compile(self.wrapped, backend=cfg.compile_backend)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, cfg.max_steps)

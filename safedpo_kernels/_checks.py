@@ -74,9 +74,10 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, p
         )
 
 
-def check_cu_seqlens(cu_seqlens, total: int, device=None) -> torch.Tensor:
+def check_cu_seqlens(cu_seqlens, total: int, device=None, values: bool = True) -> torch.Tensor:
     """cu_seqlens as int64 on ``device`` after checking it: 1-D of N + 1 >= 2 integers (a tensor, or a
-    list / tuple of ints), starting at 0, non-decreasing, ending at ``total``."""
+    list / tuple of ints), starting at 0, non-decreasing, ending at ``total``. ``values=False`` checks its
+    shape and dtype only: the values need a host synchronization (validate=False skips it)."""
     if isinstance(cu_seqlens, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
             raise TypeError("cu_seqlens given as a list must hold ints")
@@ -89,6 +90,8 @@ def check_cu_seqlens(cu_seqlens, total: int, device=None) -> torch.Tensor:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D of length N + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
     cu = cu_seqlens.to(torch.int64)
+    if not values:
+        return cu
     # One host sync for all three checks; cu_seqlens is tiny.
     first, last, decreasing = torch.stack([cu[0], cu[-1], (cu[1:] < cu[:-1]).sum()]).tolist()
     if first != 0:
@@ -148,7 +151,7 @@ def check_logits_and_labels(
         total = logits.shape[0]
         if tuple(labels.shape) != (total,):
             raise ValueError(f"labels must have shape ({total},) to match packed {logits_name}, got {tuple(labels.shape)}")
-        cu = check_cu_seqlens(cu_seqlens, total, logits.device)
+        cu = check_cu_seqlens(cu_seqlens, total, logits.device, values=validate)
         layout = Layout.packed(cu, total)
     if validate:
         check_labels_in_range(labels, V, ignore_index, layout.padded)
@@ -156,8 +159,9 @@ def check_logits_and_labels(
 
 
 def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, rejected_safe,
-                      rows_name: str = "the logits") -> int:
-    """Validate the loss-only inputs (ref_logps may be None: reference-free); returns B (the pairs)."""
+                      rows_name: str = "the logits", validate: bool = True) -> int:
+    """Validate the loss-only inputs (ref_logps may be None: reference-free); returns B (the pairs).
+    ``validate=False`` skips the one check that reads values (0/1 integer flags: a host synchronization)."""
     if n_seq % 2:
         raise ValueError(
             f"a preference loss needs N = 2B rows (chosen rows then rejected rows), got an odd N = {n_seq} in {rows_name}"
@@ -175,7 +179,7 @@ def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, 
             raise TypeError(f"{name} must be a bool or 0/1 integer tensor, got {flag.dtype}")
         if tuple(flag.shape) != (B,):
             raise ValueError(f"{name} must have shape ({B},) = (B,), got {tuple(flag.shape)}")
-        if flag.dtype != torch.bool and bool(((flag != 0) & (flag != 1)).any()):
+        if validate and flag.dtype != torch.bool and bool(((flag != 0) & (flag != 1)).any()):
             raise ValueError(f"{name} must hold only 0/1 (or True/False) values")
     check_same_device(device, rows_name, ref_logps=ref_logps, chosen_safe=chosen_safe, rejected_safe=rejected_safe)
     return B

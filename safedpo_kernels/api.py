@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._checks import check_linear_weight, check_logit_transform, check_logits_and_labels, check_pair_inputs, flat_labels
-from .autograd import LinearHead, LinearSafeDPOLossFunction, LinearSequenceLogpsFunction, SequenceLogpsFunction, autocast_operands
+from .autograd import autocast_operands, linear_safedpo_loss_op, linear_sequence_logps_op, sequence_logps_op
 from .dispatch import BACKENDS, resolve_backend
 from .loss import SafeDPOOutput, loss_from_logps
 from .options import LossOptions
@@ -57,7 +57,7 @@ def sequence_logps(
         (N,) float32, differentiable with respect to logits.
     """
     layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
-    return SequenceLogpsFunction.apply(logits, flat, layout, ignore_index, average, inplace_backward, name)
+    return sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, average, inplace_backward, name)[0]
 
 
 def safedpo_loss(
@@ -102,8 +102,8 @@ def loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, option
                    validate: bool = True) -> SafeDPOOutput:
     """``safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on)."""
     layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
-    check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe)
-    policy = SequenceLogpsFunction.apply(logits, flat, layout, ignore_index, options.average, inplace_backward, name)
+    check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe, validate=validate)
+    policy = sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, options.average, inplace_backward, name)[0]
     return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, options)
 
 
@@ -141,8 +141,8 @@ def linear_sequence_logps(
     layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
     check_logit_transform(logit_scale, softcap)
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
-    head = LinearHead(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
-    return LinearSequenceLogpsFunction.apply(hidden, weight, bias, flat, layout, average, head, name)
+    return linear_sequence_logps_op(hidden, weight, bias, flat, layout.cu_seqlens, ignore_index, average, float(logit_scale),
+                                    None if softcap is None else float(softcap), name)[0]
 
 
 def linear_safedpo_loss(
@@ -180,16 +180,17 @@ def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe
     """``linear_safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on).
     ``inplace_backward`` is accepted and changes nothing, as in ``linear_sequence_logps``."""
     layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
-    check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe)
+    check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe, validate=validate)
     check_logit_transform(logit_scale, softcap)
-    head = LinearHead(ignore_index, float(logit_scale), None if softcap is None else float(softcap))
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
     grad_on = torch.is_grad_enabled()
     wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    out = LinearSafeDPOLossFunction.apply(hidden, weight, bias, flat, ref_logps, chosen_safe, rejected_safe, layout,
-                                          options, head, name, wants)
-    return SafeDPOOutput(*out)
+    out = linear_safedpo_loss_op(
+        hidden, weight, bias, flat, None if ref_logps is None else ref_logps.detach(), chosen_safe, rejected_safe,
+        layout.cu_seqlens, ignore_index, float(logit_scale), None if softcap is None else float(softcap), *options.op_args(),
+        name, *wants)
+    return SafeDPOOutput(*out[:7])
 
 
 class SafeDPOLoss(nn.Module):

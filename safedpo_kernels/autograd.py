@@ -1,23 +1,35 @@
-"""The autograd Functions behind the public entry points, and the O(tokens) reductions they share.
+"""The kernels' entry points as torch.library custom ops (namespace ``safedpo``), their autograd formulas,
+and the O(tokens) reductions they share.
 
-Deliberately plain ``torch.autograd.Function``s (no torch.func transforms), which keeps them DDP- and
-checkpoint-friendly. Each forward asks a backend (see ``dispatch.Backend``) for per-token log-probs and
-log-sum-exps, reduces them per sequence in a fixed order and saves only O(tokens) values; each backward
-turns the sequences' d loss / d logp into d loss / d logits through the same backend.
+Each op is opaque to torch.compile -- a compiled training step calls it as one node, with no graph break
+-- and has a fake implementation (output shapes from input shapes) and a registered autograd formula:
+
+    safedpo::sequence_logps          logits -> (N,) log-probs, per-token log-sum-exp, token counts
+    safedpo::sequence_logps_grad     its backward into a new buffer
+    safedpo::sequence_logps_grad_    its backward written into the logits (in-place backward)
+    safedpo::linear_sequence_logps   hidden states and LM head -> the same, logits never materialized
+    safedpo::linear_sequence_logps_grad   its backward (logits recomputed chunk by chunk)
+    safedpo::linear_safedpo_loss     the SafeDPO loss from hidden states, gradients formed in the forward
+
+Each forward asks a backend (see ``dispatch.Backend``) for per-token log-probs and log-sum-exps, reduces
+them per sequence in a fixed order and keeps only O(tokens) values; each backward turns the sequences'
+d loss / d logp into d loss / d logits through the same backend. The logits ops read sizes from shapes
+only: no host synchronization. linear_safedpo_loss plans its chunks from the per-pair token counts, which
+it reads on the host (inside the op, so a compiled step still has no graph break).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ._env import linear_chunk_bytes
 from ._layout import Layout
 from .dispatch import backend_module
-from .loss import loss_from_logps, safety_transform
+from .loss import loss_and_logp_grad, loss_from_logps, safety_transform
 from .options import LossOptions
 
 
@@ -52,6 +64,16 @@ def autocast_off(method):
             return method(ctx, *args)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """``autocast_off`` as a context manager (for the ops' implementations)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if _autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _autocast_enabled(device: str) -> bool:
@@ -111,41 +133,97 @@ def token_grads(grad_seq: torch.Tensor, counted: torch.Tensor, count: torch.Tens
     return torch.where(counted, g_tok, torch.zeros_like(g_tok))
 
 
-class SequenceLogpsFunction(torch.autograd.Function):
-    """logits (N, T, V) | (total, V) -> per-sequence log-probs (N,) float32; see ``sequence_logps``.
+def layout_of(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> Layout:
+    """The token layout of logits or hidden states: padded (N, T, ...) or packed (total, ...) with cu_seqlens."""
+    if cu_seqlens is None:
+        N, T = x.shape[0], x.shape[1]
+        return Layout(n_seq=N, rows=N * T, seq_len=T, padded=True, cu_seqlens=None)
+    return Layout.packed(cu_seqlens.to(torch.int64), x.shape[0])
 
-    Saves the logits (a reference, no copy), the labels and one float32 log-sum-exp per token; backward
-    writes g * (onehot - softmax) into a backend buffer, or into the logits themselves when ``inplace``.
-    """
 
-    @staticmethod
-    @autocast_off
-    def forward(ctx, logits, labels, layout: Layout, ignore_index: int, average: bool, inplace: bool, backend: str):
-        impl = backend_module(backend)
-        tok, lse = impl.logp_forward(logits, labels, layout, ignore_index)
+def _n_seq(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+# ---- sequence_logps: logits -> per-sequence log-probs ----
+
+
+@torch.library.custom_op("safedpo::sequence_logps", mutates_args=())
+def sequence_logps_op(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int,
+                      average: bool, inplace: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq (N,) float32, lse (rows,) float32, count (N,) int64). labels: (rows,) int64 contiguous.
+    ``inplace`` only changes the backward (into the logits' own storage)."""
+    layout = layout_of(logits, cu_seqlens)
+    with no_autocast():
+        tok, lse = backend_module(backend).logp_forward(logits, labels, layout, ignore_index)
         seq, count = sequence_values(tok, labels != ignore_index, layout, average)
-        ctx.save_for_backward(logits, labels, lse, count)
-        ctx.meta = (layout, ignore_index, average, inplace, impl)
-        return seq
+    return seq, lse, count
 
-    @staticmethod
-    @first_order_only
-    @autocast_off
-    def backward(ctx, grad_seq):
-        logits, labels, lse, count = ctx.saved_tensors
-        layout, ignore_index, average, inplace, impl = ctx.meta
+
+@sequence_logps_op.register_fake
+def _(logits, labels, cu_seqlens, ignore_index, average, inplace, backend):
+    n = _n_seq(logits, cu_seqlens)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return logits.new_empty(n, **f32), logits.new_empty(labels.shape[0], **f32), labels.new_empty(n, dtype=torch.int64)
+
+
+@torch.library.custom_op("safedpo::sequence_logps_grad", mutates_args=())
+def sequence_logps_grad_op(grad_seq: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                           count: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int, average: bool,
+                           backend: str) -> torch.Tensor:
+    """d loss / d logits (logits' shape and dtype, contiguous) for the sequences' d loss / d logp."""
+    layout = layout_of(logits, cu_seqlens)
+    impl = backend_module(backend)
+    with no_autocast():
         g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
-        if not inplace:
-            grad = impl.grad_buffer(logits.shape, logits.dtype, logits.device)
-            impl.logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index)
-            return grad, None, None, None, None, None, None
-        impl.logp_backward(logits, labels, lse, g_tok, logits, layout, ignore_index)
-        # The logits now hold their gradient: a second backward through this graph (retain_graph) must
-        # fail autograd's saved-tensor check instead of reading gradients as logits.
-        torch.autograd.graph.increment_version(logits)
-        # A new tensor over the same memory that needs no grad: AccumulateGrad can take it as a leaf's
-        # .grad without a copy (it copies a returned tensor that requires grad, e.g. the leaf itself).
-        return logits.detach(), None, None, None, None, None, None
+        grad = impl.grad_buffer(logits.shape, logits.dtype, logits.device)
+        impl.logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index)
+    return grad
+
+
+@sequence_logps_grad_op.register_fake
+def _(grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("safedpo::sequence_logps_grad_", mutates_args=("logits",))
+def sequence_logps_grad_inplace_op(grad_seq: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                                   count: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int,
+                                   average: bool, backend: str) -> None:
+    """``sequence_logps_grad`` written over the logits themselves (their version counter moves on)."""
+    layout = layout_of(logits, cu_seqlens)
+    with no_autocast():
+        g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
+        backend_module(backend).logp_backward(logits, labels, lse, g_tok, logits, layout, ignore_index)
+
+
+@sequence_logps_grad_inplace_op.register_fake
+def _(grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend):
+    return None
+
+
+def _sequence_logps_setup(ctx, inputs, output):
+    logits, labels, cu_seqlens, ignore_index, average, inplace, backend = inputs
+    _, lse, count = output
+    ctx.save_for_backward(logits, labels, lse, count, cu_seqlens)
+    ctx.meta = (ignore_index, average, inplace, backend)
+
+
+@first_order_only
+def _sequence_logps_backward(ctx, grad_seq, _grad_lse, _grad_count):
+    logits, labels, lse, count, cu_seqlens = ctx.saved_tensors
+    ignore_index, average, inplace, backend = ctx.meta
+    args = (grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend)
+    if not inplace:
+        return sequence_logps_grad_op(*args), None, None, None, None, None, None
+    sequence_logps_grad_inplace_op(*args)
+    # The logits now hold their gradient (and a second backward through this graph fails autograd's
+    # saved-tensor check). A new tensor over the same memory that needs no grad: AccumulateGrad takes it
+    # as a leaf's .grad without a copy (it copies a returned tensor that requires grad).
+    return logits.detach(), None, None, None, None, None, None
+
+
+sequence_logps_op.register_autograd(_sequence_logps_backward, setup_context=_sequence_logps_setup)
 
 
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -200,47 +278,100 @@ def _specs(*tensors) -> tuple:
     return tuple(None if t is None else (t.shape, t.dtype) for t in tensors)
 
 
-class LinearSequenceLogpsFunction(torch.autograd.Function):
-    """hidden (N, T, H) | (total, H), weight (V, H), bias (V,) -> (N,) float32 sequence log-probs.
+# ---- linear_sequence_logps: hidden states and the LM head -> per-sequence log-probs ----
+
+
+@torch.library.custom_op("safedpo::linear_sequence_logps", mutates_args=())
+def linear_sequence_logps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                             cu_seqlens: Optional[torch.Tensor], ignore_index: int, average: bool, logit_scale: float,
+                             softcap: Optional[float], backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq (N,), lse (rows,) float32 (0 at ignored tokens), count (N,) int64).
 
     Only the counted (response) tokens are computed at all: their hidden rows are gathered first (an
-    O(tokens x H) copy), so prompt and padding tokens cost nothing. Forward keeps one float32
-    log-sum-exp per counted token; backward recomputes the logits chunk by chunk (the upstream gradient
-    is unknown in forward), turns each chunk into d logits, and takes d hidden = d logits @ weight and
-    d weight += d logits.T @ hidden with matmuls, d weight accumulated in float32 in a fixed order.
-    """
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, hidden, weight, bias, labels, layout: Layout, average: bool, head: "LinearHead", backend: str):
-        impl = backend_module(backend)
-        counted = labels != head.ignore_index
-        idx = counted.nonzero().squeeze(1)
+    O(tokens x H) copy), so prompt and padding tokens cost nothing. The logits stay on chip (Triton) or
+    in chunks of rows (the CPU backends)."""
+    layout = layout_of(hidden, cu_seqlens)
+    impl = backend_module(backend)
+    counted = labels != ignore_index
+    idx = counted.nonzero().squeeze(1)
+    with no_autocast():
         h = hidden.reshape(layout.rows, hidden.shape[-1]).index_select(0, idx)
-        lab = labels.index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        tok_c, lse = impl.linear_forward(h, w, b, lab, head.ignore_index, head.logit_scale, head.softcap)
+        tok_c, lse_c = impl.linear_forward(h, w, b, labels.index_select(0, idx), ignore_index, logit_scale, softcap)
         tok = torch.zeros(layout.rows, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, tok_c)
+        lse = torch.zeros_like(tok).index_copy_(0, idx, lse_c)
         seq, count = sequence_values(tok, counted, layout, average)
-        ctx.save_for_backward(hidden, weight, bias, labels, idx, lse, count)
-        ctx.meta = (layout, average, head, impl)
-        return seq
+    return seq, lse, count
 
-    @staticmethod
-    @first_order_only
-    @autocast_off
-    def backward(ctx, grad_seq):
-        hidden, weight, bias, labels, idx, lse, count = ctx.saved_tensors
-        layout, average, head, impl = ctx.meta
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        H = hidden.shape[-1]
-        g = token_grads(grad_seq, labels != head.ignore_index, count, layout, average).index_select(0, idx)
+
+@linear_sequence_logps_op.register_fake
+def _(hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend):
+    n = _n_seq(hidden, cu_seqlens)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return hidden.new_empty(n, **f32), hidden.new_empty(labels.shape[0], **f32), labels.new_empty(n, dtype=torch.int64)
+
+
+def _no_grad_slot(like: torch.Tensor) -> torch.Tensor:
+    """What an op returns for a gradient nobody asked for: an empty tensor (ops cannot return None)."""
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("safedpo::linear_sequence_logps_grad", mutates_args=())
+def linear_sequence_logps_grad_op(grad_seq: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                  bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
+                                  count: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int,
+                                  average: bool, logit_scale: float, softcap: Optional[float], backend: str,
+                                  need_hidden: bool, need_weight: bool,
+                                  need_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight, d bias) in their inputs' shapes and dtypes (empty where not needed): the logits
+    recomputed chunk by chunk (the upstream gradient is unknown in forward), d hidden = d logits @ weight
+    and d weight += d logits.T @ hidden by matmuls, d weight accumulated in float32 in a fixed order."""
+    layout = layout_of(hidden, cu_seqlens)
+    impl = backend_module(backend)
+    counted = labels != ignore_index
+    idx = counted.nonzero().squeeze(1)
+    H = hidden.shape[-1]
+    with no_autocast():
+        g = token_grads(grad_seq, counted, count, layout, average).index_select(0, idx)
         h = hidden.reshape(layout.rows, H).index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        grads = _Grads(layout.rows, weight.shape[0], H, hidden, need_h, need_w, need_b)
-        grads.recompute(impl, h, w, b, labels.index_select(0, idx), lse, g, idx, head.ignore_index, head.logit_scale,
-                        head.softcap)
-        return (*grads.results(_specs(hidden, weight, bias)), None, None, None, None, None)
+        grads = _Grads(layout.rows, weight.shape[0], H, hidden, need_hidden, need_weight, need_bias and bias is not None)
+        grads.recompute(impl, h, w, b, labels.index_select(0, idx), lse.index_select(0, idx), g, idx, ignore_index,
+                        logit_scale, softcap)
+        out = grads.results(_specs(hidden, weight, bias))
+    return tuple(_no_grad_slot(hidden) if o is None else o for o in out)
+
+
+@linear_sequence_logps_grad_op.register_fake
+def _(grad_seq, hidden, weight, bias, labels, lse, count, cu_seqlens, ignore_index, average, logit_scale, softcap,
+      backend, need_hidden, need_weight, need_bias):
+    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias) -> tuple:
+    return (hidden.new_empty(hidden.shape) if need_hidden else _no_grad_slot(hidden),
+            weight.new_empty(weight.shape) if need_weight else _no_grad_slot(hidden),
+            bias.new_empty(bias.shape) if need_bias and bias is not None else _no_grad_slot(hidden))
+
+
+def _linear_sequence_logps_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend = inputs
+    _, lse, count = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, count, cu_seqlens)
+    ctx.meta = (ignore_index, average, logit_scale, softcap, backend)
+
+
+@first_order_only
+def _linear_sequence_logps_backward(ctx, grad_seq, _grad_lse, _grad_count):
+    hidden, weight, bias, labels, lse, count, cu_seqlens = ctx.saved_tensors
+    ignore_index, average, logit_scale, softcap, backend = ctx.meta
+    need = ctx.needs_input_grad[:3]
+    grads = linear_sequence_logps_grad_op(grad_seq, hidden, weight, bias, labels, lse, count, cu_seqlens, ignore_index,
+                                          average, logit_scale, softcap, backend, *need)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None, None, None)
+
+
+linear_sequence_logps_op.register_autograd(_linear_sequence_logps_backward, setup_context=_linear_sequence_logps_setup)
 
 
 def _sequence_ids(layout: Layout, device) -> torch.Tensor:
@@ -320,7 +451,13 @@ class LinearHead(NamedTuple):
     softcap: Optional[float]
 
 
-class LinearSafeDPOLossFunction(torch.autograd.Function):
+@torch.library.custom_op("safedpo::linear_safedpo_loss", mutates_args=())
+def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                           ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
+                           cu_seqlens: Optional[torch.Tensor], ignore_index: int, logit_scale: float,
+                           softcap: Optional[float], beta: float, delta: float, swap: bool, drop_both_unsafe: bool,
+                           label_smoothing: float, loss_type: str, reduction: str, average: bool, backend: str,
+                           need_hidden: bool, need_weight: bool, need_bias: bool) -> List[torch.Tensor]:
     """The SafeDPO loss from hidden states and the LM head, with its gradients formed in the forward.
 
     A pair's loss depends only on that pair's two log-probs (and its reference log-probs and flags),
@@ -328,57 +465,94 @@ class LinearSafeDPOLossFunction(torch.autograd.Function):
     processed in chunks (chosen row i with rejected row B + i): the chunk's logits (one matmul), its
     log-probs, its loss and d loss / d log-prob, d loss / d logits in place, then d hidden = dz @ W and
     d weight += dz.T @ h (two more matmuls), and the chunk is freed: 3 matmuls over the tokens instead of
-    the 4 of a design that recomputes the logits in backward. Backward only scales the stored gradients
-    by the upstream gradient (a scalar). Gradients are formed only for the inputs that need them, and
-    under torch.no_grad not at all. A pair whose logits alone exceed the chunk budget is computed in two
-    passes (log-probs, then recomputed gradients), which keeps memory bounded at any sequence length.
+    the 4 of a design that recomputes the logits in backward. The autograd formula only scales the
+    gradients by the upstream gradient (a scalar). Gradients are formed only for the inputs that need
+    them (``need_*``). A pair whose logits alone exceed the chunk budget is computed in two passes
+    (log-probs, then recomputed gradients), which keeps memory bounded at any sequence length.
 
-    Returns (loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped), the
-    last six without gradient.
+    The chunk plan reads the per-pair token counts, and a "mean" reduction the kept-pair count, on the
+    host: two synchronizations per call on a GPU (inside the op: a compiled step has no graph break).
+
+    Returns [loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
+    d hidden, d weight, d bias] (empty gradients where not needed).
     """
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, layout: Layout,
-                options: LossOptions, head: LinearHead, backend: str, wants: tuple):
-        impl = backend_module(backend)
-        device, V = hidden.device, weight.shape[0]
-        B = layout.n_seq // 2
+    options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
+                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
+    head = LinearHead(ignore_index, logit_scale, softcap)
+    layout = layout_of(hidden, cu_seqlens)
+    impl = backend_module(backend)
+    device, V = hidden.device, weight.shape[0]
+    B = layout.n_seq // 2
+    wants = (need_hidden, need_weight, need_bias and bias is not None)
+    with no_autocast():
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
         flat = hidden.reshape(layout.rows, hidden.shape[-1])
         grads = _Grads(layout.rows, V, hidden.shape[-1], hidden, *wants) if any(wants) else None
         kept = safety_transform(chosen_safe, rejected_safe, options).kept
         norm = max(int(kept.sum()), 1) if options.reduction == "mean" else 1
-        ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.detach().float()
+        ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.float()
         per_chunk = options.replace(reduction="sum")
         budget = loss_chunk_rows(V, device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         metrics = []
         for chunk in plan_pair_chunks(labels, layout, head.ignore_index, budget):
-            out = _chunk_loss(impl, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head,
-                                 budget, norm, grads)
+            out = _chunk_loss(impl, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head, budget,
+                              norm, grads)
             total += out.loss.detach().double()
-            metrics.append(out[1:])
+            metrics.append([m.detach() for m in out[1:]])
         loss = (total / norm).float()
-        chosen, rejected, chosen_rewards, rejected_rewards, kept_out, swapped = (torch.cat(m) for m in zip(*metrics))
-        ctx.grads = grads
-        ctx.specs = _specs(hidden, weight, bias)
-        ctx.mark_non_differentiable(chosen, rejected, chosen_rewards, rejected_rewards, kept_out, swapped)
-        return loss, chosen, rejected, chosen_rewards, rejected_rewards, kept_out, swapped
+        results = grads.results(_specs(hidden, weight, bias)) if grads is not None else (None, None, None)
+    metrics = [torch.cat(m) for m in zip(*metrics)]
+    return [loss, *metrics, *(_no_grad_slot(hidden) if g is None else g for g in results)]
 
-    @staticmethod
-    @first_order_only
-    @autocast_off
-    def backward(ctx, grad_loss, *unused):
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "linear_safedpo_loss: its gradients were formed in the forward and consumed by the first backward; "
-                "a second backward through the same graph (retain_graph=True) is not supported"
-            )
-        ctx.grads = None
-        scale = None if bool(grad_loss == 1) else grad_loss
-        return (*grads.results(ctx.specs, scale), None, None, None, None, None, None, None, None, None)
+
+@linear_safedpo_loss_op.register_fake
+def _(hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens, ignore_index, logit_scale,
+      softcap, beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction, average, backend,
+      need_hidden, need_weight, need_bias):
+    B = _n_seq(hidden, cu_seqlens) // 2
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    flags = dict(dtype=torch.bool, device=hidden.device)
+    return [hidden.new_empty((), **f32), *(hidden.new_empty(B, **f32) for _ in range(4)), hidden.new_empty(B, **flags),
+            hidden.new_empty(B, **flags), *_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)]
+
+
+def _no_second_order(name: str):
+    """The autograd formula of a backward op: its inputs are a backward's, and their derivatives (second
+    derivatives of the loss) are not supported."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"safedpo_kernels computes first-order gradients only: {name} cannot be differentiated "
+                           "(backward with create_graph=True, or torch.func transforms of a backward)")
+
+    return backward
+
+
+def _linear_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[7:])
+    ctx.consumed = False
+
+
+@first_order_only
+def _linear_loss_backward(ctx, grad_outputs):
+    grad_loss = grad_outputs[0]  # the metrics and the formed gradients carry none back
+    if ctx.consumed:
+        raise RuntimeError(
+            "linear_safedpo_loss: its gradients were formed in the forward and consumed by the first backward; "
+            "a second backward through the same graph (retain_graph=True) is not supported"
+        )
+    ctx.consumed = True
+    need = ctx.needs_input_grad[:3]
+    grads = []
+    # Scaled into new tensors, not in place: the formed gradients are the op's outputs, which stay as they
+    # were (a traced graph and opcheck rely on that). The saved ones go when this backward returns, so the
+    # copy is transient, and smaller than the forward's chunk of logits.
+    for g, n in zip(ctx.saved_tensors, need):
+        grads.append(g * grad_loss.to(g.dtype) if n else None)
+    return (*grads, *([None] * 20))
+
+
+linear_safedpo_loss_op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
 
 
 def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, options: LossOptions,
@@ -397,13 +571,10 @@ def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, re
         tok, lse = impl.logp_forward(z, lab, flat_layout, head.ignore_index)
     every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
     logps, count = sequence_values(tok, every, chunk.layout, options.average)
-    leaf = logps.requires_grad_(grads is not None)
-    with torch.enable_grad():
-        out = loss_from_logps(leaf, ref.index_select(0, chunk.sequences), chosen_safe[chunk.p0:chunk.p1],
-                              rejected_safe[chunk.p0:chunk.p1], options)
+    pair = (ref.index_select(0, chunk.sequences), chosen_safe[chunk.p0:chunk.p1], rejected_safe[chunk.p0:chunk.p1])
     if grads is None or rows == 0:
-        return out
-    (dlogp,) = torch.autograd.grad(out.loss, leaf)
+        return loss_from_logps(logps, *pair, options)
+    out, dlogp = loss_and_logp_grad(logps, *pair, options)  # inside an op autograd does not record
     g = token_grads(dlogp.double() / norm, every, count, chunk.layout, options.average)
     if two_pass:
         grads.recompute(impl, h, w, b, lab, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
@@ -413,3 +584,8 @@ def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, re
     impl.logp_backward(z, lab, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
     grads.add(dz, h.to(w.dtype), w, chunk.rows)
     return out
+
+
+sequence_logps_grad_op.register_autograd(_no_second_order("sequence_logps_grad"))
+linear_sequence_logps_grad_op.register_autograd(_no_second_order("linear_sequence_logps_grad"))
+

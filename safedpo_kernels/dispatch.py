@@ -102,8 +102,12 @@ def available_backends(device="cpu") -> List[str]:
     return names
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``; a clear error when ``backend`` cannot run there."""
+    """The concrete backend for tensors on ``device``; a clear error when ``backend`` cannot run there.
+
+    A compiled step calls it while tracing (it reads the environment, loads the C++ kernels) and keeps
+    its answer: the backend is fixed for the compiled graph, as the device is."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

@@ -71,35 +71,79 @@ def pair_loss(u: torch.Tensor, options: LossOptions) -> torch.Tensor:
     return (u / options.beta - 1.0 / (2.0 * options.beta)) ** 2  # ipo
 
 
+def pair_loss_grad(u: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """d pair_loss / d u, beside the loss it differentiates (for the fused-linear loss, which forms its
+    gradients inside an op, where autograd does not record)."""
+    eps = options.label_smoothing
+    if options.loss_type == "sigmoid":
+        return -(1.0 - eps) * torch.sigmoid(-u) + eps * torch.sigmoid(u)
+    if options.loss_type == "robust":
+        return (-(1.0 - eps) * torch.sigmoid(-u) - eps * torch.sigmoid(u)) / (1.0 - 2.0 * eps)
+    if options.loss_type == "hinge":
+        return -(u < 1.0).to(u.dtype)  # relu'(0) = 0, as autograd has it
+    return 2.0 * (u / options.beta - 1.0 / (2.0 * options.beta)) / options.beta  # ipo
+
+
+class _Margins(NamedTuple):
+    roles: PairRoles
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    u: torch.Tensor
+
+
+def _margins(policy_logps, ref_logps, chosen_safe, rejected_safe, options: LossOptions) -> _Margins:
+    """The pairs after T, their rewards and the margin u (0 for dropped pairs)."""
+    B = chosen_safe.shape[0]
+    ref = torch.zeros_like(policy_logps, dtype=torch.float32) if ref_logps is None else ref_logps.detach().to(torch.float32)
+    roles = safety_transform(chosen_safe, rejected_safe, options)
+    swapped = roles.swapped
+    pol_w, pol_l = policy_logps[:B], policy_logps[B:]
+    ref_w, ref_l = ref[:B], ref[B:]
+    chosen = torch.where(swapped, pol_l, pol_w)
+    rejected = torch.where(swapped, pol_w, pol_l)
+    chosen_rewards = options.beta * (chosen - torch.where(swapped, ref_l, ref_w))
+    rejected_rewards = options.beta * (rejected - torch.where(swapped, ref_w, ref_l))
+    u = chosen_rewards - rejected_rewards - roles.margin_sign * options.delta
+    # A dropped pair must not reach the non-linearity: a NaN there would leak into the kept pairs'
+    # gradients through 0 * NaN; masking u first gives its rows an exact zero gradient.
+    u = torch.where(roles.kept, u, torch.zeros_like(u))
+    return _Margins(roles, chosen, rejected, chosen_rewards, rejected_rewards, u)
+
+
+def _output(m: _Margins, loss: torch.Tensor) -> SafeDPOOutput:
+    return SafeDPOOutput(loss, m.chosen.detach(), m.rejected.detach(), m.chosen_rewards.detach(),
+                         m.rejected_rewards.detach(), m.roles.kept, m.roles.swapped)
+
+
+def _reduce(per_pair: torch.Tensor, kept: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """Sum over the kept pairs, divided by their number for reduction "mean"."""
+    out = torch.where(kept, per_pair, torch.zeros_like(per_pair))
+    if options.reduction == "mean":
+        return out / kept.sum().clamp(min=1).to(out.dtype)
+    return out
+
+
 def loss_from_logps(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
                     options: LossOptions) -> SafeDPOOutput:
     """``safedpo_loss_from_logps`` without argument checks: the fused entry points check once, up front.
     ``policy_logps`` is (2B,) float32; ``options.average`` is the caller's business (the log-probs are
     already sums or means)."""
-    B = chosen_safe.shape[0]
-    ref = torch.zeros_like(policy_logps, dtype=torch.float32) if ref_logps is None else ref_logps.detach().to(torch.float32)
-    roles = safety_transform(chosen_safe, rejected_safe, options)
-    swapped, kept = roles.swapped, roles.kept
+    m = _margins(policy_logps, ref_logps, chosen_safe, rejected_safe, options)
+    return _output(m, _reduce(pair_loss(m.u, options), m.roles.kept, options).sum())
 
-    pol_w, pol_l = policy_logps[:B], policy_logps[B:]
-    ref_w, ref_l = ref[:B], ref[B:]
-    chosen = torch.where(swapped, pol_l, pol_w)
-    rejected = torch.where(swapped, pol_w, pol_l)
-    chosen_ref = torch.where(swapped, ref_l, ref_w)
-    rejected_ref = torch.where(swapped, ref_w, ref_l)
 
-    chosen_rewards = options.beta * (chosen - chosen_ref)
-    rejected_rewards = options.beta * (rejected - rejected_ref)
-    u = chosen_rewards - rejected_rewards - roles.margin_sign * options.delta
-    # A dropped pair must not reach the non-linearity: a NaN there would leak into the kept pairs'
-    # gradients through 0 * NaN; masking u first gives its rows an exact zero gradient.
-    u = torch.where(kept, u, torch.zeros_like(u))
-    losses = torch.where(kept, pair_loss(u, options), torch.zeros_like(u))
-    loss = losses.sum()
-    if options.reduction == "mean":
-        loss = loss / kept.sum().clamp(min=1).to(losses.dtype)
-    return SafeDPOOutput(loss, chosen.detach(), rejected.detach(), chosen_rewards.detach(), rejected_rewards.detach(),
-                         kept, swapped)
+def loss_and_logp_grad(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
+                       options: LossOptions) -> tuple:
+    """(``loss_from_logps``'s output, d loss / d policy_logps (2B,)) without autograd: u moves by beta with
+    the (transformed) chosen log-prob and by -beta with the rejected one."""
+    m = _margins(policy_logps, ref_logps, chosen_safe, rejected_safe, options)
+    kept = m.roles.kept
+    loss = _reduce(pair_loss(m.u, options), kept, options).sum()
+    du = _reduce(pair_loss_grad(m.u, options), kept, options) * options.beta
+    sign = torch.where(m.roles.swapped, -1.0, 1.0).to(du.dtype)  # the data's chosen row is the rejected one
+    return _output(m, loss), torch.cat([du * sign, -du * sign])
 
 
 def safedpo_loss_from_logps(

@@ -74,6 +74,10 @@ class LossOptions:
         """A copy with some values changed (checked again)."""
         return dataclasses.replace(self, **changes)
 
+    def op_args(self) -> tuple:
+        """The options as the custom ops take them (``safedpo::linear_safedpo_loss``), in field order."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
     def as_dict(self) -> dict:
         """The options as keywords of the public functions."""
         return dataclasses.asdict(self)

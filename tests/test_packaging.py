@@ -52,3 +52,18 @@ def test_wheel_in_a_fresh_venv_builds_and_runs_native(tmp_path):
     assert Path(out["info"]["library"]).is_relative_to(tmp_path / "cache")
     assert torch.allclose(torch.tensor(out["native"]), torch.tensor(out["torch"]), rtol=1e-5, atol=1e-5)
     assert "warn" not in res.stderr.lower(), res.stderr
+
+
+def test_flash_attention_is_a_gpu_extra_only():
+    """pip install 'safedpo-kernels[gpu]' brings flash-attn; the CPU set-up (requirements-cpu.txt, the
+    Makefile's extras) never does: it builds against CUDA and would pull a CUDA build of torch."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("flash-attn") for d in extras["gpu"])
+    makefile = (ROOT / "Makefile").read_text()
+    used = {e for e in extras if f".[{e}]" in makefile}
+    assert used and "gpu" not in used
+    for name in used:
+        assert not any("flash" in d for d in extras[name]), name
+    assert "flash" not in (ROOT / "requirements-cpu.txt").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import triton
 import triton.language as tl
 
@@ -60,4 +61,11 @@ class Launch:
     num_warps: int = 4
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+        device = next((a.device for a in self.args if isinstance(a, torch.Tensor)), None)
+        if device is None or device.type != "cuda":
+            self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+            return
+        # Triton launches on the current CUDA device: on the tensors' own, so that a model on cuda:1 in a
+        # process whose current device is cuda:0 runs there.
+        with torch.cuda.device(device):
+            self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)

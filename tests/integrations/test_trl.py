@@ -177,6 +177,22 @@ def test_safedpo_trains_and_logs_its_metrics(stand_ins, tmp_path, loss_input):
     assert {"safedpo/kept_pairs", "safedpo/swapped_pairs", "rewards/accuracies"} <= set(logged[0])
 
 
+@pytest.mark.parametrize("loss_input", ["logits", "linear"])
+def test_trls_torch_compile_trains_the_same(stand_ins, tmp_path, loss_input):
+    """TRL's torch_compile=True (accelerate compiles the model; the fused-linear loss runs inside its
+    forward): two steps log the eager run's losses. aot_eager traces as inductor does, without code."""
+    runs = {}
+    for compiled in (False, True):
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        ours, _ = trainer_pair(stand_ins, tmp_path / str(compiled), delta=2.0, fused_loss_input=loss_input, **extra)
+        torch._dynamo.utils.counters.clear()
+        ours.train()
+        runs[compiled] = [h["loss"] for h in ours.state.log_history if "loss" in h]
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled  # it did compile
+        torch._dynamo.reset()
+    assert len(runs[True]) == 2 and max(abs(a - b) for a, b in zip(runs[True], runs[False])) <= 1e-4, runs
+
+
 def test_pku_rows_are_read_strictly():
     """Flags written as strings mean what they say (bool("false") would be True), in every spelling the
     trainer's loader accepts; anything else names the row and the column."""

@@ -454,3 +454,15 @@ def test_skipped_rows_are_said_and_no_usable_row_fails_before_any_model_work(sta
     data = write_jsonl(tmp_path / "all-bad.jsonl", rows)
     with pytest.raises(ValueError, match=f"too little training data: all {len(rows)} rows were malformed and skipped"):
         train_module.train(run_cfg(stand_ins, tmp_path / "bad", train_files=[data], skip_bad_rows=True))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_a_compiled_policy_trains_as_the_eager_one(task, tmp_path, compile_backend):
+    """compile: true (torch.compile of the policy's forward and the loss) gives the eager run's losses."""
+    from safedpo.train import train
+
+    train(config(task, tmp_path / "eager", max_steps=2, loss_input="linear"))
+    train(config(task, tmp_path / "compiled", max_steps=2, loss_input="linear", compile=True,
+                 compile_backend=compile_backend))
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
