@@ -37,6 +37,7 @@ $(VENV)/.bench-deps: $(VENV)/.test-deps
 
 bench: native $(VENV)/.bench-deps
 	$(PYTHON) -m bench.suite
+	$(PYTHON) -m bench.parallel_scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

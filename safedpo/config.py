@@ -105,6 +105,8 @@ class TrainConfig:
     resume_check: bool = key(True, "refuse a checkpoint trained under another configuration; false: continue anyway")
     tensorboard: bool = key(False, "also write TensorBoard events under output_dir/tensorboard")
     fsdp: bool = key(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
+    tensor_parallel: int = key(1, "ranks sharing each LM head (and the decoder's layers where the model's tp_plan allows); "
+                                  "the other factor of the world size splits the data (FSDP2)")
     compile: bool = key(False, "torch.compile the policy's forward and loss (the first steps, and new batch shapes, compile)")
     compile_backend: str = key("inductor", "torch.compile's backend (inductor; aot_eager traces without generating code)")
     device: str = key("auto", "auto | cuda | cpu")
@@ -155,6 +157,10 @@ class TrainConfig:
             raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; they are r, alpha, dropout, target_modules")
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora (there are no adapters to merge)")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.lora:
+            raise ValueError("tensor_parallel shards the model's own weights; it does not combine with lora")
         return self
 
     def loss_options(self) -> LossOptions:

@@ -1,35 +1,61 @@
-"""Processes and devices: one process, or many under ``torchrun`` (DDP, or FSDP2 with fsdp=true)."""
+"""Processes and devices: one process, or many under ``torchrun`` (DDP, or FSDP2 with fsdp=true; with
+tensor_parallel=p, groups of p ranks share each LM head and decoder layer, and the world's other factor
+splits the data)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 
 class Dist:
-    """Rank, world size and device of this process (a single process is rank 0 of 1)."""
+    """Rank, world size and device of this process (a single process is rank 0 of 1).
 
-    def __init__(self, device_pref: str = "auto"):
+    With ``tensor_parallel`` p > 1 the world is a (data, tensor) = (world / p, p) device mesh: the p
+    ranks of a row (consecutive ranks, one node) share each model's sharded layers and see the same
+    batches; ``data_rank`` / ``data_world`` say which share of a global batch this row takes."""
+
+    def __init__(self, device_pref: str = "auto", tensor_parallel: int = 1):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
         self.device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        if self.world % tensor_parallel:
+            raise ValueError(f"tensor_parallel: {tensor_parallel} does not divide the {self.world} processes "
+                             "(torchrun --nproc_per_node x nodes)")
+        self.tensor_parallel = tensor_parallel
+        self.data_world = self.world // tensor_parallel
+        self.data_rank = self.rank // tensor_parallel
         if use_cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.tp_mesh = self.dp_mesh = self._data_group = None
+        if tensor_parallel > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.data_world, tensor_parallel), mesh_dim_names=("data", "tensor"))
+            self.tp_mesh, self.dp_mesh = mesh["tensor"], mesh["data"]
+            self._data_group = self.dp_mesh.get_group()
+            # DTensor warns on every gradient norm and full state dict of a 2-D mesh that it takes two
+            # collectives, not one: true, and immaterial for scalars and the final save; noise in a log.
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def sum(self, values) -> list:
+        """``values`` summed over the data-parallel ranks (the ranks of a tensor-parallel group hold the
+        same batch and the same results: they count once)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
+        if self.data_world > 1:
+            dist.all_reduce(t, group=self._data_group)
         return t.tolist()
 
     def barrier(self):
@@ -44,21 +70,95 @@ def rank_slice(indices, rank: int, world: int):
 
 
 def wrap_distributed(policy, fsdp: bool, dd: Dist):
-    """The policy as the training step calls it: itself (one process), FSDP2-sharded, or under DDP."""
+    """The policy as the training step calls it: itself (one process), FSDP2-sharded, or under DDP.
+    With tensor parallelism its layers are sharded over each row of the mesh first, and FSDP2 (always:
+    DDP takes no sharded parameters) shards them further over the data-parallel ranks."""
     if dd.world == 1:
         return policy
-    if fsdp:
+    if dd.tensor_parallel > 1:
+        tensor_parallelize(policy.model, dd.tp_mesh)
+    if fsdp or dd.tensor_parallel > 1:
+        if dd.data_world == 1:
+            return policy
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6
             from torch.distributed._composable.fsdp import fully_shard
         for layer in policy.model.get_decoder().layers:
-            fully_shard(layer)
-        fully_shard(policy)
+            fully_shard(layer, mesh=dd.dp_mesh)
+        fully_shard(policy, mesh=dd.dp_mesh)
         return policy
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(policy, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
+
+
+def decoder_plan(model, p: int) -> tuple:
+    """(plan, why not): the decoder's layers as transformers' base_model_tp_plan shards them, when every
+    entry is a plain column or row split (Megatron's attention and MLP) and the heads and MLP width divide
+    by ``p``; else (None, the reason), and only the LM head is sharded."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    config = getattr(model.config, "text_config", None) or model.config
+    plan = dict(getattr(config, "base_model_tp_plan", None) or {})
+    if not plan:
+        return None, f"{type(config).__name__} has no base_model_tp_plan"
+    styles = set(plan.values())
+    if not styles <= {"colwise", "rowwise"}:
+        return None, f"its tp_plan uses {sorted(styles - {'colwise', 'rowwise'})}, which this trainer does not apply"
+    sizes = {k: getattr(config, k, None) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
+    uneven = [f"{k}={v}" for k, v in sizes.items() if v is None or v % p]
+    if uneven:
+        return None, f"{', '.join(uneven)} not divisible by tensor_parallel={p}"
+    prefix = model.base_model_prefix
+    return {f"{prefix}.{k}": ColwiseParallel() if v == "colwise" else RowwiseParallel() for k, v in plan.items()}, None
+
+
+def tensor_parallelize(model, mesh) -> None:
+    """Shard a causal LM over ``mesh`` (1-D, p ranks) in place: the LM head by vocabulary (rank r holds
+    rows [r V/p, (r+1) V/p) of its weight; the logits stay a DTensor sharded on their last dimension, which
+    the kernels take as a vocabulary-parallel input, so they are never gathered) and, where transformers'
+    tp_plan allows, the attention and MLP projections. Parameters left whole are the same on every rank and
+    get the same gradients there (d hidden comes back complete on every rank)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    p = mesh.size()
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"tensor_parallel needs a linear LM head; {type(model).__name__} has {type(head).__name__}")
+    embed = model.get_input_embeddings()
+    if embed is not None and embed.weight is head.weight:
+        raise ValueError("tensor_parallel shards the LM head, which this model ties to its input embeddings "
+                         "(tie_word_embeddings); untie them or train without tensor_parallel")
+    if head.out_features % p:
+        raise ValueError(f"tensor_parallel: {p} needs a vocabulary divisible by {p}, got {head.out_features}; pad the "
+                         f"embeddings (model.resize_token_embeddings(n, pad_to_multiple_of={p})) before training")
+    name = next(n for n, m in model.named_modules() if m is head)
+    plan, why_not = decoder_plan(model, p)
+    if dist.get_rank() == 0:
+        what = f"the LM head only ({why_not})" if why_not else f"the LM head and the decoder's {', '.join(sorted(plan))}"
+        print(f"safedpo: tensor_parallel={p} shards {what}", file=sys.stderr)
+    plan = dict(plan or {}, **{name: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    parallelize_module(model, mesh, plan)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for a model whose parameters are partly DTensors (sharded over a
+    mesh) and partly plain tensors (the same on every rank), which torch's own does not mix: the norm of
+    every gradient counted once, whole; returns the total norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = []
+    for g in grads:
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+    return total
 
 
 def full_model_state(model) -> dict:

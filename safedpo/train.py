@@ -1,7 +1,8 @@
 """SafeDPO training: config -> data -> policy and reference -> loop with eval and checkpoints.
 
 One process, or many under ``torchrun --nproc_per_node=K`` (DDP; FSDP2 with fsdp=true). Every optimizer
-step sees one global batch of ``batch_size x world_size x grad_accum`` pairs, and its loss is the mean
+step sees one global batch of ``batch_size x data-parallel ranks x grad_accum`` pairs (data-parallel ranks:
+world_size / tensor_parallel), and its loss is the mean
 over the kept pairs of that whole global batch, however it is split across ranks and micro-batches.
 The pieces live beside this file: distributed.py (processes, DDP/FSDP), ref_logps.py (reference
 log-probs), checkpoint.py, evaluate.py.
@@ -37,7 +38,7 @@ from .checkpoint import (
 from .collate import batch_stream, make_batch
 from .config import TrainConfig, config_json
 from .data import data_sources, load_examples
-from .distributed import Dist, full_model_state, rank_slice, wrap_distributed
+from .distributed import Dist, clip_grad_norm, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
 from .model import PolicyLogps, apply_lora, build_model, config_tokenizer, quiet_libraries
 from .outputs import prepare_dir, writing
@@ -98,7 +99,7 @@ RESUME_KEYS = ("mode", "beta", "delta", "label_smoothing", "loss_type", "reducti
                "safety_label_noise", "skip_bad_rows", "max_prompt_length", "max_length", "model", "tokenizer",
                "tiny_model", "lora", "router_aux_loss_coef", "reference", "reference_model", "batch_size",
                "grad_accum", "lr", "weight_decay", "warmup_steps", "max_steps", "clip_grad_norm", "seed", "fsdp",
-               "world_size")
+               "tensor_parallel", "world_size")
 
 
 def prepare_output_dir(out_dir: Path, overwrite: bool, resume: str) -> None:
@@ -166,8 +167,9 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
     """
     kept_here = sum(int(safety_transform(b["chosen_safe"], b["rejected_safe"], options).kept.sum()) for b in micro)
     (global_kept,) = dd.sum([kept_here])
-    # DDP averages gradients over the ranks: world / global kept makes the step the global mean.
-    scale = dd.world / max(global_kept, 1.0) if options.reduction == "mean" else float(dd.world)
+    # DDP and FSDP average gradients over the data-parallel ranks: data_world / global kept makes the step
+    # the global mean.
+    scale = dd.data_world / max(global_kept, 1.0) if options.reduction == "mean" else float(dd.data_world)
     per_batch = options.replace(reduction="sum")
     loss_sum = correct = margin = tokens = aux_sum = 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dd.device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -189,7 +191,7 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
     loss = loss_sum / kept if options.reduction == "mean" else loss_sum
     stats = dict(loss=loss, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
     if aux_coef:
-        stats["aux_loss"] = aux_sum / dd.world
+        stats["aux_loss"] = aux_sum / dd.data_world
     return stats
 
 
@@ -202,7 +204,7 @@ class Run:
         cfg.validate()
         quiet_libraries()
         self.cfg = cfg
-        self.dd = dd = Dist(cfg.device)
+        self.dd = dd = Dist(cfg.device, cfg.tensor_parallel)
         self.out_dir = Path(cfg.output_dir)
         self.run_config = dict(dataclasses.asdict(cfg), world_size=dd.world)
         if dd.main:
@@ -234,16 +236,19 @@ class Run:
             # and the kernels, which are torch.library ops with fake implementations (no break of their own).
             self.wrapped = torch.compile(self.wrapped, backend=cfg.compile_backend)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # foreach kernels take a list of DTensors or of plain tensors, not both (tensor parallel alone has both)
+        foreach = False if cfg.tensor_parallel > 1 and dd.data_world == 1 else None
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, cfg.max_steps)
-        self.sharded = cfg.fsdp and dd.world > 1
-        # Under FSDP the policy's parameters are shards: every rank takes part in an evaluation's forwards.
+        self.sharded = (cfg.fsdp or cfg.tensor_parallel > 1) and dd.world > 1
+        # Sharded parameters (FSDP, tensor parallel): every rank takes part in an evaluation's forwards.
         self.evaluator = dd.main or self.sharded
 
         self.step_count, self.position = 0, 0
         if ckpt is not None:
             self._restore(ckpt)
-        self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * dd.world, cfg.seed, start=self.position)
+        self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * dd.data_world, cfg.seed,
+                                   start=self.position)
         self.log = MetricsLog(self.out_dir, dd.main, cfg.tensorboard)
         if ckpt is None:
             self.log.write(dict(event="start", config=json.loads(config_json(cfg)), **report))
@@ -260,7 +265,7 @@ class Run:
         if report["skipped_rows"] and dd.main:
             print(f"safedpo: skipped {report['skipped_rows']} malformed row(s) of "
                   f"{report['rows'] + report['skipped_rows']} (skip_bad_rows)", file=sys.stderr)
-        need = cfg.batch_size * dd.world
+        need = cfg.batch_size * dd.data_world
         if len(self.train_set) < need:
             why = (f"all {report['skipped_rows']} rows were malformed and skipped" if report["rows"] == 0 else
                    f"{report['rows']} rows gave {report['pairs']} pairs for mode {cfg.mode}")
@@ -332,7 +337,7 @@ class Run:
         for _ in range(self.cfg.grad_accum):
             position, indices = next(self.stream)
             self.position = position + 1  # the stream position after this batch
-            indices = rank_slice(indices, self.dd.rank, self.dd.world)
+            indices = rank_slice(indices, self.dd.data_rank, self.dd.data_world)
             micro.append(make_batch(self.train_set, indices, self.tok.pad_token_id, self.packed, self.dd.device))
         return micro
 
@@ -341,8 +346,8 @@ class Run:
         cfg, dd = self.cfg, self.dd
         start = time.perf_counter()
         stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, dd, self.aux_coef)
-        params = self.policy.parameters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
+        clip = clip_grad_norm if cfg.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(list(self.policy.parameters()), cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -112,6 +112,7 @@ def check_logits_and_labels(
     *,
     logits_name: str = "logits",
     vocab: Optional[int] = None,
+    label_range: bool = True,
 ) -> Layout:
     """Validate (logits|hidden, labels, cu_seqlens) and describe their layout.
 
@@ -153,7 +154,7 @@ def check_logits_and_labels(
             raise ValueError(f"labels must have shape ({total},) to match packed {logits_name}, got {tuple(labels.shape)}")
         cu = check_cu_seqlens(cu_seqlens, total, logits.device, values=validate)
         layout = Layout.packed(cu, total)
-    if validate:
+    if validate and label_range:
         check_labels_in_range(labels, V, ignore_index, layout.padded)
     return layout
 

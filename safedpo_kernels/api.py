@@ -13,30 +13,68 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_linear_weight, check_logit_transform, check_logits_and_labels, check_pair_inputs, flat_labels
+from ._checks import (
+    check_labels_in_range,
+    check_linear_weight,
+    check_logit_transform,
+    check_logits_and_labels,
+    check_pair_inputs,
+    flat_labels,
+)
 from .autograd import autocast_operands, linear_safedpo_loss_op, linear_sequence_logps_op, sequence_logps_op
 from .dispatch import BACKENDS, resolve_backend
 from .loss import SafeDPOOutput, loss_from_logps
 from .options import LossOptions
+from .parallel import Groups, check_consistent, unwrap
 
 
-def _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend):
-    layout = check_logits_and_labels(logits, labels, cu_seqlens, ignore_index, validate)
-    return layout, flat_labels(labels), resolve_backend(backend, logits.device)
+def _total_vocab(width: int, groups: Groups) -> int:
+    """The full vocabulary: this rank's ``width`` columns times the vocabulary group's size."""
+    if groups.vocab is None:
+        return width
+    import torch.distributed as dist
+
+    return width * dist.get_world_size(groups.vocab)
 
 
-def _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend):
+def _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend, vocab_group, context_group):
+    """(local logits, layout, flat labels, backend, groups): DTensor logits as their shard, checked."""
+    local, groups = unwrap(dict(logits=logits), -1, vocab_group, context_group)
+    logits = local["logits"]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    width = logits.shape[-1] if logits.dim() else 0
+    layout = _checked_layout(logits, labels, cu_seqlens, ignore_index, validate, groups, width)
+    return logits, layout, flat_labels(labels), resolve_backend(backend, logits.device), groups
+
+
+def _checked_layout(x, labels, cu_seqlens, ignore_index, validate, groups, width, **names):
+    """The shapes first, then what the ranks of the groups must agree on (collectives, which every rank
+    reaches), then the labels' range over the whole vocabulary: no rank raises alone before a collective."""
+    layout = check_logits_and_labels(x, labels, cu_seqlens, ignore_index, validate, label_range=False, **names)
+    if validate:
+        check_consistent(groups, width, labels, layout.n_seq)
+        check_labels_in_range(labels, _total_vocab(width, groups), ignore_index, layout.padded)
+    return layout
+
+
+def _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend, vocab_group,
+                    context_group):
+    """(hidden, weight, bias, layout, flat labels, backend, groups): DTensors as their local parts, checked."""
+    local, groups = unwrap(dict(hidden=hidden, weight=weight, bias=bias), 0, vocab_group, context_group)
+    hidden, weight, bias = local["hidden"], local["weight"], local["bias"]
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    V = check_linear_weight(hidden, weight, bias)
-    layout = check_logits_and_labels(hidden, labels, cu_seqlens, ignore_index, validate, logits_name="hidden", vocab=V)
-    return layout, flat_labels(labels), resolve_backend(backend, hidden.device)
+    width = check_linear_weight(hidden, weight, bias)
+    layout = _checked_layout(hidden, labels, cu_seqlens, ignore_index, validate, groups, width, logits_name="hidden",
+                             vocab=width)
+    return hidden, weight, bias, layout, flat_labels(labels), resolve_backend(backend, hidden.device), groups
 
 
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
-    validate: bool = True,
+    validate: bool = True, vocab_group=None, context_group=None,
 ) -> torch.Tensor:
     """Per-sequence log-probability of the labels, fused: no (tokens x V) float32 intermediate.
 
@@ -52,12 +90,21 @@ def sequence_logps(
         backend: "auto", "triton", "native" or "torch" (see README).
         validate: check labels are in [0, V) (one device sync). False skips it; kernels still never
             access memory out of bounds, and an out-of-range label yields NaN.
+        vocab_group: a torch.distributed ProcessGroup of p ranks over which the logits are split along the
+            vocabulary in equal shards, rank r holding columns [r V/p, (r + 1) V/p) (a DTensor sharded on
+            its last dimension implies its mesh's group); labels are full-vocabulary ids, equal on every
+            rank. Per token 3 floats are all-reduced; the vocabulary is never gathered.
+        context_group: a ProcessGroup over which every sequence's tokens are split (each rank a slice of
+            every sequence: padded (N, T_r, V), or packed with this rank's own cu_seqlens); the sequence
+            sums are all-reduced. With either, the result is the same on every rank of the group.
 
     Returns:
         (N,) float32, differentiable with respect to logits.
     """
-    layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
-    return sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, average, inplace_backward, name)[0]
+    logits, layout, flat, name, groups = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend,
+                                                         vocab_group, context_group)
+    return sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, average, inplace_backward, name,
+                             *groups.names())[0]
 
 
 def safedpo_loss(
@@ -65,7 +112,7 @@ def safedpo_loss(
     rejected_safe: torch.Tensor, *, beta: float = 0.1, delta: float = 10.0, swap: bool = True,
     drop_both_unsafe: bool = True, label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
-    validate: bool = True, loss_type: str = "sigmoid", reduction: str = "mean",
+    validate: bool = True, loss_type: str = "sigmoid", reduction: str = "mean", vocab_group=None, context_group=None,
 ) -> SafeDPOOutput:
     """SafeDPO loss (arXiv 2505.20065, Eq. 12) from the policy's logits, fused with the log-prob pass.
 
@@ -94,16 +141,19 @@ def safedpo_loss(
     options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
     return loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, options, ignore_index=ignore_index,
-                          cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend, validate=validate)
+                          cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend, validate=validate,
+                          vocab_group=vocab_group, context_group=context_group)
 
 
 def loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, options: LossOptions, *,
                    ignore_index: int = -100, cu_seqlens=None, inplace_backward: bool = False, backend: str = "auto",
-                   validate: bool = True) -> SafeDPOOutput:
+                   validate: bool = True, vocab_group=None, context_group=None) -> SafeDPOOutput:
     """``safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on)."""
-    layout, flat, name = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend)
+    logits, layout, flat, name, groups = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend,
+                                                         vocab_group, context_group)
     check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe, validate=validate)
-    policy = sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, options.average, inplace_backward, name)[0]
+    policy = sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, options.average, inplace_backward, name,
+                               *groups.names())[0]
     return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, options)
 
 
@@ -111,7 +161,7 @@ def linear_sequence_logps(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100, average: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
     inplace_backward: bool = False, backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
-    softcap: Optional[float] = None,
+    softcap: Optional[float] = None, vocab_group=None, context_group=None,
 ) -> torch.Tensor:
     """``sequence_logps`` of the logits of hidden states and an LM head, without ever materializing them.
 
@@ -132,17 +182,21 @@ def linear_sequence_logps(
         inplace_backward: accepted so that the logits and fused-linear entry points take the same
             keywords; no logits exist here to overwrite, so it changes nothing.
         logit_scale: > 0 (default 1). softcap: None or > 0.
+        vocab_group: the weight (and bias) are this rank's rows [r V/p, (r + 1) V/p) of the head, hidden
+            the same on every rank (a DTensor weight sharded on dim 0 implies its mesh's group); d hidden
+            comes back complete on every rank. context_group: as in ``sequence_logps``.
 
     Returns:
         (N,) float32, differentiable w.r.t. hidden, weight and bias (the logits are recomputed chunk by
         chunk in backward, since the upstream gradient is unknown in forward). Under torch.no_grad()
         this is the intended way to compute ref_logps from a reference model's hidden states.
     """
-    layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
+    hidden, weight, bias, layout, flat, name, groups = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index,
+                                                                       validate, backend, vocab_group, context_group)
     check_logit_transform(logit_scale, softcap)
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
     return linear_sequence_logps_op(hidden, weight, bias, flat, layout.cu_seqlens, ignore_index, average, float(logit_scale),
-                                    None if softcap is None else float(softcap), name)[0]
+                                    None if softcap is None else float(softcap), name, *groups.names())[0]
 
 
 def linear_safedpo_loss(
@@ -152,7 +206,7 @@ def linear_safedpo_loss(
     label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
     validate: bool = True, logit_scale: float = 1.0, softcap: Optional[float] = None, loss_type: str = "sigmoid",
-    reduction: str = "mean",
+    reduction: str = "mean", vocab_group=None, context_group=None,
 ) -> SafeDPOOutput:
     """``safedpo_loss`` from hidden states (N = 2B rows) and the LM head, never materializing the logits.
 
@@ -171,15 +225,17 @@ def linear_safedpo_loss(
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
     return loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, options, bias=bias,
                           ignore_index=ignore_index, cu_seqlens=cu_seqlens, backend=backend, validate=validate,
-                          logit_scale=logit_scale, softcap=softcap)
+                          logit_scale=logit_scale, softcap=softcap, vocab_group=vocab_group, context_group=context_group)
 
 
 def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, options: LossOptions, *,
                    bias=None, ignore_index: int = -100, cu_seqlens=None, backend: str = "auto", validate: bool = True,
-                   logit_scale: float = 1.0, softcap: Optional[float] = None, inplace_backward: bool = False) -> SafeDPOOutput:
+                   logit_scale: float = 1.0, softcap: Optional[float] = None, inplace_backward: bool = False,
+                   vocab_group=None, context_group=None) -> SafeDPOOutput:
     """``linear_safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on).
     ``inplace_backward`` is accepted and changes nothing, as in ``linear_sequence_logps``."""
-    layout, flat, name = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend)
+    hidden, weight, bias, layout, flat, name, groups = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index,
+                                                                       validate, backend, vocab_group, context_group)
     check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe, validate=validate)
     check_logit_transform(logit_scale, softcap)
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
@@ -189,7 +245,7 @@ def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe
     out = linear_safedpo_loss_op(
         hidden, weight, bias, flat, None if ref_logps is None else ref_logps.detach(), chosen_safe, rejected_safe,
         layout.cu_seqlens, ignore_index, float(logit_scale), None if softcap is None else float(softcap), *options.op_args(),
-        name, *wants)
+        name, *wants, *groups.names())
     return SafeDPOOutput(*out[:7])
 
 
@@ -199,20 +255,20 @@ class SafeDPOLoss(nn.Module):
 
     ``SafeDPOLoss(beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
     ignore_index=-100, average=False, inplace_backward=False, backend="auto", validate=True,
-    loss_type="sigmoid", reduction="mean")``;
+    loss_type="sigmoid", reduction="mean", vocab_group=None, context_group=None)``;
     ``forward(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput``.
     """
 
     def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  inplace_backward: bool = False, backend: str = "auto", validate: bool = True,
-                 loss_type: str = "sigmoid", reduction: str = "mean"):
+                 loss_type: str = "sigmoid", reduction: str = "mean", vocab_group=None, context_group=None):
         super().__init__()
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
                                    average=average)
         self.call = _call_options(ignore_index=ignore_index, backend=backend, validate=validate,
-                                  inplace_backward=inplace_backward)
+                                  inplace_backward=inplace_backward, vocab_group=vocab_group, context_group=context_group)
 
     def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput:
         return loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, self.options, cu_seqlens=cu_seqlens,
@@ -224,21 +280,24 @@ class SafeDPOLoss(nn.Module):
 
 class LinearSafeDPOLoss(nn.Module):
     """nn.Module wrapper of ``linear_safedpo_loss``: SafeDPOLoss's constructor without inplace_backward,
-    with the logit transform (``logit_scale=1.0, softcap=None``). ``forward(hidden, weight, labels,
-    ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None) -> SafeDPOOutput``.
+    with the logit transform (``logit_scale=1.0, softcap=None``) and the parallel layouts (``vocab_group=None,
+    context_group=None``). ``forward(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None,
+    cu_seqlens=None) -> SafeDPOOutput``.
     """
 
     def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, loss_type: str = "sigmoid", reduction: str = "mean"):
+                 softcap: Optional[float] = None, loss_type: str = "sigmoid", reduction: str = "mean",
+                 vocab_group=None, context_group=None):
         super().__init__()
         check_logit_transform(logit_scale, softcap)
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
                                    average=average)
         self.call = _call_options(ignore_index=ignore_index, backend=backend, validate=validate,
-                                  logit_scale=logit_scale, softcap=softcap)
+                                  logit_scale=logit_scale, softcap=softcap, vocab_group=vocab_group,
+                                  context_group=context_group)
 
     def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None):
         return loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, self.options, bias=bias,
@@ -257,4 +316,5 @@ def _call_options(backend: str, **call) -> dict:
 
 
 def _repr(options: LossOptions, call: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in {**options.as_dict(), **call}.items())
+    shown = {k: v for k, v in call.items() if not k.endswith("_group") or v is not None}
+    return ", ".join(f"{k}={v!r}" for k, v in {**options.as_dict(), **shown}.items())

@@ -31,6 +31,7 @@ from ._layout import Layout
 from .dispatch import backend_module
 from .loss import loss_and_logp_grad, loss_from_logps, safety_transform
 from .options import LossOptions
+from .parallel import Groups, all_reduce, combine_vocab, local_labels, resolve, vocab_shard
 
 
 def first_order_only(backward):
@@ -111,9 +112,12 @@ def segment_sums(tok: torch.Tensor, counted: torch.Tensor, layout: Layout):
     return csum[cu[1:]] - csum[cu[:-1]], ccount[cu[1:]] - ccount[cu[:-1]]
 
 
-def sequence_values(tok: torch.Tensor, counted: torch.Tensor, layout: Layout, average: bool):
-    """(N,) float32 sequence log-probs (sums, or means over counted tokens) and the (N,) token counts."""
+def sequence_values(tok: torch.Tensor, counted: torch.Tensor, layout: Layout, average: bool, context=None):
+    """(N,) float32 sequence log-probs (sums, or means over counted tokens) and the (N,) token counts;
+    with a ``context`` group, each rank's partial sums and counts are added up over it first."""
     seq, count = segment_sums(tok, counted, layout)
+    if context is not None:
+        seq, count = all_reduce(seq, context), all_reduce(count, context)
     if average:
         seq = seq / count.clamp(min=1)
     return seq.to(torch.float32), count
@@ -141,6 +145,22 @@ def layout_of(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> Layout:
     return Layout.packed(cu_seqlens.to(torch.int64), x.shape[0])
 
 
+def token_stats(forward, labels: torch.Tensor, width: int, ignore_index: int, vocab) -> tuple:
+    """(token log-probs, log-sum-exps) of ``forward(kernel labels)`` -- a backend's logp_forward or
+    linear_forward over this rank's ``width`` vocabulary columns -- combined over the ``vocab`` group."""
+    shard = vocab_shard(vocab, width)
+    local, in_shard = local_labels(labels, shard, ignore_index)
+    tok, lse = forward(local)
+    if shard is None:
+        return tok, lse
+    return combine_vocab(tok, lse, labels, in_shard, shard, ignore_index, vocab)
+
+
+def kernel_labels(labels: torch.Tensor, width: int, ignore_index: int, vocab) -> torch.Tensor:
+    """The labels a backward kernel reads on this rank (its shard's columns; others match none)."""
+    return local_labels(labels, vocab_shard(vocab, width), ignore_index)[0]
+
+
 def _n_seq(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
     return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
@@ -150,18 +170,23 @@ def _n_seq(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
 
 @torch.library.custom_op("safedpo::sequence_logps", mutates_args=())
 def sequence_logps_op(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int,
-                      average: bool, inplace: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(seq (N,) float32, lse (rows,) float32, count (N,) int64). labels: (rows,) int64 contiguous.
-    ``inplace`` only changes the backward (into the logits' own storage)."""
+                      average: bool, inplace: bool, backend: str, vocab_group: str = "",
+                      context_group: str = "") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq (N,) float32, lse (rows,) float32, count (N,) int64). labels: (rows,) int64 contiguous, full
+    vocabulary ids. ``inplace`` only changes the backward (into the logits' own storage). The groups, by
+    name (see parallel.py): logits sharded along the vocabulary, tokens sliced along the sequences."""
     layout = layout_of(logits, cu_seqlens)
+    vocab, context = resolve(vocab_group), resolve(context_group)
+    impl = backend_module(backend)
     with no_autocast():
-        tok, lse = backend_module(backend).logp_forward(logits, labels, layout, ignore_index)
-        seq, count = sequence_values(tok, labels != ignore_index, layout, average)
+        tok, lse = token_stats(lambda lab: impl.logp_forward(logits, lab, layout, ignore_index), labels, logits.shape[-1],
+                               ignore_index, vocab)
+        seq, count = sequence_values(tok, labels != ignore_index, layout, average, context)
     return seq, lse, count
 
 
 @sequence_logps_op.register_fake
-def _(logits, labels, cu_seqlens, ignore_index, average, inplace, backend):
+def _(logits, labels, cu_seqlens, ignore_index, average, inplace, backend, vocab_group="", context_group=""):
     n = _n_seq(logits, cu_seqlens)
     f32 = dict(dtype=torch.float32, device=logits.device)
     return logits.new_empty(n, **f32), logits.new_empty(labels.shape[0], **f32), labels.new_empty(n, dtype=torch.int64)
@@ -170,57 +195,67 @@ def _(logits, labels, cu_seqlens, ignore_index, average, inplace, backend):
 @torch.library.custom_op("safedpo::sequence_logps_grad", mutates_args=())
 def sequence_logps_grad_op(grad_seq: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                            count: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int, average: bool,
-                           backend: str) -> torch.Tensor:
-    """d loss / d logits (logits' shape and dtype, contiguous) for the sequences' d loss / d logp."""
+                           backend: str, vocab_group: str = "") -> torch.Tensor:
+    """d loss / d logits (logits' shape and dtype, contiguous) for the sequences' d loss / d logp; with the
+    global log-sum-exps, a vocabulary shard's gradient needs no communication."""
     layout = layout_of(logits, cu_seqlens)
     impl = backend_module(backend)
     with no_autocast():
         g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
         grad = impl.grad_buffer(logits.shape, logits.dtype, logits.device)
-        impl.logp_backward(logits, labels, lse, g_tok, grad, layout, ignore_index)
+        local = kernel_labels(labels, logits.shape[-1], ignore_index, resolve(vocab_group))
+        impl.logp_backward(logits, local, lse, g_tok, grad, layout, ignore_index)
     return grad
 
 
 @sequence_logps_grad_op.register_fake
-def _(grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend):
+def _(grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend, vocab_group=""):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.custom_op("safedpo::sequence_logps_grad_", mutates_args=("logits",))
 def sequence_logps_grad_inplace_op(grad_seq: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                                    count: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int,
-                                   average: bool, backend: str) -> None:
+                                   average: bool, backend: str, vocab_group: str = "") -> None:
     """``sequence_logps_grad`` written over the logits themselves (their version counter moves on)."""
     layout = layout_of(logits, cu_seqlens)
     with no_autocast():
         g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
-        backend_module(backend).logp_backward(logits, labels, lse, g_tok, logits, layout, ignore_index)
+        local = kernel_labels(labels, logits.shape[-1], ignore_index, resolve(vocab_group))
+        backend_module(backend).logp_backward(logits, local, lse, g_tok, logits, layout, ignore_index)
 
 
 @sequence_logps_grad_inplace_op.register_fake
-def _(grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend):
+def _(grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend, vocab_group=""):
     return None
 
 
+def _nones(ctx, given: int) -> tuple:
+    """None for the op's other inputs: as many as the call passed (the dispatcher drops trailing
+    arguments equal to their defaults, such as the group names of a single-process call)."""
+    return (None,) * (len(ctx.needs_input_grad) - given)
+
+
 def _sequence_logps_setup(ctx, inputs, output):
-    logits, labels, cu_seqlens, ignore_index, average, inplace, backend = inputs
+    logits, labels, cu_seqlens, ignore_index, average, inplace, backend, *groups = inputs
     _, lse, count = output
     ctx.save_for_backward(logits, labels, lse, count, cu_seqlens)
-    ctx.meta = (ignore_index, average, inplace, backend)
+    ctx.meta = (ignore_index, average, inplace, backend, groups[0] if groups else "")
 
 
 @first_order_only
 def _sequence_logps_backward(ctx, grad_seq, _grad_lse, _grad_count):
     logits, labels, lse, count, cu_seqlens = ctx.saved_tensors
-    ignore_index, average, inplace, backend = ctx.meta
-    args = (grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend)
+    ignore_index, average, inplace, backend, vocab_group = ctx.meta
+    args = (grad_seq, logits, labels, lse, count, cu_seqlens, ignore_index, average, backend, vocab_group)
+    rest = _nones(ctx, 1)
     if not inplace:
-        return sequence_logps_grad_op(*args), None, None, None, None, None, None
+        return sequence_logps_grad_op(*args), *rest
     sequence_logps_grad_inplace_op(*args)
     # The logits now hold their gradient (and a second backward through this graph fails autograd's
     # saved-tensor check). A new tensor over the same memory that needs no grad: AccumulateGrad takes it
     # as a leaf's .grad without a copy (it copies a returned tensor that requires grad).
-    return logits.detach(), None, None, None, None, None, None
+    return logits.detach(), *rest
 
 
 sequence_logps_op.register_autograd(_sequence_logps_backward, setup_context=_sequence_logps_setup)
@@ -238,9 +273,11 @@ class _Grads:
     """The fused-linear gradients being formed: d hidden rows (float32 or the matmul dtype), d weight and
     d bias accumulated in float32 in a fixed order (chunk after chunk: deterministic)."""
 
-    def __init__(self, rows: int, V: int, H: int, hidden, need_h: bool, need_w: bool, need_b: bool):
+    def __init__(self, rows: int, V: int, H: int, hidden, need_h: bool, need_w: bool, need_b: bool, vocab=None):
         device = hidden.device
-        self.hidden = torch.zeros(rows, H, dtype=hidden.dtype, device=device) if need_h else None
+        # A vocabulary shard's d hidden is a part of a sum over the shards: float32 until it is complete.
+        dtype = torch.float32 if vocab is not None else hidden.dtype
+        self.hidden = torch.zeros(rows, H, dtype=dtype, device=device) if need_h else None
         self.weight = torch.zeros(V, H, dtype=torch.float32, device=device) if need_w else None
         self.bias = torch.zeros(V, dtype=torch.float32, device=device) if need_b else None
 
@@ -253,6 +290,11 @@ class _Grads:
             _accumulate_product(self.weight, dz.t(), h.to(dz.dtype))
         if self.bias is not None:
             self.bias += dz.sum(dim=0, dtype=torch.float32)
+
+    def complete_hidden(self, vocab) -> None:
+        """Each vocabulary shard formed its part of d hidden: add them up over the ``vocab`` group."""
+        if vocab is not None and self.hidden is not None:
+            all_reduce(self.hidden, vocab)
 
     def recompute(self, impl, h, w, b, lab, lse, g, rows, ignore_index, logit_scale, softcap) -> None:
         """The gradients of rows whose logits were not kept: recomputed a chunk of rows at a time."""
@@ -284,28 +326,34 @@ def _specs(*tensors) -> tuple:
 @torch.library.custom_op("safedpo::linear_sequence_logps", mutates_args=())
 def linear_sequence_logps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                              cu_seqlens: Optional[torch.Tensor], ignore_index: int, average: bool, logit_scale: float,
-                             softcap: Optional[float], backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             softcap: Optional[float], backend: str, vocab_group: str = "",
+                             context_group: str = "") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(seq (N,), lse (rows,) float32 (0 at ignored tokens), count (N,) int64).
 
     Only the counted (response) tokens are computed at all: their hidden rows are gathered first (an
     O(tokens x H) copy), so prompt and padding tokens cost nothing. The logits stay on chip (Triton) or
-    in chunks of rows (the CPU backends)."""
+    in chunks of rows (the CPU backends). With a ``vocab_group`` the weight (and bias) are this rank's
+    rows of the head, with a ``context_group`` the tokens this rank's slice (see parallel.py)."""
     layout = layout_of(hidden, cu_seqlens)
     impl = backend_module(backend)
+    vocab, context = resolve(vocab_group), resolve(context_group)
     counted = labels != ignore_index
     idx = counted.nonzero().squeeze(1)
     with no_autocast():
         h = hidden.reshape(layout.rows, hidden.shape[-1]).index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        tok_c, lse_c = impl.linear_forward(h, w, b, labels.index_select(0, idx), ignore_index, logit_scale, softcap)
+        lab = labels.index_select(0, idx)
+        tok_c, lse_c = token_stats(lambda local: impl.linear_forward(h, w, b, local, ignore_index, logit_scale, softcap),
+                                   lab, weight.shape[0], ignore_index, vocab)
         tok = torch.zeros(layout.rows, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, tok_c)
         lse = torch.zeros_like(tok).index_copy_(0, idx, lse_c)
-        seq, count = sequence_values(tok, counted, layout, average)
+        seq, count = sequence_values(tok, counted, layout, average, context)
     return seq, lse, count
 
 
 @linear_sequence_logps_op.register_fake
-def _(hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend):
+def _(hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend, vocab_group="",
+      context_group=""):
     n = _n_seq(hidden, cu_seqlens)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return hidden.new_empty(n, **f32), hidden.new_empty(labels.shape[0], **f32), labels.new_empty(n, dtype=torch.int64)
@@ -321,13 +369,15 @@ def linear_sequence_logps_grad_op(grad_seq: torch.Tensor, hidden: torch.Tensor, 
                                   bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
                                   count: torch.Tensor, cu_seqlens: Optional[torch.Tensor], ignore_index: int,
                                   average: bool, logit_scale: float, softcap: Optional[float], backend: str,
-                                  need_hidden: bool, need_weight: bool,
-                                  need_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  need_hidden: bool, need_weight: bool, need_bias: bool,
+                                  vocab_group: str = "") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d hidden, d weight, d bias) in their inputs' shapes and dtypes (empty where not needed): the logits
     recomputed chunk by chunk (the upstream gradient is unknown in forward), d hidden = d logits @ weight
-    and d weight += d logits.T @ hidden by matmuls, d weight accumulated in float32 in a fixed order."""
+    and d weight += d logits.T @ hidden by matmuls, d weight accumulated in float32 in a fixed order. A
+    vocabulary shard's d hidden is its part: all-reduced over the ``vocab_group``."""
     layout = layout_of(hidden, cu_seqlens)
     impl = backend_module(backend)
+    vocab = resolve(vocab_group)
     counted = labels != ignore_index
     idx = counted.nonzero().squeeze(1)
     H = hidden.shape[-1]
@@ -335,16 +385,18 @@ def linear_sequence_logps_grad_op(grad_seq: torch.Tensor, hidden: torch.Tensor, 
         g = token_grads(grad_seq, counted, count, layout, average).index_select(0, idx)
         h = hidden.reshape(layout.rows, H).index_select(0, idx)
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
-        grads = _Grads(layout.rows, weight.shape[0], H, hidden, need_hidden, need_weight, need_bias and bias is not None)
-        grads.recompute(impl, h, w, b, labels.index_select(0, idx), lse.index_select(0, idx), g, idx, ignore_index,
-                        logit_scale, softcap)
+        grads = _Grads(layout.rows, weight.shape[0], H, hidden, need_hidden, need_weight, need_bias and bias is not None,
+                       vocab)
+        local = kernel_labels(labels.index_select(0, idx), weight.shape[0], ignore_index, vocab)
+        grads.recompute(impl, h, w, b, local, lse.index_select(0, idx), g, idx, ignore_index, logit_scale, softcap)
+        grads.complete_hidden(vocab)
         out = grads.results(_specs(hidden, weight, bias))
     return tuple(_no_grad_slot(hidden) if o is None else o for o in out)
 
 
 @linear_sequence_logps_grad_op.register_fake
 def _(grad_seq, hidden, weight, bias, labels, lse, count, cu_seqlens, ignore_index, average, logit_scale, softcap,
-      backend, need_hidden, need_weight, need_bias):
+      backend, need_hidden, need_weight, need_bias, vocab_group=""):
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -355,20 +407,20 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias) -> tu
 
 
 def _linear_sequence_logps_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend = inputs
+    hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend, *groups = inputs
     _, lse, count = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, count, cu_seqlens)
-    ctx.meta = (ignore_index, average, logit_scale, softcap, backend)
+    ctx.meta = (ignore_index, average, logit_scale, softcap, backend, groups[0] if groups else "")
 
 
 @first_order_only
 def _linear_sequence_logps_backward(ctx, grad_seq, _grad_lse, _grad_count):
     hidden, weight, bias, labels, lse, count, cu_seqlens = ctx.saved_tensors
-    ignore_index, average, logit_scale, softcap, backend = ctx.meta
+    ignore_index, average, logit_scale, softcap, backend, vocab = ctx.meta
     need = ctx.needs_input_grad[:3]
     grads = linear_sequence_logps_grad_op(grad_seq, hidden, weight, bias, labels, lse, count, cu_seqlens, ignore_index,
-                                          average, logit_scale, softcap, backend, *need)
-    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None, None, None)
+                                          average, logit_scale, softcap, backend, *need, vocab)
+    return (*(g if n else None for g, n in zip(grads, need)), *_nones(ctx, 3))
 
 
 linear_sequence_logps_op.register_autograd(_linear_sequence_logps_backward, setup_context=_linear_sequence_logps_setup)
@@ -407,16 +459,20 @@ class PairChunk(NamedTuple):
     sequences: torch.Tensor
 
 
-def plan_pair_chunks(labels: torch.Tensor, layout: Layout, ignore_index: int, budget_rows: int) -> list:
+def plan_pair_chunks(labels: torch.Tensor, layout: Layout, ignore_index: int, budget_rows: int, context=None) -> list:
     """Split the pairs into chunks of at most ``budget_rows`` counted tokens (a pair larger than that is
     a chunk alone). Reads the per-pair token counts on the host (one sync): the chunk sizes are Python
-    ints that size the chunks' buffers."""
+    ints that size the chunks' buffers. With a ``context`` group the pairs' token counts are added up
+    over it first, so that every rank cuts the same chunks of pairs (each of its own tokens)."""
     device = labels.device
     B = layout.n_seq // 2
     idx = (labels != ignore_index).nonzero().squeeze(1)
     seq = _sequence_ids(layout, device).index_select(0, idx)
     pair = seq % B
-    runs = _pair_runs(torch.bincount(pair, minlength=B).tolist(), budget_rows)
+    per_pair = torch.bincount(pair, minlength=B)
+    if context is not None:
+        per_pair = all_reduce(per_pair.clone(), context)
+    runs = _pair_runs(per_pair.tolist(), budget_rows)
     run_of_pair = torch.repeat_interleave(torch.arange(len(runs), device=device),
                                           torch.tensor([p1 - p0 for p0, p1 in runs], device=device))
     run_of_tok = run_of_pair.index_select(0, pair)
@@ -457,7 +513,8 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
                            cu_seqlens: Optional[torch.Tensor], ignore_index: int, logit_scale: float,
                            softcap: Optional[float], beta: float, delta: float, swap: bool, drop_both_unsafe: bool,
                            label_smoothing: float, loss_type: str, reduction: str, average: bool, backend: str,
-                           need_hidden: bool, need_weight: bool, need_bias: bool) -> List[torch.Tensor]:
+                           need_hidden: bool, need_weight: bool, need_bias: bool, vocab_group: str = "",
+                           context_group: str = "") -> List[torch.Tensor]:
     """The SafeDPO loss from hidden states and the LM head, with its gradients formed in the forward.
 
     A pair's loss depends only on that pair's two log-probs (and its reference log-probs and flags),
@@ -481,13 +538,14 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     head = LinearHead(ignore_index, logit_scale, softcap)
     layout = layout_of(hidden, cu_seqlens)
     impl = backend_module(backend)
+    groups = Groups(resolve(vocab_group), resolve(context_group))
     device, V = hidden.device, weight.shape[0]
     B = layout.n_seq // 2
     wants = (need_hidden, need_weight, need_bias and bias is not None)
     with no_autocast():
         w, b = impl.prepare_weight(weight, bias, hidden.dtype)
         flat = hidden.reshape(layout.rows, hidden.shape[-1])
-        grads = _Grads(layout.rows, V, hidden.shape[-1], hidden, *wants) if any(wants) else None
+        grads = _Grads(layout.rows, V, hidden.shape[-1], hidden, *wants, groups.vocab) if any(wants) else None
         kept = safety_transform(chosen_safe, rejected_safe, options).kept
         norm = max(int(kept.sum()), 1) if options.reduction == "mean" else 1
         ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.float()
@@ -495,12 +553,14 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
         budget = loss_chunk_rows(V, device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         metrics = []
-        for chunk in plan_pair_chunks(labels, layout, head.ignore_index, budget):
+        for chunk in plan_pair_chunks(labels, layout, head.ignore_index, budget, groups.context):
             out = _chunk_loss(impl, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head, budget,
-                              norm, grads)
+                              norm, grads, groups)
             total += out.loss.detach().double()
             metrics.append([m.detach() for m in out[1:]])
         loss = (total / norm).float()
+        if grads is not None:
+            grads.complete_hidden(groups.vocab)
         results = grads.results(_specs(hidden, weight, bias)) if grads is not None else (None, None, None)
     metrics = [torch.cat(m) for m in zip(*metrics)]
     return [loss, *metrics, *(_no_grad_slot(hidden) if g is None else g for g in results)]
@@ -509,7 +569,7 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
 @linear_safedpo_loss_op.register_fake
 def _(hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens, ignore_index, logit_scale,
       softcap, beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction, average, backend,
-      need_hidden, need_weight, need_bias):
+      need_hidden, need_weight, need_bias, vocab_group="", context_group=""):
     B = _n_seq(hidden, cu_seqlens) // 2
     f32 = dict(dtype=torch.float32, device=hidden.device)
     flags = dict(dtype=torch.bool, device=hidden.device)
@@ -529,6 +589,9 @@ def _no_second_order(name: str):
 
 
 def _linear_loss_setup(ctx, inputs, output):
+    # Only the loss is differentiable: the metrics carry no gradient (the contract), and the formed
+    # gradients are the backward's inputs.
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[7:])
     ctx.consumed = False
 
@@ -549,43 +612,51 @@ def _linear_loss_backward(ctx, grad_outputs):
     # copy is transient, and smaller than the forward's chunk of logits.
     for g, n in zip(ctx.saved_tensors, need):
         grads.append(g * grad_loss.to(g.dtype) if n else None)
-    return (*grads, *([None] * 20))
+    return (*grads, *_nones(ctx, 3))
 
 
 linear_safedpo_loss_op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
 
 
 def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, options: LossOptions,
-                head: LinearHead, budget: int, norm: int, grads):
+                head: LinearHead, budget: int, norm: int, grads, groups: Groups):
     """One chunk of pairs: its logits, log-probs and loss (summed over its kept pairs), and, when
-    ``grads`` is given, its gradients folded in (scaled by 1 / norm)."""
+    ``grads`` is given, its gradients folded in (scaled by 1 / norm). Vocabulary shards combine their
+    token statistics, context slices their sequences' sums; every rank gets the chunk's loss."""
     h = flat.index_select(0, chunk.rows)
     lab = labels.index_select(0, chunk.rows)
     rows = chunk.rows.numel()
     flat_layout = Layout.single(rows)
     two_pass = rows > budget
-    if two_pass:
-        tok, lse = impl.linear_forward(h, w, b, lab, head.ignore_index, head.logit_scale, head.softcap)
-    else:
+    z = None
+
+    def forward(local):
+        nonlocal z
+        if two_pass:
+            return impl.linear_forward(h, w, b, local, head.ignore_index, head.logit_scale, head.softcap)
         z = impl.linear_logits(h, w, b, head.logit_scale, head.softcap)
-        tok, lse = impl.logp_forward(z, lab, flat_layout, head.ignore_index)
+        return impl.logp_forward(z, local, flat_layout, head.ignore_index)
+
+    tok, lse = token_stats(forward, lab, w.shape[0], head.ignore_index, groups.vocab)
     every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
-    logps, count = sequence_values(tok, every, chunk.layout, options.average)
+    logps, count = sequence_values(tok, every, chunk.layout, options.average, groups.context)
     pair = (ref.index_select(0, chunk.sequences), chosen_safe[chunk.p0:chunk.p1], rejected_safe[chunk.p0:chunk.p1])
-    if grads is None or rows == 0:
+    if grads is None:
         return loss_from_logps(logps, *pair, options)
     out, dlogp = loss_and_logp_grad(logps, *pair, options)  # inside an op autograd does not record
+    if rows == 0:
+        return out
     g = token_grads(dlogp.double() / norm, every, count, chunk.layout, options.average)
+    local = kernel_labels(lab, w.shape[0], head.ignore_index, groups.vocab)
     if two_pass:
-        grads.recompute(impl, h, w, b, lab, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
+        grads.recompute(impl, h, w, b, local, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
         return out
     # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
     dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
-    impl.logp_backward(z, lab, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
+    impl.logp_backward(z, local, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
     grads.add(dz, h.to(w.dtype), w, chunk.rows)
     return out
 
 
 sequence_logps_grad_op.register_autograd(_no_second_order("sequence_logps_grad"))
 linear_sequence_logps_grad_op.register_autograd(_no_second_order("linear_sequence_logps_grad"))
-

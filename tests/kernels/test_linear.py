@@ -64,6 +64,7 @@ def test_loss_matches_float64(case, dtype, bias, average):
     assert max_scaled_err(got.loss, want.loss) <= TOL[dtype][0]
     for field in ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
         assert max_scaled_err(getattr(got, field), getattr(want, field)) <= TOL[dtype][0]
+        assert not getattr(got, field).requires_grad, f"{field}: the metrics carry no gradient"
     assert torch.equal(got.kept.cpu(), want.kept.cpu())
     assert torch.equal(got.swapped.cpu(), want.swapped.cpu())
     check_grads(g_grads, w_grads, dtype)

@@ -8,7 +8,6 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,41 +15,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
+from tiny_runs import ROOT, config, losses, task_files, torchrun, write_jsonl  # noqa: E402
+
 from safedpo.config import load_config  # noqa: E402
-from safedpo.toy import make_task, vocabulary  # noqa: E402
-from safedpo.toy.tokenizer import build_tokenizer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=64)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    data = make_task(seed=3, pairs_per_prompt=1)
-    paths = dict(train=write_jsonl(root / "train.jsonl", data["train"][:48]),
-                 test=write_jsonl(root / "test.jsonl", data["test"][:16]))
-    build_tokenizer(vocabulary(), root / "tok")
-    paths["tokenizer"] = str(root / "tok")
-    return paths
-
-
-def config(task, out, **kw):
-    base = dict(train_files=[task["train"]], eval_files=[task["test"]], tokenizer=task["tokenizer"], tiny_model=TINY,
-                output_dir=str(out), cache_dir=str(out.parent / "cache"), batch_size=4, max_steps=3, lr=1e-3,
-                max_prompt_length=16, max_length=40, progress=False, seed=5, delta=2.0)
-    base.update(kw)
-    return load_config(None, **base)
-
-
-def losses(out_dir):
-    return [r["loss"] for r in map(json.loads, open(Path(out_dir) / "metrics.jsonl")) if "loss" in r and "event" not in r]
+    return task_files(tmp_path_factory.mktemp("task"))
 
 
 def test_cli_full_run_writes_metrics_and_loadable_model(task, tmp_path):
@@ -116,22 +88,12 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     from safedpo.train import train
 
     train(config(task, tmp_path / "one", max_steps=3, batch_size=4))
-    cfg_file = tmp_path / "two.yaml"
-    config(task, tmp_path / "two", max_steps=3, batch_size=2).save(cfg_file)
-    # --standalone: a local rendezvous on a free port, so parallel runs on one machine do not collide.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "safedpo", "train",
-           "--config", str(cfg_file)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stderr[-4000:]
+    torchrun(config(task, tmp_path / "two", max_steps=3, batch_size=2))
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
     # FSDP2 (fully_shard, gloo on the CPU): the same losses, and a final model gathered from the shards.
-    config(task, tmp_path / "fsdp", max_steps=3, batch_size=2, fsdp=True, resume="none").save(cfg_file)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stderr[-4000:]
+    torchrun(config(task, tmp_path / "fsdp", max_steps=3, batch_size=2, fsdp=True))
     c = losses(tmp_path / "fsdp")
     assert max(abs(x - y) for x, y in zip(a, c)) <= 1e-5
     from transformers import AutoModelForCausalLM
@@ -146,19 +108,14 @@ def test_fsdp_resume_is_bitwise_equal(task, tmp_path):
     on the same number of ranks gives bitwise the losses and final weights of an uninterrupted one."""
     from transformers import AutoModelForCausalLM
 
-    def torchrun(name, **kw):
-        cfg_file = tmp_path / f"{name}.yaml"
-        config(task, tmp_path / name, batch_size=2, fsdp=True, **kw).save(cfg_file)
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                              "safedpo", "train", "--config", str(cfg_file)], capture_output=True, text=True, timeout=600,
-                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-        assert res.returncode == 0, res.stderr[-4000:]
+    def run(name, **kw):
+        torchrun(config(task, tmp_path / name, batch_size=2, fsdp=True, **kw))
 
-    torchrun("straight", max_steps=4)
-    torchrun("resumed", max_steps=4, save_every=2, stop_at_step=2)
+    run("straight", max_steps=4)
+    run("resumed", max_steps=4, save_every=2, stop_at_step=2)
     shards = tmp_path / "resumed" / "checkpoints" / "step-2"
     assert (shards / "shards").is_dir() and (shards / "rng-1.pt").exists()
-    torchrun("resumed", max_steps=4, save_every=2, resume="auto")
+    run("resumed", max_steps=4, save_every=2, resume="auto")
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(a) == len(b) == 4 and a == b
     one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "straight" / "final")).state_dict()

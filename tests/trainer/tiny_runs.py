@@ -1,0 +1,57 @@
+"""What the trainer's run tests share: a toy task on disk, a config for a tiny Llama, the logged losses, and
+torchrun on gloo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safedpo.config import load_config
+from safedpo.toy import make_task, vocabulary
+from safedpo.toy.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=64)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def task_files(root: Path) -> dict:
+    """train.jsonl (48 pairs), test.jsonl (16) and the toy's tokenizer under ``root``."""
+    data = make_task(seed=3, pairs_per_prompt=1)
+    paths = dict(train=write_jsonl(root / "train.jsonl", data["train"][:48]),
+                 test=write_jsonl(root / "test.jsonl", data["test"][:16]))
+    build_tokenizer(vocabulary(), root / "tok")
+    paths["tokenizer"] = str(root / "tok")
+    return paths
+
+
+def config(task, out, **kw):
+    base = dict(train_files=[task["train"]], eval_files=[task["test"]], tokenizer=task["tokenizer"], tiny_model=TINY,
+                output_dir=str(out), cache_dir=str(out.parent / "cache"), batch_size=4, max_steps=3, lr=1e-3,
+                max_prompt_length=16, max_length=40, progress=False, seed=5, delta=2.0)
+    base.update(kw)
+    return load_config(None, **base)
+
+
+def losses(out_dir):
+    return [r["loss"] for r in map(json.loads, open(Path(out_dir) / "metrics.jsonl")) if "loss" in r and "event" not in r]
+
+
+def torchrun(cfg, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``safedpo train`` on ``cfg`` under torchrun with ``nproc`` local processes; fails the test with
+    the end of their stderr when the run fails."""
+    cfg_file = Path(cfg.output_dir).with_suffix(".yaml")
+    cfg.save(cfg_file)
+    # --standalone: a local rendezvous on a free port, so parallel runs on one machine do not collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "safedpo",
+           "train", "--config", str(cfg_file)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
