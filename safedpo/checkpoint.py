@@ -180,7 +180,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple:
     Loaded with weights_only=True: tensors and plain containers, no code."""
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("sharded"):
-        raise ValueError(f"{path} holds FSDP shards; resume it with fsdp on {meta['world']} ranks")
+        cfg = meta.get("config") or {}
+        layout = f"tensor_parallel: {cfg['tensor_parallel']}" if cfg.get("tensor_parallel", 1) > 1 else "fsdp: true"
+        raise ValueError(f"{path} holds shards; resume it with {layout} on {meta['world']} ranks")
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     restore_model(model, state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -234,7 +236,7 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, rank: int, 
 
     meta = json.loads((path / "meta.json").read_text())
     if not meta.get("sharded"):
-        raise ValueError(f"{path} is a single-process checkpoint; resume it without fsdp (or start afresh)")
+        raise ValueError(f"{path} is an unsharded checkpoint; resume it without fsdp and tensor_parallel (or start afresh)")
     if meta["world"] != world:
         raise ValueError(f"{path} was written by {meta['world']} ranks; resume it on {meta['world']}, not {world}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
