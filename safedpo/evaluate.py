@@ -88,8 +88,7 @@ def trained_model(cfg, vocab_size: int, device, checkpoint: str):
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("sharded"):
             raise ValueError(f"{path} holds shards (fsdp or tensor_parallel), which only a run on {meta.get('world')} ranks "
-                             "reads; "
-                             "evaluate the run's final/ instead")
+                             "reads; evaluate the run's final/ instead")
         model = build_model(cfg, vocab_size, device)
         if cfg.lora:
             model = apply_lora(model, cfg.lora)
