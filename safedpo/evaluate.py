@@ -21,7 +21,7 @@ import torch
 
 from .collate import make_batch
 from .data import data_sources, encode_prompt, load_examples
-from .model import PolicyLogps, build_model
+from .model import PolicyLogps, build_model, check_token_ids
 
 
 def reward_stats(out) -> tuple:
@@ -119,6 +119,7 @@ def evaluate_checkpoint(cfg, checkpoint: Optional[str] = None) -> dict:
     examples, _ = load_examples(cfg, tok, sources)
     initial = build_model(cfg, len(tok), dd.device)  # the reference: the policy before training
     trained = trained_model(cfg, len(tok), dd.device, checkpoint)
+    check_token_ids(trained, "the tokenizer", evaluation=examples)
     policy = PolicyLogps(trained, cfg.loss_input, cfg.average_logps, cfg.backend)
     initial_policy = PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend)
     reference = Reference(dataclasses.replace(cfg, reference="live"), initial_policy, {}, tok, dd, packed=False)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss
+from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, text_config
 from safedpo_kernels.options import LossOptions
 
 TINY_LLAMA = dict(
@@ -131,6 +131,21 @@ def build_model(cfg, vocab_size: int, device: torch.device, path: Optional[str] 
     return model.to(device)
 
 
+def check_token_ids(model, tokenizer_name: str, **example_sets) -> None:
+    """ValueError when a token id of the examples is past the model's vocabulary (a tokenizer with added
+    tokens and no ``resize_token_embeddings``, or another model's tokenizer), naming the set and the id;
+    checked once here, on the host, so that the steps need not (a compiled step reads no values)."""
+    rows = model.get_input_embeddings().num_embeddings
+    heads = text_config(model).vocab_size
+    limit = min(rows, heads)
+    for name, examples in example_sets.items():
+        top = max((max(e.prompt_ids + e.chosen_ids + e.rejected_ids, default=-1) for e in examples), default=-1)
+        if top >= limit:
+            raise ValueError(f"the {name} data has token id {top} but the model's vocabulary has {limit} entries: "
+                             f"{tokenizer_name} is not this model's tokenizer, or tokens were added to it without "
+                             "resizing the model's embeddings (model.resize_token_embeddings)")
+
+
 def apply_lora(model, lora: dict):
     """The model with LoRA adapters (peft) on ``target_modules`` (default: every linear layer but the LM
     head); only the adapters train."""
@@ -158,15 +173,17 @@ class PolicyLogps(nn.Module):
     DDP sees it; wrapping this module (not the bare model) in DDP keeps the fused-linear path, which
     calls the decoder and the LM head separately, inside DDP's forward.
 
-    ``router_aux``: also return a mixture-of-experts router's load-balancing loss.
+    ``router_aux``: also return a mixture-of-experts router's load-balancing loss. ``validate=False`` (a
+    compiled forward): the kernels read no values on the host; the caller has checked the token ids
+    (``check_token_ids``).
     """
 
     def __init__(self, model, loss_input: str = "logits", average: bool = False, backend: str = "auto",
-                 router_aux: bool = False):
+                 router_aux: bool = False, validate: bool = True):
         super().__init__()
         self.model = model
         self.average = average
-        self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, instead="loss_input: logits")
+        self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, instead="loss_input: logits", validate=validate)
         self.adapter.check_head(model)
 
     @property

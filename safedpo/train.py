@@ -40,7 +40,7 @@ from .config import TrainConfig, config_json
 from .data import data_sources, load_examples
 from .distributed import Dist, clip_grad_norm, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
-from .model import PolicyLogps, apply_lora, build_model, config_tokenizer, quiet_libraries
+from .model import PolicyLogps, apply_lora, build_model, check_token_ids, config_tokenizer, quiet_libraries
 from .outputs import prepare_dir, writing
 from .progress import Progress
 from .ref_logps import Reference
@@ -278,6 +278,8 @@ class Run:
         router's load-balancing loss at the config's coefficient (default: the model config's)."""
         cfg = self.cfg
         model = build_model(cfg, len(self.tok), self.dd.device)
+        check_token_ids(model, f"the tokenizer {cfg.tokenizer or cfg.model or '(built for the tiny model)'}",
+                        training=self.train_set, evaluation=self.eval_set)
         if cfg.lora:
             model = apply_lora(model, cfg.lora)
         packed = cfg.padding_free
@@ -287,7 +289,10 @@ class Run:
         aux_coef = 0.0
         if router is not None:
             aux_coef = router["coef"] if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
-        return PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0), packed, aux_coef
+        # Compiled: the kernels' value checks would break the graph every step; the token ids were checked above.
+        policy = PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0,
+                             validate=not cfg.compile)
+        return policy, packed, aux_coef
 
     def _check_resume(self, ckpt: Path) -> None:
         """Refuse a checkpoint written under another training configuration (naming the keys), unless

@@ -1,8 +1,9 @@
 """The toy pipeline: task files -> SFT -> preference training -> generation-based evaluation.
 
-``make train`` runs ``safedpo experiment default``: one seed, SFT then SafeDPO, ending with a table of
-the SFT and SafeDPO models' harmless ratio (harmful test prompts answered without unsafe content) and
-helpfulness (benign test prompts walked through). ``safedpo experiment NAME`` runs the paper's
+``make train`` runs ``safedpo experiment default --seeds 0,1,2``: for each seed SFT then SafeDPO, ending
+with a table (mean and spread over the seeds, and each seed) of the SFT and SafeDPO models' harmless ratio
+(harmful test prompts answered without unsafe content) and helpfulness (benign test prompts walked
+through). ``safedpo experiment NAME`` runs the paper's
 comparisons over seeds and writes a markdown table (mean and spread) and a PNG plot under runs/.
 """
 

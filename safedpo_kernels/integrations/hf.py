@@ -158,11 +158,14 @@ class CausalLMLoss:
     materializing the logits. "eager": plain PyTorch (log_softmax, gather, sum), a baseline.
     ``router_aux``: also return a mixture-of-experts router's load-balancing loss (without its
     coefficient, which is the trainer's business). ``instead`` names the setting that avoids the
-    fused-linear path, for the error a model with an unknown logit transform gets.
+    fused-linear path, for the error a model with an unknown logit transform gets. ``validate=False``: the
+    kernels skip the checks that read values on the host (label range, 0/1 flags), so that a compiled
+    forward has no graph break of ours; the caller then answers for labels in [0, V) (out-of-range
+    labels give wrong values, never out-of-bounds access).
     """
 
     def __init__(self, model, loss_input: str = "logits", backend: str = "auto", router_aux: bool = False,
-                 instead: str = "loss_input: logits"):
+                 instead: str = "loss_input: logits", validate: bool = True):
         if loss_input not in LOSS_INPUTS:
             raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {loss_input!r}")
         self.loss_input = loss_input
@@ -170,6 +173,7 @@ class CausalLMLoss:
         self.transform = logit_transform(model)
         self.router = router_config(model) if router_aux else None
         self.instead = instead
+        self.validate = validate
         self._checked = False
 
     def check_head(self, model, forward=None) -> None:
@@ -191,7 +195,7 @@ class CausalLMLoss:
         if self.router is not None and loss is not None:
             inputs["output_router_logits"] = True
         average = loss.options.average if loss is not None else average
-        kw = dict(cu_seqlens=cu_seqlens, backend=self.backend)
+        kw = dict(cu_seqlens=cu_seqlens, backend=self.backend, validate=self.validate)
         if self.loss_input == "linear":
             self.check_head(model, forward)
             outputs = model.get_decoder()(**inputs)
@@ -208,7 +212,7 @@ class CausalLMLoss:
                 logps = reference.sequence_logps(logits, labels, average=average, cu_seqlens=cu_seqlens).float()
                 if loss is None:
                     return ModelLoss(logps, None)
-                check_pair_inputs(logps.shape[0], logps.device, *loss[:3], rows_name="the logits")
+                check_pair_inputs(logps.shape[0], logps.device, *loss[:3], rows_name="the logits", validate=self.validate)
                 out = loss_from_logps(logps, *loss)
             else:
                 inplace = torch.is_grad_enabled()

@@ -164,7 +164,9 @@ class SafeDPOTrainer(DPOTrainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.loss_adapter = CausalLMLoss(base, args.fused_loss_input, args.kernel_backend,
                                          router_aux=getattr(self, "aux_loss_enabled", False),
-                                         instead="fused_loss_input='logits'")
+                                         instead="fused_loss_input='logits'",
+                                         # compiled: no value checks of ours that would break a graph
+                                         validate=not args.torch_compile)
         if args.fused_loss_input == "linear":
             _add_fused_linear_loss(base, self.loss_adapter)
 

@@ -44,8 +44,8 @@ def test_gpu_check_dry_run(tmp_path):
 
 def test_suite_writes_csv_markdown_plot(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "bench.suite", "--T", "8,16", "--V", "96", "--ops", "sequence_logps,linear_safedpo_loss",
-         "--variants", "eager,native-inplace,torch-inplace,ours-torch", "--repeats", "1", "--H", "16", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.suite", "--T", "13", "--V", "96", "--ops", "sequence_logps,linear_safedpo_loss",
+         "--variants", "eager,native-inplace,ours-torch", "--repeats", "1", "--H", "16", "--out", str(tmp_path)],
         env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -180,7 +180,8 @@ def test_safedpo_trains_and_logs_its_metrics(stand_ins, tmp_path, loss_input):
 @pytest.mark.parametrize("loss_input", ["logits", "linear"])
 def test_trls_torch_compile_trains_the_same(stand_ins, tmp_path, loss_input):
     """TRL's torch_compile=True (accelerate compiles the model; the fused-linear loss runs inside its
-    forward): two steps log the eager run's losses. aot_eager traces as inductor does, without code."""
+    forward): two steps log the eager run's losses, with no graph break. aot_eager traces as inductor does,
+    without code."""
     runs = {}
     for compiled in (False, True):
         extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
@@ -189,6 +190,7 @@ def test_trls_torch_compile_trains_the_same(stand_ins, tmp_path, loss_input):
         ours.train()
         runs[compiled] = [h["loss"] for h in ours.state.log_history if "loss" in h]
         assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled  # it did compile
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
         torch._dynamo.reset()
     assert len(runs[True]) == 2 and max(abs(a - b) for a, b in zip(runs[True], runs[False])) <= 1e-4, runs
 
