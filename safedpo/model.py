@@ -184,7 +184,6 @@ class PolicyLogps(nn.Module):
         self.model = model
         self.average = average
         self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, instead="loss_input: logits", validate=validate)
-        self.adapter.check_head(model)
 
     @property
     def loss_input(self) -> str:

@@ -154,7 +154,8 @@ class CausalLMLoss:
     loss_input "logits": the model's logits through the fused kernels, the backward written into the
     logits' own memory (they are ours alone; under torch.no_grad nothing is saved). "linear": the
     decoder's last hidden states and the LM head through the fused-linear functions, with the model's
-    logit transform (read from its config, checked against its own logits before first use), never
+    logit transform (read from its config, checked against its own logits here, at construction, so that
+    a wrong transform is refused before training and no check runs inside a compiled forward), never
     materializing the logits. "eager": plain PyTorch (log_softmax, gather, sum), a baseline.
     ``router_aux``: also return a mixture-of-experts router's load-balancing loss (without its
     coefficient, which is the trainer's business). ``instead`` names the setting that avoids the
@@ -174,14 +175,8 @@ class CausalLMLoss:
         self.router = router_config(model) if router_aux else None
         self.instead = instead
         self.validate = validate
-        self._checked = False
-
-    def check_head(self, model, forward=None) -> None:
-        """For loss_input "linear": verify once that the LM head with the transform gives the model's
-        logits (``forward``: the model's own forward, when called from inside a replacement of it)."""
-        if self.loss_input == "linear" and not self._checked:
-            check_linear_head(model, self.transform, instead=self.instead, forward=forward)
-            self._checked = True
+        if loss_input == "linear":
+            check_linear_head(model, self.transform, instead=instead)
 
     def __call__(self, model, inputs: dict, labels: torch.Tensor, *, cu_seqlens=None, average: bool = False,
                  loss: Optional[PairLoss] = None, forward=None) -> ModelLoss:
@@ -197,7 +192,6 @@ class CausalLMLoss:
         average = loss.options.average if loss is not None else average
         kw = dict(cu_seqlens=cu_seqlens, backend=self.backend, validate=self.validate)
         if self.loss_input == "linear":
-            self.check_head(model, forward)
             outputs = model.get_decoder()(**inputs)
             hidden = outputs.last_hidden_state[0] if packed else outputs.last_hidden_state
             weight, bias = lm_head(model)

@@ -168,8 +168,6 @@ class SafeDPOTrainer(DPOTrainer):
                                          # compiled: no value checks of ours that would break a graph
                                          validate=not args.torch_compile)
         if args.fused_loss_input == "linear":
-            # now, eagerly: inside the first (compiled) forward its comparison would break the graph
-            self.loss_adapter.check_head(base)
             _add_fused_linear_loss(base, self.loss_adapter)
 
     @staticmethod
