@@ -292,10 +292,14 @@ def _linear_variant(variant: str, cfg: Config):
     elif variant == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-        liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=cfg.ref_model)
+        # Liger compiles its chunk step with torch.compile, as its users run it on a GPU; on the CPU (the
+        # dry run, the CPU suite) the same math runs eagerly rather than waiting on inductor per shape.
+        liger = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=cfg.ref_model, compiled=cfg.device == "cuda")
 
         def loss(hidden, weight, bias, labels, cu, ref):
-            r = () if ref is None else ref
+            # With a reference model ``ref`` is its (hidden, weight, bias), which Liger runs itself;
+            # without one it is the zero reference log-probs, which Liger's reference-free loss implies.
+            r = ref if cfg.ref_model else ()
             out = liger(weight, hidden, labels, bias, *r)
             return out[0] if isinstance(out, tuple) else out
 

@@ -15,7 +15,11 @@ these launchers choose for sm_80 and sm_90 on a machine without a GPU.
 
 from __future__ import annotations
 
+import functools
+
+import numpy
 import torch
+import triton
 
 from ._utils import INTERPRETED
 from .fused_linear_backward import dlogits_chunk_rows, linear_dlogits
@@ -24,7 +28,7 @@ from .logprob_backward import logp_backward
 from .logprob_forward import logp_forward
 
 __all__ = [
-    "INTERPRETED", "check_device", "logp_forward", "logp_backward", "grad_buffer",
+    "INTERPRETED", "check_device", "interpreter_problem", "logp_forward", "logp_backward", "grad_buffer",
     "prepare_weight", "linear_logits", "linear_forward", "linear_dlogits", "dlogits_chunk_rows",
 ]
 
@@ -36,7 +40,12 @@ def grad_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 def check_device(device: torch.device) -> None:
     """RuntimeError when the kernels cannot run on tensors of this device."""
-    if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and INTERPRETED:
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
         return
     if device.type == "cpu":
         raise RuntimeError(
@@ -44,3 +53,24 @@ def check_device(device: torch.device) -> None:
             "(set TRITON_INTERPRET=1 before importing safedpo_kernels). Use backend='torch' or 'auto' on the CPU."
         )
     raise RuntimeError(f"backend='triton' does not support {device.type} tensors; use backend='torch'")
+
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    parts = (version.split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem(triton_version: str, numpy_version: str) -> str:
+    """Why the Triton interpreter of these versions cannot run the kernels, or "" when it can.
+
+    Triton's interpreter before 3.7 turns a loop bound held in a 1-element array into an int with
+    int(array), which NumPy 2.4 made an error: every kernel with a runtime-sized loop then fails with
+    "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171; seen with
+    triton 3.6.0 and numpy 2.4.6). Compiled kernels on a GPU are not affected."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton_version} cannot run with numpy "
+                f"{numpy_version}: it fails inside every kernel loop (triton-lang/triton#9171). Install "
+                f"'numpy<2.4' or 'triton>=3.7', or use backend='torch' or 'native' on the CPU.")
+    return ""

@@ -144,6 +144,23 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     assert "RAISED" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
 
+def test_triton_interpreter_with_a_numpy_it_cannot_run_is_a_clear_error(monkeypatch):
+    """triton < 3.7's interpreter fails inside every kernel loop with numpy >= 2.4 (a bare TypeError
+    from deep in triton): the backend refuses up front, naming both versions and the way out."""
+    triton_backend = pytest.importorskip("safedpo_kernels.triton")
+
+    if not triton_backend.INTERPRETED:
+        pytest.skip("the Triton interpreter is off")
+    problem = triton_backend.interpreter_problem
+    assert problem("3.6.0", "2.4.6") and "numpy<2.4" in problem("3.6.0", "2.4.6")
+    assert problem("3.3.1", "2.5.0rc1")
+    assert not problem("3.6.0", "2.3.5") and not problem("3.7.0", "2.4.6") and not problem("3.9.0", "2.5.1")
+    monkeypatch.setattr(triton_backend.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(triton_backend.numpy, "__version__", "2.4.6")
+    with pytest.raises(RuntimeError, match=r"triton 3\.6\.0 cannot run with numpy 2\.4\.6"):
+        sequence_logps(torch.randn(2, 3, V), torch.zeros(2, 3, dtype=torch.long), backend="triton")
+
+
 @pytest.mark.parametrize(
     "backend, name, value",
     [
