@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, text_config
+from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, attention_softcap, text_config
 from safedpo_kernels.options import LossOptions
 
 TINY_LLAMA = dict(
@@ -61,10 +61,17 @@ def causal_lm_class(config):
         return None
 
 
-def pick_attn_implementation(requested: str, device: torch.device, model_class=None) -> str:
+def pick_attn_implementation(requested: str, device: torch.device, model_class=None, config=None) -> str:
     """"auto": what the model supports, fastest first -- flash_attention_2 on CUDA when flash_attn is
-    installed, else SDPA, else eager (Gemma 2 has no SDPA path: its softcapped attention needs eager)."""
+    installed, else SDPA, else eager. A model that soft-caps its attention scores (Gemma 2) never gets
+    SDPA, which has no soft-cap: some transformers releases (5.17 among them) mark Gemma 2 as SDPA-capable
+    and then drop the cap without a word, computing another model. An explicit "sdpa" for such a model is
+    a ValueError."""
+    softcap = attention_softcap(config)
     if requested != "auto":
+        if requested == "sdpa" and softcap is not None:
+            raise ValueError(f"attn_implementation='sdpa' cannot apply this model's attention soft-cap "
+                             f"(attn_logit_softcapping={softcap}): use 'eager', 'flash_attention_2' or 'auto'")
         return requested
 
     def supports(*flags):
@@ -73,7 +80,7 @@ def pick_attn_implementation(requested: str, device: torch.device, model_class=N
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and supports(
             "_supports_flash_attn", "_supports_flash_attn_2"):
         return "flash_attention_2"
-    return "sdpa" if supports("_supports_sdpa") else "eager"
+    return "sdpa" if softcap is None and supports("_supports_sdpa") else "eager"
 
 
 def _pretrained(loader, path: str, what: str, **kwargs):
@@ -118,7 +125,7 @@ def build_model(cfg, vocab_size: int, device: torch.device, path: Optional[str] 
     path = path or cfg.model
     if path:
         config = _pretrained(AutoConfig, path, "model")
-        attn = pick_attn_implementation(cfg.attn_implementation, device, causal_lm_class(config))
+        attn = pick_attn_implementation(cfg.attn_implementation, device, causal_lm_class(config), config)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
     else:
         attn = pick_attn_implementation(cfg.attn_implementation, device, LlamaForCausalLM)

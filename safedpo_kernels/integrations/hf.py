@@ -36,6 +36,26 @@ def text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def attention_softcap(config) -> Optional[float]:
+    """The soft-cap a model config puts on its attention scores (Gemma 2's attn_logit_softcapping), or None."""
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None)
+
+
+def check_attention(model) -> None:
+    """ValueError for a model whose attention implementation cannot compute its attention: SDPA has no
+    soft-cap, and some transformers releases (5.17 among them) run Gemma 2 with SDPA anyway, dropping
+    the cap without a word -- training and scoring another model than the checkpoint's."""
+    softcap = attention_softcap(model.config)
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if softcap is not None and implementation == "sdpa":
+        raise ValueError(f"{type(model).__name__} soft-caps its attention scores (attn_logit_softcapping={softcap}), "
+                         f"which attn_implementation='sdpa' does not do: load it with attn_implementation='eager' "
+                         f"(or 'flash_attention_2'); with TRL, model_init_kwargs={{'attn_implementation': 'eager'}}")
+
+
 def logit_transform(model) -> dict:
     """{logit_scale, softcap}: the keywords of the fused-linear functions that reproduce what the model
     applies to its LM head's output (Gemma 2/3's final_logit_softcapping, Cohere's logit_scale,
@@ -171,6 +191,7 @@ class CausalLMLoss:
             raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {loss_input!r}")
         self.loss_input = loss_input
         self.backend = backend
+        check_attention(model)
         self.transform = logit_transform(model)
         self.router = router_config(model) if router_aux else None
         self.instead = instead

@@ -37,7 +37,7 @@ ARCHS = {
                                           shared_expert_intermediate_size=32, router_aux_loss_coef=0.02)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02)),
     "gemma": ("GemmaConfig", dict(head_dim=8)),
-    "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.7, attn_logit_softcapping=5.0)),
+    "gemma2": ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.7, attn_logit_softcapping=0.5)),
     "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=0.9, sliding_window=8)),
     "phi3": ("Phi3Config", {}),
     "olmo2": ("Olmo2Config", {}),
@@ -48,11 +48,11 @@ ARCHS = {
 }
 
 
-def build(name: str):
+def build(name: str, attn: str = "auto"):
     config_name, extra = ARCHS[name]
     config = getattr(transformers, config_name)(**{**BASE, **extra})
     cls = causal_lm_class(config)
-    config._attn_implementation = pick_attn_implementation("auto", torch.device("cpu"), cls)
+    config._attn_implementation = pick_attn_implementation(attn, torch.device("cpu"), cls, config)
     torch.manual_seed(0)
     model = cls(config).float()
     # Random initial weights are near zero: larger ones make the logits (and the transforms) matter.
@@ -166,10 +166,30 @@ def test_an_unknown_logit_transform_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_auto_attention_is_one_the_model_supports(name):
+def test_auto_attention_computes_the_models_own_attention(name):
+    """"auto" takes SDPA where the model supports it and it computes the same function as the eager
+    attention: Gemma 2 soft-caps its attention scores, which SDPA cannot (transformers 5.17 marks it
+    SDPA-capable and drops the cap), so it stays eager; the logits of a padded batch equal eager's."""
     model = build(name)
     expected = "eager" if name == "gemma2" else "sdpa"
     assert model.config._attn_implementation == expected
+    eager = build(name, "eager")
+    padded, _ = batch_of()
+    inputs = dict(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
+    with torch.no_grad():
+        assert max_scaled_err(model(**inputs).logits, eager(**inputs).logits) <= 1e-5
+
+
+def test_sdpa_for_a_soft_capped_attention_is_refused():
+    """Asked for by name, or a model loaded elsewhere with SDPA (TRL's default in some transformers
+    releases): the trainer's and TRL's way to the loss both refuse it, naming the fix."""
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        build("gemma2", "sdpa")
+    model = build("gemma2")
+    model.config._attn_implementation = "sdpa"
+    for loss_input in ("logits", "linear"):
+        with pytest.raises(ValueError, match="attn_implementation='eager'"):
+            PolicyLogps(model, loss_input)
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
