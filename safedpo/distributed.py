@@ -11,6 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from safedpo_kernels._env import release
+
 
 class Dist:
     """Rank, world size and device of this process (a single process is rank 0 of 1).
@@ -69,21 +71,29 @@ def rank_slice(indices, rank: int, world: int):
     return indices[rank * per : (rank + 1) * per]
 
 
+# The oldest torch whose FSDP2 and tensor parallelism train as one process does (tested: 2.11 and 2.13).
+# torch 2.7's FSDP2 gives another loss from the third step on (1.5e-3 apart, the logits and the eager
+# paths alike) and refuses the (data, tensor) mesh; its tensor parallelism alone trains as one process.
+SHARDED_TORCH = (2, 11)
+
+
 def wrap_distributed(policy, fsdp: bool, dd: Dist):
     """The policy as the training step calls it: itself (one process), FSDP2-sharded, or under DDP.
     With tensor parallelism its layers are sharded over each row of the mesh first, and FSDP2 (always:
     DDP takes no sharded parameters) shards them further over the data-parallel ranks."""
     if dd.world == 1:
         return policy
+    if (fsdp or dd.tensor_parallel > 1) and dd.data_world > 1 and release() < SHARDED_TORCH:
+        what = "tensor_parallel over several data-parallel rows" if dd.tensor_parallel > 1 else "fsdp"
+        raise RuntimeError(f"{what} (FSDP2) needs torch >= {'.'.join(map(str, SHARDED_TORCH))} (this is "
+                           f"{torch.__version__}, whose FSDP2 trains differently from one process); upgrade "
+                           f"torch, or use DDP (fsdp: false)")
     if dd.tensor_parallel > 1:
         tensor_parallelize(policy.model, dd.tp_mesh)
     if fsdp or dd.tensor_parallel > 1:
         if dd.data_world == 1:
             return policy
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard
         for layer in policy.model.get_decoder().layers:
             fully_shard(layer, mesh=dd.dp_mesh)
         fully_shard(policy, mesh=dd.dp_mesh)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from safedpo_kernels._env import release
 from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, attention_softcap, text_config
 from safedpo_kernels.options import LossOptions
 
@@ -117,9 +118,27 @@ def config_tokenizer(cfg, model_dir: Optional[str] = None):
     return load_tokenizer(cfg.model, what="model")
 
 
+# The oldest transformers the trainer is tested with (5.17 and 5.24). 4.56 computed wrong log-probs for
+# packed batches under SDPA (sequences attended to each other) and lacks the decoder outputs the
+# fused-linear path reads.
+TRANSFORMERS_FLOOR = (5, 17)
+
+
+def check_transformers(version: Optional[str] = None) -> None:
+    """ImportError when the installed transformers is older than the trainer's floor."""
+    import transformers
+
+    version = version or transformers.__version__
+    if release(version) < TRANSFORMERS_FLOOR:
+        floor = ".".join(map(str, TRANSFORMERS_FLOOR))
+        raise ImportError(f"the safedpo trainer needs transformers >= {floor} (this is {version}; older releases "
+                          f"give packed batches wrong log-probs): pip install 'transformers>={floor}'")
+
+
 def build_model(cfg, vocab_size: int, device: torch.device, path: Optional[str] = None):
     """AutoModelForCausalLM from a local directory or a Hub id (which downloads when the machine is
     online), or a tiny Llama from ``cfg.tiny_model``; the attention implementation the model supports."""
+    check_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     path = path or cfg.model

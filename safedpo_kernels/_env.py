@@ -25,6 +25,13 @@ from typing import Optional
 import torch
 
 
+def release(version: Optional[str] = None) -> tuple:
+    """(major, minor) of a version string such as "2.11.0+cu130" or "2.4.0rc1" (default: the running
+    torch's), for the few places that work around a dependency's version."""
+    parts = ((version or torch.__version__).split("+")[0].split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
 def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = False) -> int:
     """The integer value of environment variable ``name`` (``default`` when unset or empty).
 

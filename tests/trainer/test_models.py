@@ -18,7 +18,7 @@ import transformers  # noqa: E402
 from helpers import max_scaled_err, rel_err  # noqa: E402
 from safedpo.collate import collate_packed, collate_padded  # noqa: E402
 from safedpo.data import Example  # noqa: E402
-from safedpo.model import PolicyLogps, causal_lm_class, pick_attn_implementation  # noqa: E402
+from safedpo.model import PolicyLogps, causal_lm_class, check_transformers, pick_attn_implementation  # noqa: E402
 from safedpo_kernels import reference  # noqa: E402
 from safedpo_kernels.integrations.hf import logit_transform, router_config  # noqa: E402
 from safedpo_kernels.options import LossOptions  # noqa: E402
@@ -207,3 +207,11 @@ def test_router_aux_loss_is_the_models_own(name):
     for out in outs.values():
         assert out.aux_loss is not None and torch.allclose(out.aux_loss, want, rtol=1e-6)
     assert max_scaled_err(outs["linear"].result.loss, outs["logits"].result.loss) <= 1e-5
+
+
+def test_a_transformers_older_than_the_tested_floor_is_refused():
+    """transformers 4.56 gave packed batches wrong log-probs under SDPA: the trainer names its floor."""
+    with pytest.raises(ImportError, match=r"transformers >= 5\.17 \(this is 4\.56\.2"):
+        check_transformers("4.56.2")
+    check_transformers("5.17.0")
+    check_transformers(transformers.__version__)  # the installed one passes

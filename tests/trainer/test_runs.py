@@ -15,9 +15,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import ROOT, config, losses, task_files, torchrun, write_jsonl  # noqa: E402
+from tiny_runs import ROOT, config, losses, needs_sharded_torch, task_files, torchrun, write_jsonl  # noqa: E402
 
 from safedpo.config import load_config  # noqa: E402
+from safedpo.distributed import SHARDED_TORCH  # noqa: E402
+from safedpo_kernels._env import release  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,8 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+    if release() < SHARDED_TORCH:
+        return
     # FSDP2 (fully_shard, gloo on the CPU): the same losses, and a final model gathered from the shards.
     torchrun(config(task, tmp_path / "fsdp", max_steps=3, batch_size=2, fsdp=True))
     c = losses(tmp_path / "fsdp")
@@ -103,6 +107,23 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     assert max((one[k] - sharded[k]).abs().max().item() for k in one) <= 1e-4
 
 
+@pytest.mark.parametrize("fsdp, tensor_parallel", [(True, 1), (False, 2)])
+def test_sharded_training_on_a_torch_that_trains_it_differently_is_refused(monkeypatch, fsdp, tensor_parallel):
+    """torch 2.7's FSDP2 gave another loss from the third step on (and refused the 2-D mesh): sharded
+    training there is an error naming the setting and the torch it needs, never a different model."""
+    import types
+
+    from safedpo import distributed
+
+    dd = types.SimpleNamespace(world=4, tensor_parallel=tensor_parallel, data_world=4 // tensor_parallel)
+    monkeypatch.setattr(distributed, "release", lambda: (2, 7))
+    with pytest.raises(RuntimeError, match=("fsdp" if fsdp else "tensor_parallel over several") + r".* needs torch >= 2\.11"):
+        distributed.wrap_distributed(torch.nn.Linear(2, 2), fsdp, dd)
+    dd.world = 1  # one process: nothing to wrap, on any torch
+    assert isinstance(distributed.wrap_distributed(torch.nn.Linear(2, 2), fsdp, dd), torch.nn.Linear)
+
+
+@needs_sharded_torch
 def test_fsdp_resume_is_bitwise_equal(task, tmp_path):
     """FSDP2 on 2 gloo ranks: sharded checkpoints (torch.distributed.checkpoint); an interrupted run resumed
     on the same number of ranks gives bitwise the losses and final weights of an uninterrupted one."""

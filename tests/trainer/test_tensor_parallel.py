@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import TINY, config, losses, task_files, torchrun  # noqa: E402
+from tiny_runs import TINY, config, losses, needs_sharded_torch, task_files, torchrun  # noqa: E402
 
 # Four heads, two of them key/value, and an even vocabulary (the toy tokenizer's 121 ids and one spare):
 # both halves of every sharded layer are equal in size.
@@ -59,6 +59,7 @@ def test_two_ranks_sharing_the_model_train_as_one_process_and_resume(task, tmp_p
     assert res_other is not None and "tensor_parallel: 2 -> 1" in res_other
 
 
+@needs_sharded_torch
 def test_a_2x2_mesh_of_data_and_tensor_parallel_ranks_trains_as_one_process(task, tmp_path):
     """4 ranks: 2 tensor-parallel pairs, FSDP2 over the 2 data-parallel ranks; 2 pairs per rank make the
     one-process run's global batch of 4."""
