@@ -8,7 +8,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: test train bench clean native
 
+# The test extras (TRL 1.16, transformers 5.2x) need Python 3.11; say so before pip fails to resolve them.
 $(PYTHON):
+	@$(PY) -c 'import sys; sys.exit("make test / make train need Python >= 3.11 (TRL >= 1.16 does); this is " + sys.version.split()[0] + ": run PY=python3.11 make ..." if sys.version_info < (3, 11) else 0)'
 	$(PY) -m venv $(VENV)
 
 $(VENV)/.test-deps: pyproject.toml requirements-cpu.txt | $(PYTHON)

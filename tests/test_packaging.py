@@ -8,6 +8,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
