@@ -34,22 +34,26 @@ has() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 say() { echo "$@" | tee -a "$LOG"; }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  mkdir -p .whl/site
+  # Afresh each time: pip --target leaves a package already there as it is, whatever version .whl/ now holds.
+  rm -rf .whl/site && mkdir -p .whl/site
   "$PY" -m pip install -q --no-deps --no-index --target .whl/site .whl/*.whl >/dev/null 2>&1 || say "could not unpack .whl/"
   export PYTHONPATH="$PYTHONPATH:.whl/site"
 fi
 
 say "== versions =="
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$LOG"
-import importlib.util, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-for name in ("triton", "liger_kernel", "cut_cross_entropy", "transformers", "xdist"):
+import importlib.metadata, importlib.util, sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda, "| device:",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+# module -> distribution (Liger-Kernel has no __version__; the distribution's metadata has it)
+for name, dist in (("triton", "triton"), ("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy"),
+                   ("transformers", "transformers"), ("numpy", "numpy"), ("xdist", "pytest-xdist")):
     if importlib.util.find_spec(name) is None:
         print(name, "not installed")
         continue
     try:
-        mod = __import__(name)
-        print(name, getattr(mod, "__version__", "installed"))
+        __import__(name)
+        print(name, importlib.metadata.version(dist))
     except Exception as exc:  # a broken optional package is reported, not fatal
         print(name, "fails to import:", exc)
 PYEOF
