@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from safedpo_kernels._env import release
-from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, attention_softcap, text_config
+from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, attention_softcap, check_attention, text_config
 from safedpo_kernels.options import LossOptions
 
 TINY_LLAMA = dict(
@@ -68,11 +68,8 @@ def pick_attn_implementation(requested: str, device: torch.device, model_class=N
     SDPA, which has no soft-cap: some transformers releases (5.17 among them) mark Gemma 2 as SDPA-capable
     and then drop the cap without a word, computing another model. An explicit "sdpa" for such a model is
     a ValueError."""
-    softcap = attention_softcap(config)
     if requested != "auto":
-        if requested == "sdpa" and softcap is not None:
-            raise ValueError(f"attn_implementation='sdpa' cannot apply this model's attention soft-cap "
-                             f"(attn_logit_softcapping={softcap}): use 'eager', 'flash_attention_2' or 'auto'")
+        check_attention(config, requested)
         return requested
 
     def supports(*flags):
@@ -81,7 +78,7 @@ def pick_attn_implementation(requested: str, device: torch.device, model_class=N
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and supports(
             "_supports_flash_attn", "_supports_flash_attn_2"):
         return "flash_attention_2"
-    return "sdpa" if softcap is None and supports("_supports_sdpa") else "eager"
+    return "sdpa" if attention_softcap(config) is None and supports("_supports_sdpa") else "eager"
 
 
 def _pretrained(loader, path: str, what: str, **kwargs):

@@ -31,29 +31,28 @@ from ..options import LossOptions
 
 
 def text_config(model):
-    """The text model's config (the config itself for a text-only model)."""
-    config = model.config
+    """The text model's config (the config itself for a text-only model) of a model, or of a config."""
+    config = getattr(model, "config", model)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def attention_softcap(config) -> Optional[float]:
     """The soft-cap a model config puts on its attention scores (Gemma 2's attn_logit_softcapping), or None."""
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "attn_logit_softcapping", None)
+    return None if config is None else getattr(text_config(config), "attn_logit_softcapping", None)
 
 
-def check_attention(model) -> None:
-    """ValueError for a model whose attention implementation cannot compute its attention: SDPA has no
-    soft-cap, and some transformers releases (5.17 among them) run Gemma 2 with SDPA anyway, dropping
-    the cap without a word -- training and scoring another model than the checkpoint's."""
-    softcap = attention_softcap(model.config)
-    implementation = getattr(model.config, "_attn_implementation", None)
+def check_attention(config, implementation: Optional[str] = None) -> None:
+    """ValueError when ``implementation`` (default: the one the config was loaded with) cannot compute the
+    model's attention: SDPA has no soft-cap, and some transformers releases (5.17 among them) run Gemma 2
+    with SDPA anyway, dropping the cap without a word -- training and scoring another model than the
+    checkpoint's."""
+    softcap = attention_softcap(config)
+    implementation = implementation or getattr(config, "_attn_implementation", None)
     if softcap is not None and implementation == "sdpa":
-        raise ValueError(f"{type(model).__name__} soft-caps its attention scores (attn_logit_softcapping={softcap}), "
-                         f"which attn_implementation='sdpa' does not do: load it with attn_implementation='eager' "
-                         f"(or 'flash_attention_2'); with TRL, model_init_kwargs={{'attn_implementation': 'eager'}}")
+        raise ValueError(f"{getattr(config, 'model_type', type(config).__name__)} soft-caps its attention scores "
+                         f"(attn_logit_softcapping={softcap}), which attn_implementation='sdpa' does not do: load it "
+                         f"with attn_implementation='eager' (or 'flash_attention_2'); with TRL, "
+                         f"model_init_kwargs={{'attn_implementation': 'eager'}}")
 
 
 def logit_transform(model) -> dict:
@@ -191,7 +190,7 @@ class CausalLMLoss:
             raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {loss_input!r}")
         self.loss_input = loss_input
         self.backend = backend
-        check_attention(model)
+        check_attention(model.config)
         self.transform = logit_transform(model)
         self.router = router_config(model) if router_aux else None
         self.instead = instead

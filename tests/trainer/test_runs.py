@@ -15,11 +15,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import ROOT, config, losses, needs_sharded_torch, task_files, torchrun, write_jsonl  # noqa: E402
+from tiny_runs import ROOT, SHARDED_OK, config, losses, needs_sharded_torch, task_files, torchrun, write_jsonl  # noqa: E402
 
 from safedpo.config import load_config  # noqa: E402
-from safedpo.distributed import SHARDED_TORCH  # noqa: E402
-from safedpo_kernels._env import release  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +92,7 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
-    if release() < SHARDED_TORCH:
+    if not SHARDED_OK:
         return
     # FSDP2 (fully_shard, gloo on the CPU): the same losses, and a final model gathered from the shards.
     torchrun(config(task, tmp_path / "fsdp", max_steps=3, batch_size=2, fsdp=True))

@@ -17,7 +17,8 @@ from safedpo_kernels._env import release
 
 ROOT = Path(__file__).resolve().parents[2]
 # FSDP2 over several data-parallel ranks: refused on a torch older than the trainer's floor for it.
-needs_sharded_torch = pytest.mark.skipif(release() < SHARDED_TORCH, reason="FSDP2 training needs torch >= 2.11")
+SHARDED_OK = release() >= SHARDED_TORCH
+needs_sharded_torch = pytest.mark.skipif(not SHARDED_OK, reason="FSDP2 training needs torch >= 2.11")
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=64)
 
