@@ -10,6 +10,7 @@ log-probs), checkpoint.py, evaluate.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from safedpo_kernels import available_backends
-from safedpo_kernels.integrations.hf import router_config
+from safedpo_kernels.integrations.hf import compile_context, router_config
 from safedpo_kernels.loss import safety_transform
 from safedpo_kernels.options import LossOptions
 
@@ -235,6 +236,7 @@ class Run:
             # The whole forward and loss: the decoder (with graph breaks where transformers' code has them)
             # and the kernels, which are torch.library ops with fake implementations (no break of their own).
             self.wrapped = torch.compile(self.wrapped, backend=cfg.compile_backend)
+        self.step_context = compile_context(self.policy.model) if cfg.compile else contextlib.nullcontext()
         params = [p for p in self.policy.parameters() if p.requires_grad]
         # foreach kernels take a list of DTensors or of plain tensors, not both (tensor parallel alone has both)
         foreach = False if cfg.tensor_parallel > 1 and dd.data_world == 1 else None
@@ -350,7 +352,8 @@ class Run:
         """One optimizer step over a global batch; then its metrics, evaluation and checkpoint as configured."""
         cfg, dd = self.cfg, self.dd
         start = time.perf_counter()
-        stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, dd, self.aux_coef)
+        with self.step_context:
+            stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, dd, self.aux_coef)
         clip = clip_grad_norm if cfg.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
         grad_norm = clip(list(self.policy.parameters()), cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
         self.optimizer.step()

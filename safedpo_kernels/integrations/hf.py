@@ -18,6 +18,7 @@ No import of transformers here: these read the model objects they are given.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import NamedTuple, Optional
 
@@ -113,6 +114,30 @@ def check_linear_head(model, transform: dict, instead: str = "loss_input: logits
             f"logit_scale={transform['logit_scale']}, softcap={transform['softcap']} (largest difference {diff:.3g}); "
             f"the fused-linear kernels do not know this model's logit transform. Use {instead}."
         )
+
+
+def uses_hub_kernel_funcs(model) -> bool:
+    """Whether a module of ``model`` routes functions through the ``kernels`` package's per-instance
+    wrappers (transformers >= 5.25 with ``kernels`` installed: every attention layer's rotary embedding)."""
+    return any("_kernel_funcs" in vars(m) for m in model.modules())
+
+
+def compile_context(model):
+    """The dynamo setting a compiled forward and backward of ``model`` needs, as a context to run the
+    compiled step in (a null context where none is needed).
+
+    A hub-kernel wrapper (``uses_hub_kernel_funcs``) sets a module-level variable and restores it around
+    every forward. Under activation checkpointing dynamo traces each layer inside a higher-order op that
+    refuses mutations of outer state, so every checkpointed layer breaks the graph. Replaying that
+    set-and-restore in the recomputation is a no-op, so dynamo may skip it there:
+    ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True`` (the setting users of
+    their own compiled loops need too). Scoped to the step, so the rest of the program keeps dynamo's
+    default."""
+    if not uses_hub_kernel_funcs(model):
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 def router_config(model) -> Optional[dict]:
@@ -237,5 +262,6 @@ class CausalLMLoss:
         return ModelLoss(out, aux)
 
 
-__all__ = ["text_config", "logit_transform", "lm_head", "check_linear_head", "router_config", "router_aux_loss",
+__all__ = ["text_config", "logit_transform", "uses_hub_kernel_funcs", "compile_context", "lm_head", "check_linear_head",
+           "router_config", "router_aux_loss",
            "CausalLMLoss", "PairLoss", "ModelLoss", "LOSS_INPUTS"]

@@ -43,7 +43,7 @@ from ..dispatch import BACKENDS
 from ..labels import labels_from_completion_mask
 from ..loss import SafeDPOOutput
 from ..options import LOSS_TYPES, LossOptions
-from .hf import CausalLMLoss, PairLoss
+from .hf import CausalLMLoss, PairLoss, compile_context
 from .rows import preference_pair, safety_flag
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
@@ -169,6 +169,7 @@ class SafeDPOTrainer(DPOTrainer):
                                          validate=not args.torch_compile)
         if args.fused_loss_input == "linear":
             _add_fused_linear_loss(base, self.loss_adapter)
+        self._compile_context = compile_context(base) if args.torch_compile else contextlib.nullcontext()
 
     @staticmethod
     def _check_supported(args: SafeDPOConfig) -> None:
@@ -246,11 +247,12 @@ class SafeDPOTrainer(DPOTrainer):
         if options.average:  # TRL's reference log-probs are sums
             ref = ref / (labels != -100).sum(-1).clamp(min=1)
         request = PairLoss(ref, inputs["chosen_safe"], inputs["rejected_safe"], options)
-        if args.fused_loss_input == "linear":
-            *fields, aux_loss = model(**self._model_kwargs(inputs), safedpo_linear=(labels, request))
-            out = SafeDPOOutput(*fields)
-        else:
-            out, aux_loss = self.loss_adapter(model, self._model_kwargs(inputs), labels, loss=request)
+        with self._compile_context:
+            if args.fused_loss_input == "linear":
+                *fields, aux_loss = model(**self._model_kwargs(inputs), safedpo_linear=(labels, request))
+                out = SafeDPOOutput(*fields)
+            else:
+                out, aux_loss = self.loss_adapter(model, self._model_kwargs(inputs), labels, loss=request)
         loss = out.loss
         if getattr(self, "aux_loss_enabled", False) and aux_loss is not None:  # as TRL's DPOTrainer adds it
             loss = loss + self.router_aux_loss_coef * aux_loss

@@ -215,3 +215,30 @@ def test_a_transformers_older_than_the_tested_floor_is_refused():
         check_transformers("4.56.2")
     check_transformers("5.17.0")
     check_transformers(transformers.__version__)  # the installed one passes
+
+
+def test_compile_context_follows_the_hub_kernel_wrappers():
+    """compile_context sets dynamo's skip-side-effects-in-recomputation flag inside the context only, and
+    only for a model whose layers carry the kernels package's per-instance wrappers (transformers >= 5.25
+    with kernels installed); any other model gets a null context."""
+    import torch._dynamo
+
+    from safedpo_kernels._env import release
+    from safedpo_kernels.integrations.hf import compile_context, uses_hub_kernel_funcs
+
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    model = build("llama")
+    wrapped = uses_hub_kernel_funcs(model)
+    has_kernels = transformers.utils.import_utils.is_kernels_available()
+    if not has_kernels:
+        assert not wrapped
+    elif release(transformers.__version__) >= (5, 25):  # Llama's attention routes its rotary embedding through them
+        assert wrapped
+    assert not uses_hub_kernel_funcs(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    before = getattr(torch._dynamo.config, flag)
+    for _ in range(2):  # the context is entered once per training step
+        with compile_context(model):
+            assert getattr(torch._dynamo.config, flag) == (wrapped or before)
+        assert getattr(torch._dynamo.config, flag) == before
+    with compile_context(torch.nn.Linear(2, 2)):
+        assert getattr(torch._dynamo.config, flag) == before
