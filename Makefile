@@ -6,26 +6,51 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test train bench clean native
+.PHONY: test test-latest lock train bench clean native
 
 # The test extras (TRL 1.16, transformers 5.2x) need Python 3.11; say so before pip fails to resolve them.
 $(PYTHON):
 	@$(PY) -c 'import sys; sys.exit("make test / make train need Python >= 3.11 (TRL >= 1.16 does); this is " + sys.version.split()[0] + ": run PY=python3.11 make ..." if sys.version_info < (3, 11) else 0)'
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.test-deps: pyproject.toml requirements-cpu.txt | $(PYTHON)
-	$(PIP) install -q -r requirements-cpu.txt
-	$(PIP) install -q -e '.[test]'
+# Every package of the CPU set-up at the version the suite last passed with (requirements-lock.txt,
+# written by `make lock`); pyproject.toml keeps the ranges that people who install the library get.
+LOCK := requirements-lock.txt
+$(VENV)/.test-deps: pyproject.toml requirements-cpu.txt $(LOCK) | $(PYTHON)
+	$(PIP) install -q -c $(LOCK) -r requirements-cpu.txt
+	$(PIP) install -q -c $(LOCK) -e '.[test]'
 	touch $@
 
 # Build the C++ CPU kernels up front: a broken build fails here instead of silently falling back.
 native: $(VENV)/.test-deps
 	$(PYTHON) -c "import sys; from safedpo_kernels import native; ok = native.load(); print('native kernels:', native.build_info()); sys.exit(0 if ok else 1)"
 
-# The linter first (ruff, configured in pyproject.toml), then the suite.
+# The linter first (ruff, configured in pyproject.toml), then the suite on two workers (pytest-xdist;
+# tests/conftest.py gives each worker and the processes it starts one thread, and keeps the
+# multi-process tests on one worker).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 test: native
 	$(PYTHON) -m ruff check .
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# The same suite against the newest releases pyproject admits (torch stays at the CPU build's pin) in its
+# own venv: upstream drift shows here before it reaches a user. docs/versions.md says when to run it.
+LATEST := .venv-latest
+$(LATEST)/bin/python:
+	$(PY) -m venv $(LATEST)
+
+test-latest: | $(LATEST)/bin/python
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r requirements-cpu.txt -e '.[test]'
+	$(LATEST)/bin/python -c "import sys; from safedpo_kernels import native; sys.exit(0 if native.load() else 1)"
+	$(LATEST)/bin/python -m ruff check .
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+# Refresh the lock: the versions of .venv-latest once the suite has passed there.
+lock: test-latest
+	{ echo "# The CPU set-up of make test / make train: the versions the suite passed with (make test-latest)."; \
+	  echo "# Written by 'make lock' on $$(date -u +%Y-%m-%d), Python $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version())'); do not edit by hand."; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' \
+	  | awk -F'==' '{ n = tolower($$1); gsub(/[-_.]+/, "-", n); print n "==" $$2 }' | LC_ALL=C sort; } > $(LOCK)
 
 # The main job: the embedded toy safety task, SFT then SafeDPO on three seeds, ending with a table
 # (runs/experiments/). ISA=avx2 (or avx512, default) computes as a machine with that instruction set does.
@@ -42,4 +67,4 @@ bench: native $(VENV)/.bench-deps
 	$(PYTHON) -m bench.parallel_scale
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) .pytest_cache .benchmarks

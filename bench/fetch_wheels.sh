@@ -4,9 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-# The versions pyproject's bench and test extras pin (make test's dry run checks our calls into them).
-python3 -m pip download --no-deps --dest .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+# name==version as requirements-lock.txt pins it: the versions make test (and the dry run's calls into them) passed with.
+pin() {
+    local line
+    line=$(grep -i -E "^$1==" requirements-lock.txt) || { echo "fetch_wheels.sh: $1 is not in requirements-lock.txt" >&2; exit 1; }
+    echo "$line"
+}
+python3 -m pip download --no-deps --dest .whl "$(pin liger-kernel)" "$(pin cut-cross-entropy)"
 # pytest-xdist (and execnet, its one dependency): the kernel tests compile about a hundred Triton
 # specializations on a cold cache; eight workers keep that inside the tests stage's time limit.
-python3 -m pip download --no-deps --dest .whl pytest-xdist==3.8.0 execnet==2.1.2
+python3 -m pip download --no-deps --dest .whl "$(pin pytest-xdist)" "$(pin execnet)"
 ls -l .whl

@@ -7,14 +7,46 @@ safedpo_kernels.triton is first imported, hence the environment variable is set 
 
 import os
 
-import pytest
-import torch
+# make test runs two pytest-xdist workers on two cores: each worker, and every process it starts (torchrun
+# ranks, gloo workers, subprocess runs), computes on one thread, so that they do not oversubscribe the cores.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if XDIST_WORKER:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import locked_versions  # noqa: E402
 from safedpo_kernels import available_backends  # noqa: E402
+
+REPORTED = ("torch", "triton", "numpy", "transformers", "kernels", "accelerate", "peft", "trl", "datasets",
+            "liger-kernel", "cut-cross-entropy", "pytest-xdist")
+
+
+def pytest_report_header(config):
+    """The versions this run tests, and whether they are the ones requirements-lock.txt pins."""
+    from importlib import metadata
+
+    pins = locked_versions()
+    found, off = [], []
+    for name in REPORTED:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "absent"
+        found.append(f"{name} {version}")
+        if pins.get(name) != version.split("+")[0]:
+            off.append(f"{name} {version} (lock: {pins.get(name, 'not pinned')})")
+    return [f"versions: {', '.join(found)}",
+            "all as requirements-lock.txt pins" if not off else f"not the lock's: {', '.join(off)}"]
 
 
 def _cases():

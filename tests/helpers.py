@@ -1,6 +1,8 @@
 """Helpers of the kernel tests: error measures, the contract's tolerances, the sequence_logps run and
 its float64 oracle, random inputs (odd sizes, masked prompts, padding, a fully ignored row, all four
-safety combinations) and packing."""
+safety combinations) and packing; and the versions requirements-lock.txt pins."""
+
+from pathlib import Path
 
 import torch
 
@@ -92,3 +94,21 @@ def random_case(N, T, V, dtype, device, seed, extra_positions=0):
     labels = make_labels(N, T, V, gen, device)
     return logits, labels, torch.randn(N, generator=gen).to(device)
 
+
+
+LOCK = Path(__file__).resolve().parent.parent / "requirements-lock.txt"
+
+
+def locked_versions() -> dict:
+    """{canonical package name: version} of requirements-lock.txt (make test's set-up installs these)."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"{LOCK.name}: {line!r} is not name==version"
+            assert canonicalize_name(name) not in pins, f"{LOCK.name}: {name} pinned twice"
+            pins[canonicalize_name(name)] = version
+    return pins

@@ -68,3 +68,32 @@ def test_flash_attention_is_a_gpu_extra_only():
     for name in used:
         assert not any("flash" in d for d in extras[name]), name
     assert "flash" not in (ROOT / "requirements-cpu.txt").read_text()
+
+
+def test_the_lock_pins_every_requirement_inside_pyprojects_ranges():
+    """requirements-lock.txt (what make test installs) pins every package pyproject names for the CPU
+    set-up, each at a version inside pyproject's range, and torch at requirements-cpu.txt's CPU pin."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from helpers import locked_versions
+
+    pins = locked_versions()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra, requirements in project["optional-dependencies"].items():
+        if extra != "gpu":  # flash-attn: GPU machines only
+            wanted += requirements
+    checked = 0
+    for line in wanted:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} ({line}) is not pinned in requirements-lock.txt: run make lock"
+        assert req.specifier.contains(pins[name], prereleases=True), f"the lock's {name}=={pins[name]} is outside {line!r}"
+        checked += 1
+    assert checked >= 20, checked
+    cpu = [Requirement(r) for r in (ROOT / "requirements-cpu.txt").read_text().splitlines() if r and not r.startswith("#")]
+    assert [(canonicalize_name(r.name), str(r.specifier)) for r in cpu] == [("torch", f"=={pins['torch']}")]

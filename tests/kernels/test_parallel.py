@@ -26,6 +26,9 @@ from safedpo_kernels import (
 )
 from safedpo_kernels.parallel import traffic
 
+# several CPU processes per test: one such test at a time (make test runs xdist with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("processes")
+
 BACKENDS = [b for b in available_backends("cpu")]
 
 

@@ -83,6 +83,7 @@ def test_precompute_and_live_reference_give_the_same_loss(task, tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
 
 
+@pytest.mark.xdist_group("processes")
 def test_torchrun_two_processes_match_one(task, tmp_path):
     """2 ranks x 2 pairs (gloo) versus 1 rank x 4 pairs: the same global batches, the same losses."""
     from safedpo.train import train
@@ -121,6 +122,7 @@ def test_sharded_training_on_a_torch_that_trains_it_differently_is_refused(monke
     assert isinstance(distributed.wrap_distributed(torch.nn.Linear(2, 2), fsdp, dd), torch.nn.Linear)
 
 
+@pytest.mark.xdist_group("processes")
 @needs_sharded_torch
 def test_fsdp_resume_is_bitwise_equal(task, tmp_path):
     """FSDP2 on 2 gloo ranks: sharded checkpoints (torch.distributed.checkpoint); an interrupted run resumed
