@@ -158,21 +158,28 @@ def write_atomically(root: Path, name: str, write) -> Path:
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, keep: int = 0,
-                    config: Optional[dict] = None) -> Path:
+                    config: Optional[dict] = None, counters: Optional[dict] = None) -> Path:
     """The training state after ``step``; with ``keep`` > 0 only the newest ``keep`` checkpoints remain.
-    ``config``: the run's configuration, kept in meta.json so that a resume can compare it."""
+    ``config``: the run's configuration, kept in meta.json so that a resume can compare it; ``counters``:
+    the run's own counts that a resume continues (``saved_counters``)."""
     tensors, plain = rng_state()
 
     def write(tmp: Path) -> None:
         torch.save(dict(model=model_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         rng=tensors), tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, rng=plain, config=config)))
+        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, rng=plain, config=config,
+                                                       counters=counters or {})))
 
     final = write_atomically(Path(output_dir) / "checkpoints", f"step-{step}", write)
     if keep > 0:
         for old in checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def saved_counters(path: Path) -> dict:
+    """The counters a checkpoint's run kept (``save_checkpoint``'s ``counters``; {} when none)."""
+    return json.loads((Path(path) / "meta.json").read_text()).get("counters") or {}
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple:
@@ -192,7 +199,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple:
 
 
 def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, rank: int,
-                            world: int, barrier, keep: int = 0, config: Optional[dict] = None) -> Path:
+                            world: int, barrier, keep: int = 0, config: Optional[dict] = None,
+                            counters: Optional[dict] = None) -> Path:
     """FSDP: every rank writes its own shards of the model and optimizer (torch.distributed.checkpoint)
     and its RNG states; rank 0 the scheduler and meta.json, then renames the directory when all are
     done. A collective: every rank calls it."""
@@ -214,7 +222,7 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, sched
     if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, world=world, sharded=True,
-                                                       config=config)))
+                                                       config=config, counters=counters or {})))
     barrier()
     if rank == 0:
         for sub in [tmp / "shards", tmp]:

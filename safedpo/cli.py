@@ -19,10 +19,19 @@ import sys
 
 def _train(args) -> int:
     from .config import load_config
+    from .guards import INTERRUPTED_STATUS, NONFINITE_STATUS, Interrupted, NonFiniteError
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except NonFiniteError as exc:
+        print(f"safedpo: error: {exc}", file=sys.stderr)
+        return NONFINITE_STATUS
+    except Interrupted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"safedpo: {exc}", file=sys.stderr, flush=True)
+        return INTERRUPTED_STATUS
     if "loss" in result and os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, float) or v == v}, default=str))
     return 0

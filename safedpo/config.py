@@ -25,6 +25,8 @@ from safedpo_kernels.dispatch import BACKENDS
 from safedpo_kernels.integrations.hf import LOSS_INPUTS
 from safedpo_kernels.options import LOSS_TYPES, REDUCTIONS, LossOptions
 
+from .guards import NONFINITE_MODES
+
 MODES = ("safedpo", "dpo-helpful", "dpo-harmless", "dpo-safebetter", "noswap")
 
 
@@ -103,6 +105,9 @@ class TrainConfig:
     save_total_limit: int = key(0, "keep only the newest k checkpoints; 0: keep all")
     resume: str = key("auto", "auto (latest checkpoint in output_dir, if any) | none | a checkpoint directory")
     resume_check: bool = key(True, "refuse a checkpoint trained under another configuration; false: continue anyway")
+    nonfinite: str = key("error", "a non-finite loss or gradient: error (stop, naming the step; no update) | skip "
+                                  "(skip that update)")
+    max_nonfinite_steps: int = key(3, "nonfinite: skip stops the run after this many consecutive skipped steps")
     tensorboard: bool = key(False, "also write TensorBoard events under output_dir/tensorboard")
     fsdp: bool = key(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
     tensor_parallel: int = key(1, "ranks sharing each LM head (and the decoder's layers where the model's tp_plan allows); "
@@ -122,12 +127,12 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """ValueError naming the first key whose value is out of range or inconsistent."""
         choices = dict(mode=MODES, loss_input=LOSS_INPUTS, reference=("precompute", "live"), loss_type=LOSS_TYPES,
-                       reduction=REDUCTIONS, device=("auto", "cuda", "cpu"), backend=BACKENDS)
+                       reduction=REDUCTIONS, device=("auto", "cuda", "cpu"), backend=BACKENDS, nonfinite=NONFINITE_MODES)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         positive = ("batch_size", "grad_accum", "max_length", "max_prompt_length", "max_steps", "log_every",
-                    "generation_samples", "max_new_tokens")
+                    "generation_samples", "max_new_tokens", "max_nonfinite_steps")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")

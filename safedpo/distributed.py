@@ -60,6 +60,13 @@ class Dist:
             dist.all_reduce(t, group=self._data_group)
         return t.tolist()
 
+    def max(self, values) -> list:
+        """``values`` maxed over every rank (tensor-parallel ranks too): flags all ranks must agree on."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def barrier(self):
         if self.world > 1:
             dist.barrier()

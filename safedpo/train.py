@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from safedpo_kernels.loss import safety_transform
 from safedpo_kernels.options import LossOptions
 
 from .checkpoint import (
+    latest_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
     remove_leftovers,
@@ -34,6 +36,7 @@ from .checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
     saved_config,
+    saved_counters,
     seed_everything,
 )
 from .collate import batch_stream, make_batch
@@ -41,6 +44,7 @@ from .config import TrainConfig, config_json
 from .data import data_sources, load_examples
 from .distributed import Dist, clip_grad_norm, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
+from .guards import Interrupted, NonFiniteError, StopSignals, finite_or_none, grads_finite, weights_finite
 from .model import PolicyLogps, apply_lora, build_model, check_token_ids, config_tokenizer, quiet_libraries
 from .outputs import prepare_dir, writing
 from .progress import Progress
@@ -58,7 +62,8 @@ def cosine_schedule(optimizer, warmup: int, total: int):
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard when asked), written by the main process only."""
+    """metrics.jsonl (and TensorBoard when asked), written by the main process only. Strict JSON: a
+    non-finite number (a diverged step's loss) is written as null."""
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
         self.path = out_dir / "metrics.jsonl"
@@ -75,8 +80,9 @@ class MetricsLog:
     def write(self, record: dict, step=None) -> None:
         if self.file is None:
             return
+        record = finite_or_none(record)
         with writing("metrics", self.path):
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
         if self.writer and step is not None:
             for k, v in record.items():
@@ -88,6 +94,7 @@ class MetricsLog:
             self.file.close()
         if self.writer:
             self.writer.close()
+        self.file = self.writer = None
 
 
 # What a run leaves in its output directory (besides config.yaml, which every start rewrites).
@@ -121,15 +128,19 @@ def prepare_output_dir(out_dir: Path, overwrite: bool, resume: str) -> None:
                 path.unlink()
 
 
-def refuse_another_run(out_dir: Path) -> None:
+def refuse_another_run(out_dir: Path, resume: str) -> None:
     """Starting afresh over another run's files would mix two runs (and a later resume: auto would pick up
-    the other one): refuse, saying what to do instead."""
+    the other one): refuse, saying what to do instead (with resume: auto, that there is no checkpoint)."""
     previous = [name for name in RUN_FILES[:3] if (out_dir / name).exists()]
-    if previous:
-        raise ValueError(
-            f"output_dir {str(out_dir)!r} holds another run ({', '.join(previous)}): set resume: auto to continue it, "
-            "another output_dir, or overwrite_output_dir: true to delete it and start afresh"
-        )
+    if not previous:
+        return
+    held = f"output_dir {str(out_dir)!r} holds another run ({', '.join(previous)})"
+    if resume == "auto":
+        raise ValueError(f"{held} but no checkpoint to continue (it stopped before its first save: save_every sets how "
+                         "often it saves); start afresh with overwrite_output_dir: true (deleting its files), or choose "
+                         "another output_dir")
+    raise ValueError(f"{held}: set resume: auto to continue it, another output_dir, or overwrite_output_dir: true to "
+                     "delete it and start afresh")
 
 
 def config_changes(saved: dict, now: dict) -> list:
@@ -164,7 +175,8 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
     divided by the kept pairs of the whole global batch (known from the safety flags before any
     forward), so the step's gradient is that of the global mean (or sum) however the batch is split.
     A mixture-of-experts router's load-balancing loss is added with ``aux_coef`` (as TRL does), averaged
-    over the micro-batches, and logged as aux_loss.
+    over the micro-batches, and logged as aux_loss. ``micro_losses``: this rank's loss of each micro-batch
+    (what was backpropagated); ``nonfinite_pairs``: the per-pair outputs of those that are not finite.
     """
     kept_here = sum(int(safety_transform(b["chosen_safe"], b["rejected_safe"], options).kept.sum()) for b in micro)
     (global_kept,) = dd.sum([kept_here])
@@ -173,8 +185,9 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
     scale = dd.data_world / max(global_kept, 1.0) if options.reduction == "mean" else float(dd.data_world)
     per_batch = options.replace(reduction="sum")
     loss_sum = correct = margin = tokens = aux_sum = 0.0
+    micro_losses, nonfinite_pairs = [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dd.device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for b in micro:
+    for i, b in enumerate(micro):
         with autocast:
             out, aux = wrapped(b, loss=per_batch, ref_logps=reference(b))
         total = out.loss * scale
@@ -182,6 +195,9 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
             total = total + aux_coef * aux / len(micro)
             aux_sum += float(aux.detach()) / len(micro)
         total.backward()
+        micro_losses.append(float(total.detach()))
+        if not math.isfinite(micro_losses[-1]):  # what the diagnosis of a non-finite step shows
+            nonfinite_pairs.append(dict(micro_batch=i, **{k: getattr(out, k).tolist() for k in PAIR_FIELDS}))
         loss_sum += float(out.loss.detach())
         c, m = reward_stats(out)
         correct += c
@@ -193,7 +209,12 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
     stats = dict(loss=loss, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
     if aux_coef:
         stats["aux_loss"] = aux_sum / dd.data_world
+    stats.update(micro_losses=micro_losses, nonfinite_pairs=nonfinite_pairs)
     return stats
+
+
+# The per-pair outputs a non-finite step's diagnosis keeps.
+PAIR_FIELDS = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards", "kept")
 
 
 class Run:
@@ -213,7 +234,7 @@ class Run:
         dd.barrier()
         ckpt = resume_point(cfg.resume, self.out_dir)
         if ckpt is None and dd.main:
-            refuse_another_run(self.out_dir)
+            refuse_another_run(self.out_dir, cfg.resume)
         if ckpt is not None:
             self._check_resume(ckpt)
         if dd.main:
@@ -247,6 +268,11 @@ class Run:
         self.evaluator = dd.main or self.sharded
 
         self.step_count, self.position = 0, 0
+        # nonfinite: skip's counts (kept in checkpoints, so that a resume continues them exactly)
+        self.counters = dict(skipped_steps=0, consecutive_skips=0)
+        self.diagnosed = False  # the first non-finite step of this process is described in a file
+        self.batch_pairs: list = []  # this step's global batch: pair indices per micro-batch
+        self.saved_at = None  # the step of the newest checkpoint of this run, once there is one
         if ckpt is not None:
             self._restore(ckpt)
         self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * dd.data_world, cfg.seed,
@@ -321,42 +347,71 @@ class Run:
                                                                      self.dd.rank, self.dd.world)
         else:
             self.step_count, self.position = load_checkpoint(ckpt, self.policy.model, self.optimizer, self.scheduler)
+        self.counters.update(saved_counters(ckpt))
+        self.saved_at = self.step_count
         if self.dd.main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
             print(f"safedpo: resumed from {ckpt} at step {self.step_count}", file=sys.stderr, flush=True)
 
     def save(self) -> None:
-        """A checkpoint of this step: FSDP shards from every rank, or the whole state from the main process."""
+        """A checkpoint of this step: FSDP shards from every rank, or the whole state from the main process.
+        Every rank calls it. Non-finite weights (on any rank) are never saved: NonFiniteError instead, so
+        that save_total_limit's rotation never removes the newest finite checkpoint."""
         dd, cfg = self.dd, self.cfg
+        if dd.max([float(not weights_finite(self.policy.model))])[0]:
+            raise NonFiniteError(f"step {self.step_count}: the model's weights are non-finite; nothing was saved. "
+                                 f"{self._last_good()}")
         if self.sharded:
             save_sharded_checkpoint(self.out_dir, self.step_count, self.policy, self.optimizer, self.scheduler, self.position,
-                                    dd.rank, dd.world, dd.barrier, cfg.save_total_limit, self.run_config)
+                                    dd.rank, dd.world, dd.barrier, cfg.save_total_limit, self.run_config, self.counters)
         elif dd.main:
             save_checkpoint(self.out_dir, self.step_count, self.policy.model, self.optimizer, self.scheduler, self.position,
-                            cfg.save_total_limit, self.run_config)
+                            cfg.save_total_limit, self.run_config, self.counters)
+        self.saved_at = self.step_count
+
+    def _last_good(self) -> str:
+        """Where the run can continue from, for the message of a stopped run."""
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            return "No checkpoint was written yet (save_every), so a rerun starts afresh (overwrite_output_dir: true)."
+        return f"The last good checkpoint is {ckpt} (resume: auto continues from it)."
 
     def evaluate(self) -> dict:
         return evaluate_pairs(self.policy, self.reference, self.eval_set, self.cfg, self.tok.pad_token_id, self.packed,
                               self.dd.device)
 
     def _micro_batches(self) -> list:
-        micro = []
+        micro, self.batch_pairs = [], []
         for _ in range(self.cfg.grad_accum):
             position, indices = next(self.stream)
             self.position = position + 1  # the stream position after this batch
+            self.batch_pairs.append([int(i) for i in indices])
             indices = rank_slice(indices, self.dd.data_rank, self.dd.data_world)
             micro.append(make_batch(self.train_set, indices, self.tok.pad_token_id, self.packed, self.dd.device))
         return micro
 
     def step(self) -> None:
-        """One optimizer step over a global batch; then its metrics, evaluation and checkpoint as configured."""
+        """One optimizer step over a global batch; then its metrics, evaluation and checkpoint as configured.
+        A non-finite loss or gradient on any rank applies no update (see guards.py): nonfinite: error stops
+        the run here (NonFiniteError), nonfinite: skip counts the step as taken without changing the weights."""
         cfg, dd = self.cfg, self.dd
         start = time.perf_counter()
         with self.step_context:
             stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, dd, self.aux_coef)
-        clip = clip_grad_norm if cfg.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
-        grad_norm = clip(list(self.policy.parameters()), cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
-        self.optimizer.step()
+        micro_losses, nonfinite_pairs = stats.pop("micro_losses"), stats.pop("nonfinite_pairs")
+        params = list(self.policy.parameters())
+        # one all-reduce: the gradients' flag and each micro-batch's, so that every rank takes the same branch
+        flags = dd.max([float(not grads_finite(params))] + [float(not math.isfinite(v)) for v in micro_losses])
+        bad_micro = [i for i, f in enumerate(flags[1:]) if f]
+        nonfinite = "loss" if bad_micro else "gradients" if flags[0] else None
+        grad_norm = None
+        if nonfinite is None:
+            clip = clip_grad_norm if cfg.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(params, cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
+            self.optimizer.step()
+            self.counters["consecutive_skips"] = 0
+        else:
+            self._nonfinite(nonfinite, bad_micro, micro_losses, nonfinite_pairs)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
@@ -365,6 +420,8 @@ class Run:
         self.last = dict(step=self.step_count, **stats, lr=self.scheduler.get_last_lr()[0],
                          grad_norm=float(grad_norm) if grad_norm is not None else None,
                          tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
+        if nonfinite is not None:
+            self.last.update(skipped=True, nonfinite=nonfinite, skipped_steps=self.counters["skipped_steps"])
         if cfg.eval_every and self.step_count % cfg.eval_every == 0 and self.eval_set and self.evaluator:
             self.last.update(self.evaluate())
         if dd.main:
@@ -376,6 +433,60 @@ class Run:
         if cfg.save_every and self.step_count % cfg.save_every == 0 and self.step_count < self.end:
             self.save()
         dd.barrier()
+
+    def _nonfinite(self, what: str, bad_micro: list, micro_losses: list, nonfinite_pairs: list) -> None:
+        """A non-finite step (``what``: "loss" or "gradients"; the micro-batches whose loss was non-finite on
+        some rank): described in a file the first time, then NonFiniteError, or with nonfinite: skip counted
+        (and NonFiniteError after max_nonfinite_steps in a row). The gradients are dropped by the caller."""
+        cfg, dd = self.cfg, self.dd
+        step = self.step_count + 1
+        n = len(micro_losses)
+        where = (f"the loss of micro-batch {', '.join(str(i + 1) for i in bad_micro)} of {n} is not finite" if what == "loss"
+                 else f"the gradients are not finite (the loss of each of the {n} micro-batches was)")
+        described = ""
+        if dd.main and not self.diagnosed:
+            self.diagnosed = True
+            path = self.out_dir / f"nonfinite-step-{step}.json"
+            record = dict(step=step, nonfinite=what, micro_batches=[i + 1 for i in bad_micro], world=dd.world,
+                          pairs=self.batch_pairs, micro_losses=micro_losses, nonfinite_pairs=nonfinite_pairs,
+                          lr=self.scheduler.get_last_lr()[0])
+            with writing("the non-finite step's description", path):
+                path.write_text(json.dumps(finite_or_none(record), allow_nan=False, indent=1) + "\n")
+            described = f" {path} lists its pairs (indices into the training data, per micro-batch) and losses."
+        self.log.write(dict(event="nonfinite", step=step, nonfinite=what, micro_batches=[i + 1 for i in bad_micro],
+                            action=cfg.nonfinite))
+        if cfg.nonfinite == "error":
+            raise NonFiniteError(f"step {step}: {where}. The update was not applied and nothing was saved. "
+                                 f"{self._last_good()} Lower lr, keep clip_grad_norm on, or set nonfinite: skip to skip "
+                                 f"such steps.{described}")
+        self.counters["skipped_steps"] += 1
+        self.counters["consecutive_skips"] += 1
+        if dd.main:
+            print(f"safedpo: step {step}: skipped ({where})", file=sys.stderr, flush=True)
+        if self.counters["consecutive_skips"] >= cfg.max_nonfinite_steps:
+            raise NonFiniteError(f"steps {step - self.counters['consecutive_skips'] + 1}-{step}: "
+                                 f"{self.counters['consecutive_skips']} non-finite steps in a row "
+                                 f"(max_nonfinite_steps: {cfg.max_nonfinite_steps}); the weights are those of step "
+                                 f"{step - self.counters['consecutive_skips']}. {self._last_good()}")
+
+    def stop_if_asked(self, signum) -> None:
+        """Interrupted (after writing a checkpoint of this step, unless one exists) when a stop signal
+        reached any rank: the ranks agree through one all-reduce, so all stop after the same step."""
+        asked = int(self.dd.max([float(signum or 0)])[0]) if self.dd.world > 1 else int(signum or 0)
+        if not asked:
+            return
+        if self.saved_at != self.step_count:  # known alike on every rank (no file-system look-up)
+            self.save()
+        ckpt = self.out_dir / "checkpoints" / f"step-{self.step_count}"
+        self.log.write(dict(event="interrupted", step=self.step_count, signal=signal.Signals(asked).name,
+                            checkpoint=str(ckpt)))
+        raise Interrupted(f"stopped by {signal.Signals(asked).name} after step {self.step_count} of {self.cfg.max_steps}; "
+                          f"checkpoint {ckpt} is written: the same command (resume: auto) continues the run",
+                          asked, self.step_count, str(ckpt))
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
 
     def finish(self) -> dict:
         """A last evaluation (unless the last step had one), the final checkpoint and model (with LoRA: the
@@ -400,9 +511,18 @@ class Run:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns the last logged metrics (rank 0) and the output directory."""
-    run = Run(cfg)
-    run.policy.train()
-    while run.step_count < run.end:
-        run.step()
-    return run.finish()
+    """Run training as configured; returns the last logged metrics (rank 0) and the output directory.
+
+    NonFiniteError: stopped on a non-finite loss, gradient or weight (nothing non-finite is saved).
+    Interrupted: stopped by SIGTERM / SIGINT after checkpointing (the same call, resume: auto, continues)."""
+    with StopSignals() as signals:
+        run = Run(cfg)
+        try:
+            run.policy.train()
+            while run.step_count < run.end:
+                run.stop_if_asked(signals.signum)
+                run.step()
+            run.stop_if_asked(signals.signum)
+            return run.finish()
+        finally:
+            run.close()

@@ -257,11 +257,32 @@ class SafeDPOTrainer(DPOTrainer):
         if getattr(self, "aux_loss_enabled", False) and aux_loss is not None:  # as TRL's DPOTrainer adds it
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        if mode == "train":
+            self._refuse_nonfinite(loss, out, inputs)
         self._log_metrics(mode, out)
         if return_outputs:
             with torch.no_grad():
                 return loss, model(**self._model_kwargs(inputs))
         return loss
+
+    def _refuse_nonfinite(self, loss: torch.Tensor, out: SafeDPOOutput, inputs: dict) -> None:
+        """FloatingPointError, on every process alike (one all-reduce), when a training batch's loss is not
+        finite on any of them, naming the step and the batch, before any gradient of it exists. The
+        Trainer would otherwise apply that update (its logging_nan_inf_filter only keeps the NaN out of
+        the logged loss), and every weight would be NaN from then on."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bad.item():
+            return
+        here = "" if torch.isfinite(loss.detach()) else (
+            f"; this process's {out.chosen_logps.numel()} pairs have chosen log-probs {out.chosen_logps.tolist()}, "
+            f"rejected {out.rejected_logps.tolist()} (after the safety transform) and completion lengths "
+            f"{inputs['completion_mask'].sum(-1).tolist()} (chosen rows, then rejected)")
+        raise FloatingPointError(
+            f"SafeDPOTrainer: the training loss at step {self.state.global_step + 1} is not finite on {int(bad.item())} of "
+            f"{self.accelerator.num_processes} processes{here}. Not training on it: lower learning_rate, keep max_grad_norm "
+            "on, check the batch's data, and resume from the last checkpoint (resume_from_checkpoint)")
 
     def _log_metrics(self, mode: str, out: SafeDPOOutput) -> None:
         gather = self.accelerator.gather_for_metrics

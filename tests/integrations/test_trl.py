@@ -319,3 +319,22 @@ def test_trl_example_runs(stand_ins, tmp_path):
     out = run_example(["examples/trl_safedpo.py", "--model", stand_ins["model"], "--dataset", stand_ins["train_jsonl"],
                        "--steps", "2", "--output-dir", str(tmp_path)])
     assert "'loss'" in out or "train_loss" in out
+
+
+def test_a_non_finite_training_loss_is_refused_with_the_batch(stand_ins, tmp_path):
+    """A policy whose weights went NaN: the first training batch's loss is not finite, and SafeDPOTrainer
+    stops with the step and the batch's log-probs before any update (TRL's Trainer would apply it, only
+    keeping the NaN out of its logged loss)."""
+    from transformers import AutoModelForCausalLM
+
+    def diverged():
+        model = AutoModelForCausalLM.from_pretrained(stand_ins["model"])
+        with torch.no_grad():
+            model.model.norm.weight[0] = float("nan")
+        return model
+
+    ours = our_trainer(stand_ins, tmp_path, make_model=diverged, delta=2.0)
+    with pytest.raises(FloatingPointError, match=r"the training loss at step 1 is not finite on 1 of 1 processes; "
+                                                 r"this process's 4 pairs have chosen log-probs \[nan"):
+        ours.train()
+    assert ours.state.global_step == 0

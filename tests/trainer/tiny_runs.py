@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -50,15 +51,42 @@ def losses(out_dir):
     return [r["loss"] for r in map(json.loads, open(Path(out_dir) / "metrics.jsonl")) if "loss" in r and "event" not in r]
 
 
-def torchrun(cfg, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``safedpo train`` on ``cfg`` under torchrun with ``nproc`` local processes; fails the test with
-    the end of their stderr when the run fails."""
+def torchrun(cfg, nproc: int = 2, timeout: int = 600, fault: Optional[dict] = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """``safedpo train`` on ``cfg`` under torchrun with ``nproc`` local processes (with a ``fault``, see
+    ``safedpo_train``); unless ``check`` is off, fails the test with the end of their stderr when the run
+    fails."""
+    return safedpo_train(cfg, fault, timeout, check,
+                         # --standalone: a local rendezvous on a free port, so parallel runs do not collide
+                         launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
+
+
+FAULT_HOOK = """
+import os
+if os.environ.get("SAFEDPO_TEST_FAULT"):
+    import faults
+    faults.install(os.environ["SAFEDPO_TEST_FAULT"], int(os.environ["SAFEDPO_TEST_FAULT_STEP"]),
+                   os.environ.get("SAFEDPO_TEST_FAULT_RANK"))
+"""
+
+
+def safedpo_train(cfg, fault: Optional[dict] = None, timeout: int = 600, check: bool = True,
+                  launcher=()) -> subprocess.CompletedProcess:
+    """``python [launcher] -m safedpo train`` on ``cfg``. ``fault``: {mode, step, rank (optional)} of
+    faults.install, installed in every process by a sitecustomize module before the run starts."""
     cfg_file = Path(cfg.output_dir).with_suffix(".yaml")
     cfg.save(cfg_file)
-    # --standalone: a local rendezvous on a free port, so parallel runs on one machine do not collide.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "safedpo",
-           "train", "--config", str(cfg_file)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stderr[-4000:]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if fault is not None:
+        hook = cfg_file.parent / f"{cfg_file.stem}-hook"
+        hook.mkdir(exist_ok=True)
+        (hook / "sitecustomize.py").write_text(FAULT_HOOK)
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), str(Path(__file__).parent), str(ROOT)])
+        env.update(SAFEDPO_TEST_FAULT=fault["mode"], SAFEDPO_TEST_FAULT_STEP=str(fault["step"]))
+        if fault.get("rank") is not None:
+            env["SAFEDPO_TEST_FAULT_RANK"] = str(fault["rank"])
+    cmd = [sys.executable, *launcher, "-m", "safedpo", "train", "--config", str(cfg_file)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if check:
+        assert res.returncode == 0, res.stderr[-4000:]
     return res
