@@ -32,6 +32,12 @@ def release(version: Optional[str] = None) -> tuple:
     return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
 
 
+def float32_rows(budget_bytes: int, width: int) -> int:
+    """Rows of a float32 (rows x width) buffer that fit in ``budget_bytes`` (at least 1): how every
+    chunked path sizes its chunks from its budget."""
+    return max(1, budget_bytes // (4 * width))
+
+
 def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = False) -> int:
     """The integer value of environment variable ``name`` (``default`` when unset or empty).
 

@@ -21,9 +21,9 @@ from ._checks import (
     check_pair_inputs,
     flat_labels,
 )
-from .autograd import autocast_operands, linear_safedpo_loss_op, linear_sequence_logps_op, sequence_logps_op
 from .dispatch import BACKENDS, resolve_backend
 from .loss import SafeDPOOutput, loss_from_logps
+from .ops import autocast_operands, linear_safedpo_loss_op, linear_sequence_logps_op, sequence_logps_op
 from .options import LossOptions
 from .parallel import Groups, check_consistent, unwrap
 

@@ -16,7 +16,7 @@ from typing import Iterator, Tuple
 
 import torch
 
-from ._env import chunk_bytes
+from ._env import chunk_bytes, float32_rows
 from ._layout import Layout
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -26,7 +26,7 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 def chunk_rows_for(vocab: int, device=None) -> int:
     """Rows per chunk such that one float32 (rows x vocab) temporary stays within SAFEDPO_CHUNK_BYTES."""
-    return max(1, chunk_bytes(device) // (4 * vocab))
+    return float32_rows(chunk_bytes(device), vocab)
 
 
 def _flat(x: torch.Tensor, layout: Layout):

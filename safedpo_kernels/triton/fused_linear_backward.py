@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import linear_chunk_bytes
+from .._env import float32_rows, linear_chunk_bytes
 from ._utils import Launch, cast_for_store
 from .fused_linear_forward import linear_logits_tile, tile_launch
 
@@ -59,7 +59,7 @@ def dlogits_launch(hidden, weight, bias, labels, lse, g, dz, logit_scale: float 
 def dlogits_chunk_rows(V: int, dtype: torch.dtype, device=None) -> int:
     """Rows per backward chunk: its (rows x V) logits, counted as float32, within SAFEDPO_LINEAR_CHUNK_BYTES
     (see _env.py; the gradient buffer itself is in the hidden dtype, half of that for bf16)."""
-    return max(1, linear_chunk_bytes(device) // (4 * V))
+    return float32_rows(linear_chunk_bytes(device), V)
 
 
 def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, logit_scale: float = 1.0,

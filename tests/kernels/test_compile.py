@@ -8,7 +8,8 @@ import torch
 from helpers import TOL, make_flags, make_labels, make_logits, max_scaled_err, pack, rel_err
 from safedpo_kernels import linear_safedpo_loss, safedpo_loss, safedpo_loss_from_logps, sequence_logps
 from safedpo_kernels._env import release
-from safedpo_kernels.autograd import (
+from safedpo_kernels.dispatch import resolve_backend
+from safedpo_kernels.ops import (
     linear_safedpo_loss_op,
     linear_sequence_logps_grad_op,
     linear_sequence_logps_op,
@@ -16,7 +17,6 @@ from safedpo_kernels.autograd import (
     sequence_logps_grad_op,
     sequence_logps_op,
 )
-from safedpo_kernels.dispatch import resolve_backend
 from safedpo_kernels.options import LOSS_TYPES
 
 

@@ -1,0 +1,168 @@
+"""safedpo::linear_safedpo_loss: the SafeDPO loss from hidden states and the LM head, with its gradients
+formed in the forward (3 matmuls over the tokens), its fake and its autograd formula (a scaling of the
+formed gradients by the upstream scalar)."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+
+from .._layout import Layout
+from ..chunking import PairChunk, loss_chunk_rows, plan_pair_chunks
+from ..dispatch import backend_module
+from ..loss import loss_and_logp_grad, loss_from_logps, safety_transform
+from ..options import LossOptions
+from ..parallel import Groups, resolve
+from ..reductions import combined_token_logps, kernel_labels, layout_of, n_seq, sequence_values, token_grads
+from ._support import first_order_only, no_autocast, no_grad_slot, nones, specs
+from .grads import LinearGrads, fake_grads
+
+
+class LinearHead(NamedTuple):
+    """How the labels and the LM head's output are read: ignore_index, and the logit transform
+    z = softcap * tanh(logit_scale * z0 / softcap) (or logit_scale * z0 without softcap)."""
+
+    ignore_index: int
+    logit_scale: float
+    softcap: Optional[float]
+
+
+@torch.library.custom_op("safedpo::linear_safedpo_loss", mutates_args=())
+def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                           ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
+                           cu_seqlens: Optional[torch.Tensor], ignore_index: int, logit_scale: float,
+                           softcap: Optional[float], beta: float, delta: float, swap: bool, drop_both_unsafe: bool,
+                           label_smoothing: float, loss_type: str, reduction: str, average: bool, backend: str,
+                           need_hidden: bool, need_weight: bool, need_bias: bool, vocab_group: str = "",
+                           context_group: str = "") -> List[torch.Tensor]:
+    """The SafeDPO loss from hidden states and the LM head, with its gradients formed in the forward.
+
+    A pair's loss depends only on that pair's two log-probs (and its reference log-probs and flags),
+    and the number of kept pairs is known from the flags before anything is computed. So the pairs are
+    processed in chunks (chosen row i with rejected row B + i): the chunk's logits (one matmul), its
+    log-probs, its loss and d loss / d log-prob, d loss / d logits in place, then d hidden = dz @ W and
+    d weight += dz.T @ h (two more matmuls), and the chunk is freed: 3 matmuls over the tokens instead of
+    the 4 of a design that recomputes the logits in backward. The autograd formula only scales the
+    gradients by the upstream gradient (a scalar). Gradients are formed only for the inputs that need
+    them (``need_*``). A pair whose logits alone exceed the chunk budget is computed in two passes
+    (log-probs, then recomputed gradients), which keeps memory bounded at any sequence length.
+
+    The chunk plan reads the per-pair token counts, and a "mean" reduction the kept-pair count, on the
+    host: two synchronizations per call on a GPU (inside the op: a compiled step has no graph break).
+
+    Returns [loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
+    d hidden, d weight, d bias] (empty gradients where not needed).
+    """
+    options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
+                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
+    head = LinearHead(ignore_index, logit_scale, softcap)
+    layout = layout_of(hidden, cu_seqlens)
+    impl = backend_module(backend)
+    groups = Groups(resolve(vocab_group), resolve(context_group))
+    device, V = hidden.device, weight.shape[0]
+    B = layout.n_seq // 2
+    wants = (need_hidden, need_weight, need_bias and bias is not None)
+    with no_autocast():
+        w, b = impl.prepare_weight(weight, bias, hidden.dtype)
+        flat = hidden.reshape(layout.rows, hidden.shape[-1])
+        grads = LinearGrads(layout.rows, V, hidden.shape[-1], hidden, *wants, groups.vocab) if any(wants) else None
+        kept = safety_transform(chosen_safe, rejected_safe, options).kept
+        norm = max(int(kept.sum()), 1) if options.reduction == "mean" else 1
+        ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.float()
+        per_chunk = options.replace(reduction="sum")
+        budget = loss_chunk_rows(V, device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        metrics = []
+        for chunk in plan_pair_chunks(labels, layout, head.ignore_index, budget, groups.context):
+            out = _chunk_loss(impl, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head, budget,
+                              norm, grads, groups)
+            total += out.loss.detach().double()
+            metrics.append([m.detach() for m in out[1:]])
+        loss = (total / norm).float()
+        if grads is not None:
+            grads.complete_hidden(groups.vocab)
+        results = grads.results(specs(hidden, weight, bias)) if grads is not None else (None, None, None)
+    metrics = [torch.cat(m) for m in zip(*metrics)]
+    return [loss, *metrics, *(no_grad_slot(hidden) if g is None else g for g in results)]
+
+
+@linear_safedpo_loss_op.register_fake
+def _(hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens, ignore_index, logit_scale,
+      softcap, beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction, average, backend,
+      need_hidden, need_weight, need_bias, vocab_group="", context_group=""):
+    B = n_seq(hidden, cu_seqlens) // 2
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    flags = dict(dtype=torch.bool, device=hidden.device)
+    return [hidden.new_empty((), **f32), *(hidden.new_empty(B, **f32) for _ in range(4)), hidden.new_empty(B, **flags),
+            hidden.new_empty(B, **flags), *fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)]
+
+
+def _linear_loss_setup(ctx, inputs, output):
+    # Only the loss is differentiable: the metrics carry no gradient (the contract), and the formed
+    # gradients are the backward's inputs.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[7:])
+    ctx.consumed = False
+
+
+@first_order_only
+def _linear_loss_backward(ctx, grad_outputs):
+    grad_loss = grad_outputs[0]  # the metrics and the formed gradients carry none back
+    if ctx.consumed:
+        raise RuntimeError(
+            "linear_safedpo_loss: its gradients were formed in the forward and consumed by the first backward; "
+            "a second backward through the same graph (retain_graph=True) is not supported"
+        )
+    ctx.consumed = True
+    need = ctx.needs_input_grad[:3]
+    grads = []
+    # Scaled into new tensors, not in place: the formed gradients are the op's outputs, which stay as they
+    # were (a traced graph and opcheck rely on that). The saved ones go when this backward returns, so the
+    # copy is transient, and smaller than the forward's chunk of logits.
+    for g, n in zip(ctx.saved_tensors, need):
+        grads.append(g * grad_loss.to(g.dtype) if n else None)
+    return (*grads, *nones(ctx, 3))
+
+
+linear_safedpo_loss_op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
+
+
+def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, options: LossOptions,
+                head: LinearHead, budget: int, norm: int, grads, groups: Groups):
+    """One chunk of pairs: its logits, log-probs and loss (summed over its kept pairs), and, when
+    ``grads`` is given, its gradients folded in (scaled by 1 / norm). Vocabulary shards combine their
+    token statistics, context slices their sequences' sums; every rank gets the chunk's loss."""
+    h = flat.index_select(0, chunk.rows)
+    lab = labels.index_select(0, chunk.rows)
+    rows = chunk.rows.numel()
+    flat_layout = Layout.single(rows)
+    two_pass = rows > budget
+    z = None
+
+    def forward(local):
+        nonlocal z
+        if two_pass:
+            return impl.linear_forward(h, w, b, local, head.ignore_index, head.logit_scale, head.softcap)
+        z = impl.linear_logits(h, w, b, head.logit_scale, head.softcap)
+        return impl.logp_forward(z, local, flat_layout, head.ignore_index)
+
+    tok, lse = combined_token_logps(forward, lab, w.shape[0], head.ignore_index, groups.vocab)
+    every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
+    logps, count = sequence_values(tok, every, chunk.layout, options.average, groups.context)
+    pair = (ref.index_select(0, chunk.sequences), chosen_safe[chunk.p0:chunk.p1], rejected_safe[chunk.p0:chunk.p1])
+    if grads is None:
+        return loss_from_logps(logps, *pair, options)
+    out, dlogp = loss_and_logp_grad(logps, *pair, options)  # inside an op autograd does not record
+    if rows == 0:
+        return out
+    g = token_grads(dlogp.double() / norm, every, count, chunk.layout, options.average)
+    local = kernel_labels(lab, w.shape[0], head.ignore_index, groups.vocab)
+    if two_pass:
+        grads.recompute(impl, h, w, b, local, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
+        return out
+    # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
+    dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
+    impl.logp_backward(z, local, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
+    grads.add(dz, h.to(w.dtype), w, chunk.rows)
+    return out

@@ -1,0 +1,86 @@
+"""The O(tokens) reductions every op shares: per-token values summed per sequence (padded or packed, in
+a fixed order: deterministic), d loss / d logp spread back over the tokens, and the token log-probs of
+a vocabulary shard combined over its group."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._layout import Layout
+from .parallel import all_reduce, combine_vocab, local_labels, vocab_shard
+
+
+def segment_sums(tok: torch.Tensor, counted: torch.Tensor, layout: Layout):
+    """Per-sequence sums of per-token values (float64 accumulation, fixed order) and token counts."""
+    if layout.padded:
+        N, T = layout.n_seq, layout.seq_len
+        return tok.view(N, T).sum(1, dtype=torch.float64), counted.view(N, T).sum(1)
+    cu = layout.cu_seqlens
+    zero = tok.new_zeros(1, dtype=torch.float64)
+    # A float64 prefix sum (a deterministic scan) differenced at the boundaries: no atomics.
+    csum = torch.cat([zero, tok.double().cumsum(0)])
+    ccount = torch.cat([zero.long(), counted.long().cumsum(0)])
+    return csum[cu[1:]] - csum[cu[:-1]], ccount[cu[1:]] - ccount[cu[:-1]]
+
+
+def sequence_values(tok: torch.Tensor, counted: torch.Tensor, layout: Layout, average: bool, context=None):
+    """(N,) float32 sequence log-probs (sums, or means over counted tokens) and the (N,) token counts;
+    with a ``context`` group, each rank's partial sums and counts are added up over it first."""
+    seq, count = segment_sums(tok, counted, layout)
+    if context is not None:
+        seq, count = all_reduce(seq, context), all_reduce(count, context)
+    if average:
+        seq = seq / count.clamp(min=1)
+    return seq.to(torch.float32), count
+
+
+def token_grads(grad_seq: torch.Tensor, counted: torch.Tensor, count: torch.Tensor, layout: Layout, average: bool):
+    """Spread each sequence's d loss / d logp over its counted tokens: (rows,) float32."""
+    g = grad_seq.to(torch.float64)
+    if average:
+        g = g / count.clamp(min=1)
+    g = g.to(torch.float32)
+    if layout.padded:
+        g_tok = g.repeat_interleave(layout.seq_len)
+    else:
+        lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+        g_tok = g.repeat_interleave(lengths, output_size=layout.rows)
+    return torch.where(counted, g_tok, torch.zeros_like(g_tok))
+
+
+def layout_of(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> Layout:
+    """The token layout of logits or hidden states: padded (N, T, ...) or packed (total, ...) with cu_seqlens."""
+    if cu_seqlens is None:
+        N, T = x.shape[0], x.shape[1]
+        return Layout(n_seq=N, rows=N * T, seq_len=T, padded=True, cu_seqlens=None)
+    return Layout.packed(cu_seqlens.to(torch.int64), x.shape[0])
+
+
+def combined_token_logps(forward, labels: torch.Tensor, width: int, ignore_index: int, vocab) -> tuple:
+    """(token log-probs, log-sum-exps) of ``forward(kernel labels)`` -- a backend's logp_forward or
+    linear_forward over this rank's ``width`` vocabulary columns -- combined over the ``vocab`` group."""
+    shard = vocab_shard(vocab, width)
+    local, in_shard = local_labels(labels, shard, ignore_index)
+    tok, lse = forward(local)
+    if shard is None:
+        return tok, lse
+    return combine_vocab(tok, lse, labels, in_shard, shard, ignore_index, vocab)
+
+
+def kernel_labels(labels: torch.Tensor, width: int, ignore_index: int, vocab) -> torch.Tensor:
+    """The labels a backward kernel reads on this rank (its shard's columns; others match none)."""
+    return local_labels(labels, vocab_shard(vocab, width), ignore_index)[0]
+
+
+def n_seq(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def sequence_ids(layout: Layout, device) -> torch.Tensor:
+    """(rows,) int64: the sequence each token row belongs to."""
+    if layout.padded:
+        return torch.arange(layout.rows, device=device) // layout.seq_len
+    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+    return torch.arange(layout.n_seq, device=device).repeat_interleave(lengths, output_size=layout.rows)
