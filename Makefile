@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test test-latest lock train bench clean native
+.PHONY: test test-latest lock train bench docs clean native
 
 # The test extras (TRL 1.16, transformers 5.2x) need Python 3.11; say so before pip fails to resolve them.
 $(PYTHON):
@@ -25,13 +25,18 @@ $(VENV)/.test-deps: pyproject.toml requirements-cpu.txt $(LOCK) | $(PYTHON)
 native: $(VENV)/.test-deps
 	$(PYTHON) -c "import sys; from safedpo_kernels import native; ok = native.load(); print('native kernels:', native.build_info()); sys.exit(0 if ok else 1)"
 
-# The linter first (ruff, configured in pyproject.toml), then the suite on two workers (pytest-xdist;
-# tests/conftest.py gives each worker and the processes it starts one thread, and keeps the
-# multi-process tests on one worker).
+# The linter first (ruff, configured in pyproject.toml), the docs built strictly (a broken link or API
+# reference fails), then the suite on two workers (pytest-xdist: tests/conftest.py gives each worker, and
+# the processes it starts, one thread; the multi-process tests share one xdist group, one at a time).
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 test: native
 	$(PYTHON) -m ruff check .
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet --site-dir $(VENV)/site-check
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# The documentation site (MkDocs, Material, mkdocstrings' API reference from the docstrings): site/.
+docs: $(VENV)/.test-deps
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
 # The same suite against the newest releases pyproject admits (torch stays at the CPU build's pin) in its
 # own venv: upstream drift shows here before it reaches a user. docs/versions.md says when to run it.
@@ -43,6 +48,7 @@ test-latest: | $(LATEST)/bin/python
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r requirements-cpu.txt -e '.[test]'
 	$(LATEST)/bin/python -c "import sys; from safedpo_kernels import native; sys.exit(0 if native.load() else 1)"
 	$(LATEST)/bin/python -m ruff check .
+	NO_MKDOCS_2_WARNING=1 $(LATEST)/bin/python -m mkdocs build --strict --quiet --site-dir $(LATEST)/site-check
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest tests $(PYTEST_ARGS)
 
 # Refresh the lock: the versions of .venv-latest once the suite has passed there.
@@ -67,4 +73,4 @@ bench: native $(VENV)/.bench-deps
 	$(PYTHON) -m bench.parallel_scale
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) .pytest_cache .benchmarks site

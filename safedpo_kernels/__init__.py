@@ -4,7 +4,7 @@
     from safedpo_kernels import SafeDPOLoss, LinearSafeDPOLoss, SafeDPOOutput
     from safedpo_kernels import safedpo_loss_from_logps, labels_from_completion_mask, LossOptions
 
-See README.md for the formula, the layouts and the backends.
+See docs/loss.md, docs/api.md and docs/backends.md for the formula, the layouts and the backends.
 """
 
 from .api import LinearSafeDPOLoss, SafeDPOLoss, linear_safedpo_loss, linear_sequence_logps, safedpo_loss, sequence_logps

@@ -87,7 +87,7 @@ def sequence_logps(
         cu_seqlens: int32 (N + 1,) cumulative lengths for the packed layout, as flash-attention's varlen API.
         inplace_backward: write d/d logits into the logits' own storage (the caller promises nothing
             else reads those logits afterwards); saves one logits-sized buffer.
-        backend: "auto", "triton", "native" or "torch" (see README).
+        backend: "auto", "triton", "native" or "torch" (see docs/backends.md).
         validate: check labels are in [0, V) (one device sync). False skips it; kernels still never
             access memory out of bounds, and an out-of-range label yields NaN.
         vocab_group: a torch.distributed ProcessGroup of p ranks over which the logits are split along the

@@ -4,7 +4,7 @@
 
 For each instruction set (see safedpo/cpu_isa.py: this machine made to compute as an AVX-512, AVX2 or
 plain x86-64 machine does) it runs ``safedpo experiment default`` over the seeds in a fresh process, then
-checks each seed against what the README promises: SafeDPO's harmless ratio at least HARMLESS and its
+checks each seed against what docs/toy.md promises: SafeDPO's harmless ratio at least HARMLESS and its
 helpfulness at least KEEP x the SFT model's. Writes <out>/robustness.md and .json; exit status 1 when a
 seed misses.
 """
