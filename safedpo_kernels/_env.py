@@ -19,10 +19,32 @@ Two memory budgets, each with one purpose (bytes, counted as float32 (rows x V) 
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
+
+# Every SAFEDPO_* variable the package and its trainer read, with its default; docs/backends.md has the
+# same table with what each means, and a test keeps the code, this table and that page in step.
+VARIABLES = {
+    "SAFEDPO_NATIVE": "1 (the C++ CPU backend on)",
+    "SAFEDPO_NATIVE_ISA": "auto (the machine's best of AVX-512, AVX2, plain)",
+    "SAFEDPO_CACHE_DIR": "~/.cache/safedpo_kernels",
+    "SAFEDPO_CPU_GRAD_CACHE_MB": "a quarter of physical memory",
+    "SAFEDPO_CHUNK_BYTES": "32 MiB; 256 MiB on CUDA",
+    "SAFEDPO_LINEAR_CHUNK_BYTES": "512 MiB; 4 GiB on CUDA",
+    "SAFEDPO_TRITON_BLOCK_V": "8192 (65536 interpreted)",
+    "SAFEDPO_TRITON_TILE": "8192 (65536 interpreted)",
+    "SAFEDPO_TRITON_NUM_WARPS": "from the tile: 4 to 16",
+    "SAFEDPO_LINEAR_BLOCK_N": "128",
+    "SAFEDPO_LINEAR_SPLITS": "enough programs to fill the GPU",
+    "SAFEDPO_LINEAR_GEMM": "triton",
+    # the trainer's (safedpo/): read there, listed here so that one table has them all
+    "SAFEDPO_PROGRESS_EVERY_S": "30",
+    "SAFEDPO_CPU_ISA": "native",
+}
 
 
 def release(version: Optional[str] = None) -> tuple:
@@ -55,6 +77,21 @@ def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = F
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if power_of_two and value & (value - 1):
         raise ValueError(f"{name} must be a power of two, got {value}")
+    return value
+
+
+def env_number(name: str, default: float, *, minimum: float = 0.0) -> float:
+    """The finite number >= ``minimum`` in environment variable ``name`` (``default`` when unset or
+    empty); ValueError naming the variable for anything else."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= minimum):
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {text!r}")
     return value
 
 
@@ -111,3 +148,26 @@ def chunk_bytes(device=None) -> int:
 def linear_chunk_bytes(device=None) -> int:
     """SAFEDPO_LINEAR_CHUNK_BYTES: the fused-linear path's materialized logits (see the module docstring)."""
     return env_int("SAFEDPO_LINEAR_CHUNK_BYTES", (4 << 30) if _on_cuda(device) else (512 << 20))
+
+
+def cache_dir() -> Path:
+    """SAFEDPO_CACHE_DIR: where the C++ extension is built and cached."""
+    text = os.environ.get("SAFEDPO_CACHE_DIR", "").strip()
+    return Path(text) if text else Path.home() / ".cache" / "safedpo_kernels"
+
+
+def cpu_grad_cache_bytes() -> int:
+    """SAFEDPO_CPU_GRAD_CACHE_MB: bytes of idle recycled CPU gradient buffers kept for reuse (0: none);
+    default a quarter of physical memory."""
+    if os.environ.get("SAFEDPO_CPU_GRAD_CACHE_MB", "").strip():
+        return int(env_number("SAFEDPO_CPU_GRAD_CACHE_MB", 0.0) * 2**20)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def linear_splits() -> Optional[int]:
+    """SAFEDPO_LINEAR_SPLITS: vocabulary slices per block of rows of the Triton fused-linear forward, or
+    None (unset: the launcher fills the GPU)."""
+    return env_int("SAFEDPO_LINEAR_SPLITS", 1) if os.environ.get("SAFEDPO_LINEAR_SPLITS", "").strip() else None

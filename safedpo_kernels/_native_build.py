@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ._env import env_choice
+from ._env import cache_dir, cpu_grad_cache_bytes, env_choice
 
 _SOURCE_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "csrc" / "logprob.cpp",  # source checkout
@@ -75,8 +75,7 @@ def build_dir() -> Path:
     when the source is missing)."""
     src = _source().read_bytes()
     key = hashlib.sha256(src + " ".join(_cpu_flags()).encode() + torch.__version__.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("SAFEDPO_CACHE_DIR", Path.home() / ".cache" / "safedpo_kernels"))
-    return root / f"native-{key}"
+    return cache_dir() / f"native-{key}"
 
 
 # What a usable build registers; a stale or foreign library that lacks one is not used.
@@ -165,7 +164,7 @@ def load(verbose: bool = False) -> bool:
     """
     if "ok" in _state:
         return _state["ok"]
-    cache_limit = _cache_limit_bytes()  # a bad setting is the caller's error: it raises, it does not fall back
+    cache_limit = cpu_grad_cache_bytes()  # a bad setting is the caller's error: it raises, it does not fall back
     native_isa()  # likewise
     try:
         library, built = _build(verbose)
@@ -186,22 +185,6 @@ def load(verbose: bool = False) -> bool:
 def is_loaded() -> bool:
     """True when this process has loaded the extension (never builds it, unlike ``available``)."""
     return bool(_state.get("ok"))
-
-
-def _cache_limit_bytes() -> int:
-    mb = os.environ.get("SAFEDPO_CPU_GRAD_CACHE_MB", "").strip()
-    if mb:
-        try:
-            value = float(mb)
-        except ValueError:
-            value = float("nan")
-        if not (0 <= value < 2**43):  # NaN, inf and negatives fail this
-            raise ValueError(f"SAFEDPO_CPU_GRAD_CACHE_MB must be a finite number of MiB >= 0, got {mb!r}")
-        return int(value * 2**20)
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
 
 
 def empty_cache() -> None:

@@ -13,14 +13,12 @@ row block; 12 bytes per row and slice are written.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import torch_chunked
-from .._env import env_choice, env_int
+from .._env import env_choice, env_int, linear_splits
 from ._utils import INTERPRETED, Launch, online_lse_update
 
 
@@ -144,13 +142,12 @@ def prepare_weight(weight: torch.Tensor, bias, hidden_dtype: torch.dtype):
 def _splits(rows: int, V: int, block_m: int, block_n: int, device: torch.device) -> int:
     """Vocabulary slices per row block: enough programs to fill the GPU when there are few rows."""
     n_col_blocks = triton.cdiv(V, block_n)
-    if os.environ.get("SAFEDPO_LINEAR_SPLITS", "").strip():
-        want = env_int("SAFEDPO_LINEAR_SPLITS", 1)
-    elif device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(4 * sms, triton.cdiv(rows, block_m))
-    else:
+    want = linear_splits()
+    if want is None:
         want = 1
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            want = triton.cdiv(4 * sms, triton.cdiv(rows, block_m))
     return max(1, min(want, n_col_blocks))
 
 
