@@ -276,7 +276,7 @@ def test_a_second_sigterm_ends_the_process():
 
 
 def test_metrics_are_strict_json(tmp_path):
-    from safedpo.train import MetricsLog
+    from safedpo.run_dir import MetricsLog
 
     log = MetricsLog(tmp_path, True, False)
     log.write(dict(step=1, loss=float("nan"), margin=float("inf"), nested=dict(a=[1.0, float("-inf")])), 1)
