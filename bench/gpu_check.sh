@@ -72,7 +72,7 @@ if has tests; then
     # there; not the C++ CPU backend's build tests, the compile matrix (which runs here, without a GPU) nor
     # the process-group tests (gloo CPU processes: one GPU gives NCCL no second rank).
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-    timeout 150 "$PY" -m pytest tests/kernels --ignore tests/kernels/test_native.py --ignore tests/kernels/test_gpu_compile.py \
+    timeout 150 "$PY" -m pytest tests/kernels --ignore tests/kernels/test_native.py \
       --ignore tests/kernels/test_parallel.py \
       -q -rfE $XDIST -k "not torch-cpu" -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests-$CARD-$DATE.txt" | tee -a "$LOG" | tail -n 40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -103,3 +103,24 @@ def profiled_peak_bytes(fn) -> int:
         live += size
         peak = max(peak, live)
     return peak
+
+
+class AllReducedBytes:
+    """Bytes this process all-reduces through ``torch.distributed.all_reduce`` while the context is open
+    (the kernels' collectives call it): ``with AllReducedBytes() as sent: ...; sent.bytes``."""
+
+    def __enter__(self) -> "AllReducedBytes":
+        import torch.distributed as dist
+
+        self.bytes = 0
+        self._dist, self._original = dist, dist.all_reduce
+
+        def counted(t, *args, **kwargs):
+            self.bytes += t.numel() * t.element_size()
+            return self._original(t, *args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._dist.all_reduce = self._original

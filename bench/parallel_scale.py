@@ -71,9 +71,8 @@ def _measure(rank: int, world: int, N: int, T: int, V: int, H: int) -> dict:
     """{way: peak bytes, bytes communicated, relative loss error} of one shape on this rank."""
     import torch.distributed as dist
 
-    from bench.memory import profiled_peak_bytes
+    from bench.memory import AllReducedBytes, profiled_peak_bytes
     from safedpo_kernels import linear_safedpo_loss, reference, safedpo_loss
-    from safedpo_kernels.parallel import traffic
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(N, T, H, generator=gen)
@@ -91,10 +90,12 @@ def _measure(rank: int, world: int, N: int, T: int, V: int, H: int) -> dict:
     h = hidden.clone().requires_grad_()
     w = weight[rank * width:(rank + 1) * width].clone().requires_grad_()
 
+    gathered = [0]  # bytes of all_gather (not counted by AllReducedBytes)
+
     def gather(fused: bool):
         parts = [torch.empty_like(shard) for _ in range(world)]
         dist.all_gather(parts, shard)
-        traffic.bytes += N * T * V * shard.element_size()  # the gathered tensor: the convention of the formulas
+        gathered[0] += N * T * V * shard.element_size()  # the gathered tensor: the convention of the formulas
         full = torch.cat(parts, -1).requires_grad_()
         del parts
         if fused:
@@ -122,9 +123,11 @@ def _measure(rank: int, world: int, N: int, T: int, V: int, H: int) -> dict:
     results = {}
     for name, (fn, extra) in ways.items():
         loss = []
-        traffic.reset()
-        peak = profiled_peak_bytes(lambda fn=fn, loss=loss: loss.append(fn()))
-        results[name] = dict(peak=peak + extra, bytes=traffic.bytes, err=abs(loss[0] - want) / max(1.0, abs(want)))
+        gathered[0] = 0
+        with AllReducedBytes() as sent:
+            peak = profiled_peak_bytes(lambda fn=fn, loss=loss: loss.append(fn()))
+        results[name] = dict(peak=peak + extra, bytes=sent.bytes + gathered[0],
+                             err=abs(loss[0] - want) / max(1.0, abs(want)))
     return results
 
 

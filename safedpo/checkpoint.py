@@ -82,17 +82,8 @@ def resume_point(resume: str, output_dir: Path) -> Optional[Path]:
 
 
 def saved_config(path: Path) -> Optional[dict]:
-    """The configuration a checkpoint was written under: from its meta.json, or (a checkpoint from before
-    they kept it) the config.yaml of its run directory; None when neither exists."""
-    meta = json.loads((Path(path) / "meta.json").read_text())
-    if meta.get("config") is not None:
-        return meta["config"]
-    run_config = Path(path).parent.parent / "config.yaml"
-    if run_config.is_file():
-        import yaml
-
-        return yaml.safe_load(run_config.read_text())
-    return None
+    """The configuration a checkpoint was written under (kept in its meta.json), or None."""
+    return json.loads((Path(path) / "meta.json").read_text()).get("config")
 
 
 def _trainable(model) -> Optional[set]:

@@ -95,8 +95,8 @@ def _json_rows(path: Path) -> tuple:
 def _load_table(path: str):
     """(rows, where) of a local file, or a saved dataset directory (no hub access); ``where[i]`` names row
     i in errors, or is None ("row i + 1"). JSON and CSV are read here, cell by cell, rather than by a
-    loader that casts each column to one type (which turned one 1.0 in a column of ints into floats for
-    every row and blamed the first row)."""
+    loader that casts each column to one type (which would turn one 1.0 in a column of ints into floats
+    for every row, and name the wrong row when a value is bad)."""
     p = Path(path)
     if p.is_dir():
         import datasets
@@ -245,7 +245,8 @@ def prompt_text(tokenizer, prompt: str) -> str:
 
 
 # Text is cut to this many characters per token kept before it is tokenized: no tokenizer's tokens are
-# that long on average, and an absurdly long response (21 MB once took 3 GB to tokenize) costs nothing.
+# that long on average, and an absurdly long response (21 MB of text takes about 3 GB to tokenize) costs
+# nothing.
 CHARS_PER_TOKEN = 64
 
 

@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from safedpo_kernels._env import release
+from safedpo_kernels._env import major_minor
 
 
 class Dist:
@@ -84,30 +84,30 @@ def rank_slice(indices, rank: int, world: int):
 SHARDED_TORCH = (2, 11)
 
 
-def wrap_distributed(policy, fsdp: bool, dd: Dist):
+def wrap_distributed(policy, fsdp: bool, procs: Dist):
     """The policy as the training step calls it: itself (one process), FSDP2-sharded, or under DDP.
     With tensor parallelism its layers are sharded over each row of the mesh first, and FSDP2 (always:
     DDP takes no sharded parameters) shards them further over the data-parallel ranks."""
-    if dd.world == 1:
+    if procs.world == 1:
         return policy
-    if (fsdp or dd.tensor_parallel > 1) and dd.data_world > 1 and release() < SHARDED_TORCH:
-        what = "tensor_parallel over several data-parallel rows" if dd.tensor_parallel > 1 else "fsdp"
+    if (fsdp or procs.tensor_parallel > 1) and procs.data_world > 1 and major_minor() < SHARDED_TORCH:
+        what = "tensor_parallel over several data-parallel rows" if procs.tensor_parallel > 1 else "fsdp"
         raise RuntimeError(f"{what} (FSDP2) needs torch >= {'.'.join(map(str, SHARDED_TORCH))} (this is "
                            f"{torch.__version__}, whose FSDP2 trains differently from one process); upgrade "
                            f"torch, or use DDP (fsdp: false)")
-    if dd.tensor_parallel > 1:
-        tensor_parallelize(policy.model, dd.tp_mesh)
-    if fsdp or dd.tensor_parallel > 1:
-        if dd.data_world == 1:
+    if procs.tensor_parallel > 1:
+        tensor_parallelize(policy.model, procs.tp_mesh)
+    if fsdp or procs.tensor_parallel > 1:
+        if procs.data_world == 1:
             return policy
         from torch.distributed.fsdp import fully_shard
         for layer in policy.model.get_decoder().layers:
-            fully_shard(layer, mesh=dd.dp_mesh)
-        fully_shard(policy, mesh=dd.dp_mesh)
+            fully_shard(layer, mesh=procs.dp_mesh)
+        fully_shard(policy, mesh=procs.dp_mesh)
         return policy
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(policy, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
+    return DDP(policy, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
 
 def decoder_plan(model, p: int) -> tuple:

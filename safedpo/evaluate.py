@@ -105,7 +105,7 @@ def evaluate_checkpoint(cfg, checkpoint: Optional[str] = None) -> dict:
     reference (the configured model), on cfg's evaluation data."""
     from .distributed import Dist
     from .model import config_tokenizer, quiet_libraries
-    from .ref_logps import Reference
+    from .ref_logps import ReferenceLogps
 
     quiet_libraries()
     cfg.validate()
@@ -114,16 +114,16 @@ def evaluate_checkpoint(cfg, checkpoint: Optional[str] = None) -> dict:
         raise ValueError("no evaluation data: set eval_files, or train_dataset with eval_split")
     if not checkpoint:
         raise ValueError(f"say which model to evaluate: {CHECKPOINT_HELP}")
-    dd = Dist(cfg.device)
+    procs = Dist(cfg.device)
     tok = config_tokenizer(cfg, checkpoint)
     examples, _ = load_examples(cfg, tok, sources)
-    initial = build_model(cfg, len(tok), dd.device)  # the reference: the policy before training
-    trained = trained_model(cfg, len(tok), dd.device, checkpoint)
+    initial = build_model(cfg, len(tok), procs.device)  # the reference: the policy before training
+    trained = trained_model(cfg, len(tok), procs.device, checkpoint)
     check_token_ids(trained, "the tokenizer", evaluation=examples)
     policy = PolicyLogps(trained, cfg.loss_input, cfg.average_logps, cfg.backend)
     initial_policy = PolicyLogps(initial, cfg.loss_input, cfg.average_logps, cfg.backend)
-    reference = Reference(dataclasses.replace(cfg, reference="live"), initial_policy, {}, tok, dd, packed=False)
-    return dict(evaluate_pairs(policy, reference, examples, cfg, tok.pad_token_id, False, dd.device), checkpoint=checkpoint)
+    reference = ReferenceLogps(dataclasses.replace(cfg, reference="live"), initial_policy, {}, tok, procs, packed=False)
+    return dict(evaluate_pairs(policy, reference, examples, cfg, tok.pad_token_id, False, procs.device), checkpoint=checkpoint)
 
 
 @torch.no_grad()
@@ -246,13 +246,13 @@ def generation_report(cfg, checkpoint: Optional[str] = None, samples_file: Optio
 
     quiet_libraries()
     cfg.validate()
-    dd = Dist(cfg.device)
+    procs = Dist(cfg.device)
     items = prompt_items(cfg)
     rows = [item for item in items for _ in range(cfg.generation_samples)]
-    judge = make_judge(cfg.judge, cfg.judge_threshold, dd.device, cfg.progress)
+    judge = make_judge(cfg.judge, cfg.judge_threshold, procs.device, cfg.progress)
     judge.check(rows)  # before sampling, not after
     tok = config_tokenizer(cfg, checkpoint)
-    model = trained_model(cfg, len(tok), dd.device, checkpoint)
+    model = trained_model(cfg, len(tok), procs.device, checkpoint)
     responses = sample_responses(model, tok, [i["prompt"] for i in items], cfg.generation_samples, cfg.max_new_tokens,
                                  cfg.temperature, cfg.seed, cfg.max_prompt_length, progress=cfg.progress)
     verdicts = judge(rows, responses)

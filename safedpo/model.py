@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from safedpo_kernels._env import release
-from safedpo_kernels.integrations.hf import CausalLMLoss, PairLoss, attention_softcap, check_attention, text_config
+from safedpo_kernels._env import major_minor
+from safedpo_kernels.integrations.hf import CausalLMLoss, PairInputs, attention_softcap, check_attention, text_config
 from safedpo_kernels.options import LossOptions
 
 TINY_LLAMA = dict(
@@ -126,7 +126,7 @@ def check_transformers(version: Optional[str] = None) -> None:
     import transformers
 
     version = version or transformers.__version__
-    if release(version) < TRANSFORMERS_FLOOR:
+    if major_minor(version) < TRANSFORMERS_FLOOR:
         floor = ".".join(map(str, TRANSFORMERS_FLOOR))
         raise ImportError(f"the safedpo trainer needs transformers >= {floor} (this is {version}; older releases "
                           f"give packed batches wrong log-probs): pip install 'transformers>={floor}'")
@@ -206,7 +206,7 @@ class PolicyLogps(nn.Module):
         super().__init__()
         self.model = model
         self.average = average
-        self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, instead="loss_input: logits", validate=validate)
+        self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, fallback="loss_input: logits", validate=validate)
 
     @property
     def loss_input(self) -> str:
@@ -227,7 +227,7 @@ class PolicyLogps(nn.Module):
         if loss is not None:
             if loss.average != self.average:
                 raise ValueError(f"the loss's average={loss.average} differs from the policy's average={self.average}")
-            request = PairLoss(ref_logps, batch["chosen_safe"], batch["rejected_safe"], loss)
+            request = PairInputs(ref_logps, batch["chosen_safe"], batch["rejected_safe"], loss)
         out = self.adapter(self.model, inputs, batch["labels"], cu_seqlens=batch.get("cu_seqlens"), average=self.average,
                            loss=request)
         return out if loss is not None else out.result

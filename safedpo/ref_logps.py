@@ -62,7 +62,7 @@ class _AdaptersOff(torch.nn.Module):
             self.policy.train(was_training)
 
 
-class Reference:
+class ReferenceLogps:
     """ref_logps for a batch: from the on-disk cache (precompute) or a reference model (live).
 
     The reference is cfg.reference_model, else the initial policy: with LoRA the policy itself with
@@ -71,12 +71,12 @@ class Reference:
     same model and the same examples.
     """
 
-    def __init__(self, cfg, policy: PolicyLogps, sets: dict, tok, dd, packed: bool):
+    def __init__(self, cfg, policy: PolicyLogps, sets: dict, tok, procs, packed: bool):
         self.mode = cfg.reference
         self.packed = packed
         if cfg.reference_model or not is_lora(policy.model):
             if cfg.reference_model:
-                model = build_model(cfg, len(tok), dd.device, path=cfg.reference_model)
+                model = build_model(cfg, len(tok), procs.device, path=cfg.reference_model)
             else:
                 model = copy.deepcopy(policy.model)
             model.eval().requires_grad_(False)
@@ -92,8 +92,8 @@ class Reference:
         for name, examples in sets.items():
             key = f"ref-{model_fp}-{fingerprint_examples(examples)}-{'avg' if cfg.average_logps else 'sum'}"
             path = cache / f"{key}.pt"
-            if dd.main and not path.exists():
-                table = compute_ref_logps(self.policy, examples, 2 * cfg.batch_size, tok.pad_token_id, packed, dd.device,
+            if procs.main and not path.exists():
+                table = compute_ref_logps(self.policy, examples, 2 * cfg.batch_size, tok.pad_token_id, packed, procs.device,
                                           cfg.progress)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 with writing("the reference log-prob cache", path, "set cache_dir elsewhere or free some space"):
@@ -103,7 +103,7 @@ class Reference:
                         os.replace(tmp, path)  # a crash never leaves a half-written cache file
                     finally:
                         tmp.unlink(missing_ok=True)
-            dd.barrier()
+            procs.barrier()
             self.tables[name] = torch.load(path, weights_only=True)
         self.policy = None  # precomputed: the reference model is not kept in memory
 

@@ -47,7 +47,7 @@ from .guards import Interrupted, NonFiniteError, StopSignals, finite_or_none, gr
 from .model import PolicyLogps, apply_lora, build_model, check_token_ids, config_tokenizer, quiet_libraries
 from .outputs import writing
 from .progress import Progress
-from .ref_logps import Reference
+from .ref_logps import ReferenceLogps
 from .run_dir import MetricsLog, config_changes, prepare_output_dir, refuse_another_run, truncate_metrics
 
 
@@ -61,7 +61,7 @@ def cosine_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, aux_coef: float = 0.0) -> dict:
+def train_step(wrapped, reference, micro: list, options: LossOptions, procs: Dist, aux_coef: float = 0.0) -> dict:
     """Forward and backward over one global batch's micro-batches; gradients left in the parameters.
 
     Each micro-batch's loss is the sum over its kept pairs; with ``options.reduction`` "mean" it is
@@ -72,14 +72,15 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
     (what was backpropagated); ``nonfinite_pairs``: the per-pair outputs of those that are not finite.
     """
     kept_here = sum(int(safety_transform(b["chosen_safe"], b["rejected_safe"], options).kept.sum()) for b in micro)
-    (global_kept,) = dd.sum([kept_here])
+    (global_kept,) = procs.sum([kept_here])
     # DDP and FSDP average gradients over the data-parallel ranks: data_world / global kept makes the step
     # the global mean.
-    scale = dd.data_world / max(global_kept, 1.0) if options.reduction == "mean" else float(dd.data_world)
+    scale = procs.data_world / max(global_kept, 1.0) if options.reduction == "mean" else float(procs.data_world)
     per_batch = options.replace(reduction="sum")
     loss_sum = correct = margin = tokens = aux_sum = 0.0
     micro_losses, nonfinite_pairs = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dd.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    on_cuda = procs.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
     for i, b in enumerate(micro):
         with autocast:
             out, aux = wrapped(b, loss=per_batch, ref_logps=reference(b))
@@ -96,12 +97,12 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, dd: Dist, 
         correct += c
         margin += m
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-    loss_sum, correct, margin, tokens, aux_sum = dd.sum([loss_sum, correct, margin, tokens, aux_sum])
+    loss_sum, correct, margin, tokens, aux_sum = procs.sum([loss_sum, correct, margin, tokens, aux_sum])
     kept = max(global_kept, 1)
     loss = loss_sum / kept if options.reduction == "mean" else loss_sum
     stats = dict(loss=loss, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
     if aux_coef:
-        stats["aux_loss"] = aux_sum / dd.data_world
+        stats["aux_loss"] = aux_sum / procs.data_world
     stats.update(micro_losses=micro_losses, nonfinite_pairs=nonfinite_pairs)
     return stats
 
@@ -119,21 +120,21 @@ class Run:
         cfg.validate()
         quiet_libraries()
         self.cfg = cfg
-        self.dd = dd = Dist(cfg.device, cfg.tensor_parallel)
+        self.procs = procs = Dist(cfg.device, cfg.tensor_parallel)
         self.out_dir = Path(cfg.output_dir)
-        self.run_config = dict(dataclasses.asdict(cfg), world_size=dd.world)
-        if dd.main:
+        self.run_config = dict(dataclasses.asdict(cfg), world_size=procs.world)
+        if procs.main:
             prepare_output_dir(self.out_dir, cfg.overwrite_output_dir, cfg.resume)
-        dd.barrier()
+        procs.barrier()
         ckpt = resume_point(cfg.resume, self.out_dir)
-        if ckpt is None and dd.main:
+        if ckpt is None and procs.main:
             refuse_another_run(self.out_dir, cfg.resume)
         if ckpt is not None:
             self._check_resume(ckpt)
-        if dd.main:
+        if procs.main:
             with writing("the run's configuration", self.out_dir / "config.yaml"):
                 cfg.save(self.out_dir / "config.yaml")
-        dd.barrier()
+        procs.barrier()
         seed_everything(cfg.seed)
 
         self.tok = config_tokenizer(cfg)
@@ -141,11 +142,12 @@ class Run:
         self._check_data(report)
         eval_sources = data_sources(cfg, "eval")
         self.eval_set = load_examples(cfg, self.tok, eval_sources)[0] if eval_sources else []
-        available_backends(dd.device)  # builds / loads the native kernels now, not inside the first step
+        available_backends(procs.device)  # builds / loads the native kernels now, not inside the first step
         self.policy, self.packed, self.aux_coef = self._policy()
-        self.reference = Reference(cfg, self.policy, {"train": self.train_set, "eval": self.eval_set}, self.tok, dd, self.packed)
+        self.reference = ReferenceLogps(cfg, self.policy, {"train": self.train_set, "eval": self.eval_set}, self.tok, procs,
+                                        self.packed)
         self.options = cfg.loss_options()
-        self.wrapped = wrap_distributed(self.policy, cfg.fsdp, dd)
+        self.wrapped = wrap_distributed(self.policy, cfg.fsdp, procs)
         if cfg.compile:
             # The whole forward and loss: the decoder (with graph breaks where transformers' code has them)
             # and the kernels, which are torch.library ops with fake implementations (no break of their own).
@@ -153,12 +155,12 @@ class Run:
         self.step_context = compile_context(self.policy.model) if cfg.compile else contextlib.nullcontext()
         params = [p for p in self.policy.parameters() if p.requires_grad]
         # foreach kernels take a list of DTensors or of plain tensors, not both (tensor parallel alone has both)
-        foreach = False if cfg.tensor_parallel > 1 and dd.data_world == 1 else None
+        foreach = False if cfg.tensor_parallel > 1 and procs.data_world == 1 else None
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, cfg.max_steps)
-        self.sharded = (cfg.fsdp or cfg.tensor_parallel > 1) and dd.world > 1
+        self.sharded = (cfg.fsdp or cfg.tensor_parallel > 1) and procs.world > 1
         # Sharded parameters (FSDP, tensor parallel): every rank takes part in an evaluation's forwards.
-        self.evaluator = dd.main or self.sharded
+        self.evaluator = procs.main or self.sharded
 
         self.step_count, self.position = 0, 0
         # nonfinite: skip's counts (kept in checkpoints, so that a resume continues them exactly)
@@ -168,25 +170,25 @@ class Run:
         self.saved_at = None  # the step of the newest checkpoint of this run, once there is one
         if ckpt is not None:
             self._restore(ckpt)
-        self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * dd.data_world, cfg.seed,
+        self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * procs.data_world, cfg.seed,
                                    start=self.position)
-        self.log = MetricsLog(self.out_dir, dd.main, cfg.tensorboard)
+        self.log = MetricsLog(self.out_dir, procs.main, cfg.tensorboard)
         if ckpt is None:
             self.log.write(dict(event="start", config=json.loads(config_json(cfg)), **report))
         else:
             self.log.write(dict(event="resume", step=self.step_count, checkpoint=str(ckpt)))
         self.end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
-        self.bar = Progress(cfg.max_steps, cfg.mode, initial=self.step_count, disable=not (dd.main and cfg.progress))
+        self.bar = Progress(cfg.max_steps, cfg.mode, initial=self.step_count, disable=not (procs.main and cfg.progress))
         self.last: dict = {}
 
     def _check_data(self, report: dict) -> None:
         """Say how many rows skip_bad_rows skipped; refuse (before any model work) too few pairs for one
         global batch."""
-        cfg, dd = self.cfg, self.dd
-        if report["skipped_rows"] and dd.main:
+        cfg, procs = self.cfg, self.procs
+        if report["skipped_rows"] and procs.main:
             print(f"safedpo: skipped {report['skipped_rows']} malformed row(s) of "
                   f"{report['rows'] + report['skipped_rows']} (skip_bad_rows)", file=sys.stderr)
-        need = cfg.batch_size * dd.data_world
+        need = cfg.batch_size * procs.data_world
         if len(self.train_set) < need:
             why = (f"all {report['skipped_rows']} rows were malformed and skipped" if report["rows"] == 0 else
                    f"{report['rows']} rows gave {report['pairs']} pairs for mode {cfg.mode}")
@@ -198,7 +200,7 @@ class Run:
         packed batches with flash-attention unless padding_free says otherwise, and a mixture-of-experts
         router's load-balancing loss at the config's coefficient (default: the model config's)."""
         cfg = self.cfg
-        model = build_model(cfg, len(self.tok), self.dd.device)
+        model = build_model(cfg, len(self.tok), self.procs.device)
         check_token_ids(model, f"the tokenizer {cfg.tokenizer or cfg.model or '(built for the tiny model)'}",
                         training=self.train_set, evaluation=self.eval_set)
         if cfg.lora:
@@ -220,7 +222,7 @@ class Run:
         resume_check is off: then say what changed and go on."""
         saved = saved_config(ckpt)
         if saved is None:
-            if self.dd.main:
+            if self.procs.main:
                 print(f"safedpo: warning: {ckpt} keeps no configuration to compare with this run's", file=sys.stderr)
             return
         changes = config_changes(saved, self.run_config)
@@ -231,18 +233,18 @@ class Run:
             raise ValueError(f"resume: {ckpt} was trained under another configuration ({listed}); restore those "
                              "values, start afresh (overwrite_output_dir: true or another output_dir), or set "
                              "resume_check: false to continue anyway")
-        if self.dd.main:
+        if self.procs.main:
             print(f"safedpo: warning: resuming {ckpt} under a changed configuration ({listed})", file=sys.stderr)
 
     def _restore(self, ckpt) -> None:
         if self.sharded:
             self.step_count, self.position = load_sharded_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler,
-                                                                     self.dd.rank, self.dd.world)
+                                                                     self.procs.rank, self.procs.world)
         else:
             self.step_count, self.position = load_checkpoint(ckpt, self.policy.model, self.optimizer, self.scheduler)
         self.counters.update(saved_counters(ckpt))
         self.saved_at = self.step_count
-        if self.dd.main:
+        if self.procs.main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.step_count)
             print(f"safedpo: resumed from {ckpt} at step {self.step_count}", file=sys.stderr, flush=True)
 
@@ -250,14 +252,14 @@ class Run:
         """A checkpoint of this step: FSDP shards from every rank, or the whole state from the main process.
         Every rank calls it. Non-finite weights (on any rank) are never saved: NonFiniteError instead, so
         that save_total_limit's rotation never removes the newest finite checkpoint."""
-        dd, cfg = self.dd, self.cfg
-        if dd.max([float(not weights_finite(self.policy.model))])[0]:
+        procs, cfg = self.procs, self.cfg
+        if procs.max([float(not weights_finite(self.policy.model))])[0]:
             raise NonFiniteError(f"step {self.step_count}: the model's weights are non-finite; nothing was saved. "
                                  f"{self._last_good()}")
         if self.sharded:
             save_sharded_checkpoint(self.out_dir, self.step_count, self.policy, self.optimizer, self.scheduler, self.position,
-                                    dd.rank, dd.world, dd.barrier, cfg.save_total_limit, self.run_config, self.counters)
-        elif dd.main:
+                                    procs.rank, procs.world, procs.barrier, cfg.save_total_limit, self.run_config, self.counters)
+        elif procs.main:
             save_checkpoint(self.out_dir, self.step_count, self.policy.model, self.optimizer, self.scheduler, self.position,
                             cfg.save_total_limit, self.run_config, self.counters)
         self.saved_at = self.step_count
@@ -271,7 +273,7 @@ class Run:
 
     def evaluate(self) -> dict:
         return evaluate_pairs(self.policy, self.reference, self.eval_set, self.cfg, self.tok.pad_token_id, self.packed,
-                              self.dd.device)
+                              self.procs.device)
 
     def _micro_batches(self) -> list:
         micro, self.batch_pairs = [], []
@@ -279,22 +281,22 @@ class Run:
             position, indices = next(self.stream)
             self.position = position + 1  # the stream position after this batch
             self.batch_pairs.append([int(i) for i in indices])
-            indices = rank_slice(indices, self.dd.data_rank, self.dd.data_world)
-            micro.append(make_batch(self.train_set, indices, self.tok.pad_token_id, self.packed, self.dd.device))
+            indices = rank_slice(indices, self.procs.data_rank, self.procs.data_world)
+            micro.append(make_batch(self.train_set, indices, self.tok.pad_token_id, self.packed, self.procs.device))
         return micro
 
     def step(self) -> None:
         """One optimizer step over a global batch; then its metrics, evaluation and checkpoint as configured.
         A non-finite loss or gradient on any rank applies no update (see guards.py): nonfinite: error stops
         the run here (NonFiniteError), nonfinite: skip counts the step as taken without changing the weights."""
-        cfg, dd = self.cfg, self.dd
+        cfg, procs = self.cfg, self.procs
         start = time.perf_counter()
         with self.step_context:
-            stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, dd, self.aux_coef)
+            stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, procs, self.aux_coef)
         micro_losses, nonfinite_pairs = stats.pop("micro_losses"), stats.pop("nonfinite_pairs")
         params = list(self.policy.parameters())
         # one all-reduce: the gradients' flag and each micro-batch's, so that every rank takes the same branch
-        flags = dd.max([float(not grads_finite(params))] + [float(not math.isfinite(v)) for v in micro_losses])
+        flags = procs.max([float(not grads_finite(params))] + [float(not math.isfinite(v)) for v in micro_losses])
         bad_micro = [i for i, f in enumerate(flags[1:]) if f]
         nonfinite = "loss" if bad_micro else "gradients" if flags[0] else None
         grad_norm = None
@@ -317,7 +319,7 @@ class Run:
             self.last.update(skipped=True, nonfinite=nonfinite, skipped_steps=self.counters["skipped_steps"])
         if cfg.eval_every and self.step_count % cfg.eval_every == 0 and self.eval_set and self.evaluator:
             self.last.update(self.evaluate())
-        if dd.main:
+        if procs.main:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", acc=f"{self.last['reward_accuracy']:.2f}",
                                  tok_s=f"{self.last['tokens_per_s']:.0f}")
@@ -325,22 +327,22 @@ class Run:
                 self.log.write(self.last, self.step_count)
         if cfg.save_every and self.step_count % cfg.save_every == 0 and self.step_count < self.end:
             self.save()
-        dd.barrier()
+        procs.barrier()
 
     def _nonfinite(self, what: str, bad_micro: list, micro_losses: list, nonfinite_pairs: list) -> None:
         """A non-finite step (``what``: "loss" or "gradients"; the micro-batches whose loss was non-finite on
         some rank): described in a file the first time, then NonFiniteError, or with nonfinite: skip counted
         (and NonFiniteError after max_nonfinite_steps in a row). The gradients are dropped by the caller."""
-        cfg, dd = self.cfg, self.dd
+        cfg, procs = self.cfg, self.procs
         step = self.step_count + 1
         n = len(micro_losses)
         where = (f"the loss of micro-batch {', '.join(str(i + 1) for i in bad_micro)} of {n} is not finite" if what == "loss"
                  else f"the gradients are not finite (the loss of each of the {n} micro-batches was)")
         described = ""
-        if dd.main and not self.diagnosed:
+        if procs.main and not self.diagnosed:
             self.diagnosed = True
             path = self.out_dir / f"nonfinite-step-{step}.json"
-            record = dict(step=step, nonfinite=what, micro_batches=[i + 1 for i in bad_micro], world=dd.world,
+            record = dict(step=step, nonfinite=what, micro_batches=[i + 1 for i in bad_micro], world=procs.world,
                           pairs=self.batch_pairs, micro_losses=micro_losses, nonfinite_pairs=nonfinite_pairs,
                           lr=self.scheduler.get_last_lr()[0])
             with writing("the non-finite step's description", path):
@@ -354,7 +356,7 @@ class Run:
                                  f"such steps.{described}")
         self.counters["skipped_steps"] += 1
         self.counters["consecutive_skips"] += 1
-        if dd.main:
+        if procs.main:
             print(f"safedpo: step {step}: skipped ({where})", file=sys.stderr, flush=True)
         if self.counters["consecutive_skips"] >= cfg.max_nonfinite_steps:
             raise NonFiniteError(f"steps {step - self.counters['consecutive_skips'] + 1}-{step}: "
@@ -365,7 +367,7 @@ class Run:
     def stop_if_asked(self, signum) -> None:
         """Interrupted (after writing a checkpoint of this step, unless one exists) when a stop signal
         reached any rank: the ranks agree through one all-reduce, so all stop after the same step."""
-        asked = int(self.dd.max([float(signum or 0)])[0]) if self.dd.world > 1 else int(signum or 0)
+        asked = int(self.procs.max([float(signum or 0)])[0]) if self.procs.world > 1 else int(signum or 0)
         if not asked:
             return
         if self.saved_at != self.step_count:  # known alike on every rank (no file-system look-up)
@@ -384,7 +386,7 @@ class Run:
     def finish(self) -> dict:
         """A last evaluation (unless the last step had one), the final checkpoint and model (with LoRA: the
         adapters, or with merge_lora the model with them merged in), and the last metrics."""
-        cfg, dd = self.cfg, self.dd
+        cfg, procs = self.cfg, self.procs
         self.bar.close()
         evaluated = cfg.eval_every and self.step_count % cfg.eval_every == 0
         if self.eval_set and self.evaluator and not evaluated:
@@ -393,13 +395,13 @@ class Run:
         self.save()
         final = self.out_dir / "final"
         state = full_model_state(self.policy.model) if self.sharded else None  # a collective
-        if dd.main:
+        if procs.main:
             model = self.policy.model.merge_and_unload() if cfg.merge_lora and not self.sharded else self.policy.model
             with writing("the final model", final, f"the checkpoint of step {self.step_count} is complete"):
                 model.save_pretrained(final, **({} if state is None else dict(state_dict=state)))
                 self.tok.save_pretrained(final)
         self.log.close()
-        dd.barrier()
+        procs.barrier()
         return dict(self.last, output_dir=str(self.out_dir))
 
 

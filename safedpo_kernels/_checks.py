@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 import torch
 
@@ -111,13 +110,12 @@ def check_logits_and_labels(
     validate: bool,
     *,
     logits_name: str = "logits",
-    vocab: Optional[int] = None,
-    label_range: bool = True,
 ) -> Layout:
-    """Validate (logits|hidden, labels, cu_seqlens) and describe their layout.
+    """Validate (logits|hidden, labels, cu_seqlens) and describe their layout: shapes, dtypes, devices and
+    (reading values, with ``validate``) cu_seqlens; the labels' range is the caller's next check
+    (``check_labels_in_range``), once the vocabulary size over every rank is known.
 
-    ``logits_name`` lets the fused-linear entry points reuse this for ``hidden`` (N, T, H) / (total, H),
-    whose vocabulary size ``vocab`` comes from the weight instead of the last dimension.
+    ``logits_name`` lets the fused-linear entry points reuse this for ``hidden`` (N, T, H) / (total, H).
     """
     _name_tensor(logits, logits_name)
     _name_tensor(labels, "labels")
@@ -127,13 +125,12 @@ def check_logits_and_labels(
         raise TypeError(f"labels must be int32 or int64 token ids, got {labels.dtype}")
     check_same_device(logits.device, logits_name, labels=labels,
                       cu_seqlens=cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else None)
-    V = logits.shape[-1] if vocab is None else vocab
     if logits.dim() >= 1 and logits.shape[-1] == 0:
         raise ValueError(f"{logits_name} has an empty last dimension")
     if cu_seqlens is None:
         if logits.dim() != 3:
             raise ValueError(
-                f"{logits_name} must be (N, T, {'V' if vocab is None else 'H'}) for the padded layout, got "
+                f"{logits_name} must be (N, T, {'V' if logits_name == 'logits' else 'H'}) for the padded layout, got "
                 f"shape {tuple(logits.shape)}; for the packed layout pass cu_seqlens"
             )
         if tuple(labels.shape) != tuple(logits.shape[:2]):
@@ -147,15 +144,13 @@ def check_logits_and_labels(
         if logits.dim() != 2:
             raise ValueError(
                 f"with cu_seqlens, {logits_name} must be packed (total_tokens, "
-                f"{'V' if vocab is None else 'H'}), got shape {tuple(logits.shape)}"
+                f"{'V' if logits_name == 'logits' else 'H'}), got shape {tuple(logits.shape)}"
             )
         total = logits.shape[0]
         if tuple(labels.shape) != (total,):
             raise ValueError(f"labels must have shape ({total},) to match packed {logits_name}, got {tuple(labels.shape)}")
         cu = check_cu_seqlens(cu_seqlens, total, logits.device, values=validate)
         layout = Layout.packed(cu, total)
-    if validate and label_range:
-        check_labels_in_range(labels, V, ignore_index, layout.padded)
     return layout
 
 

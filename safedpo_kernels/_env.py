@@ -47,7 +47,7 @@ VARIABLES = {
 }
 
 
-def release(version: Optional[str] = None) -> tuple:
+def major_minor(version: Optional[str] = None) -> tuple:
     """(major, minor) of a version string such as "2.11.0+cu130" or "2.4.0rc1" (default: the running
     torch's), for the few places that work around a dependency's version."""
     parts = ((version or torch.__version__).split("+")[0].split(".") + ["0"])[:2]

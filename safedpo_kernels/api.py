@@ -51,7 +51,7 @@ def _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend,
 def _checked_layout(x, labels, cu_seqlens, ignore_index, validate, groups, width, **names):
     """The shapes first, then what the ranks of the groups must agree on (collectives, which every rank
     reaches), then the labels' range over the whole vocabulary: no rank raises alone before a collective."""
-    layout = check_logits_and_labels(x, labels, cu_seqlens, ignore_index, validate, label_range=False, **names)
+    layout = check_logits_and_labels(x, labels, cu_seqlens, ignore_index, validate, **names)
     if validate:
         check_consistent(groups, width, labels, layout.n_seq)
         check_labels_in_range(labels, _total_vocab(width, groups), ignore_index, layout.padded)
@@ -66,8 +66,7 @@ def _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, vali
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     width = check_linear_weight(hidden, weight, bias)
-    layout = _checked_layout(hidden, labels, cu_seqlens, ignore_index, validate, groups, width, logits_name="hidden",
-                             vocab=width)
+    layout = _checked_layout(hidden, labels, cu_seqlens, ignore_index, validate, groups, width, logits_name="hidden")
     return hidden, weight, bias, layout, flat_labels(labels), resolve_backend(backend, hidden.device), groups
 
 
@@ -230,10 +229,9 @@ def linear_safedpo_loss(
 
 def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, options: LossOptions, *,
                    bias=None, ignore_index: int = -100, cu_seqlens=None, backend: str = "auto", validate: bool = True,
-                   logit_scale: float = 1.0, softcap: Optional[float] = None, inplace_backward: bool = False,
+                   logit_scale: float = 1.0, softcap: Optional[float] = None,
                    vocab_group=None, context_group=None) -> SafeDPOOutput:
-    """``linear_safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on).
-    ``inplace_backward`` is accepted and changes nothing, as in ``linear_sequence_logps``."""
+    """``linear_safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on)."""
     hidden, weight, bias, layout, flat, name, groups = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index,
                                                                        validate, backend, vocab_group, context_group)
     check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe, validate=validate)

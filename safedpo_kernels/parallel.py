@@ -13,7 +13,7 @@ per-sequence partial sums (and token counts) are all-reduced (O(sequences)) befo
 each rank's gradients are those of its own tokens.
 
 The ops take the groups by name (torch.library ops take no ProcessGroup objects); ``group_name`` and
-``resolve`` translate. ``traffic`` counts the bytes each rank all-reduces, for tests and benchmarks.
+``resolve`` translate.
 """
 
 from __future__ import annotations
@@ -23,24 +23,6 @@ from typing import NamedTuple, Optional
 import torch
 
 NO_GROUP = ""
-
-
-class Traffic:
-    """Bytes this process has all-reduced through the kernels' collectives (a running total)."""
-
-    def __init__(self):
-        self.bytes = 0
-        self.calls = 0
-
-    def add(self, t: torch.Tensor) -> None:
-        self.bytes += t.numel() * t.element_size()
-        self.calls += 1
-
-    def reset(self) -> None:
-        self.bytes = self.calls = 0
-
-
-traffic = Traffic()
 
 
 def group_name(group) -> str:
@@ -64,10 +46,9 @@ def resolve(name: str):
 
 
 def all_reduce(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
-    """``t`` all-reduced in place over ``group`` (counted in ``traffic``)."""
+    """``t`` all-reduced in place over ``group``."""
     import torch.distributed as dist
 
-    traffic.add(t)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     return t
 

@@ -85,10 +85,10 @@ def lm_head(model) -> tuple:
 
 
 @torch.no_grad()
-def check_linear_head(model, transform: dict, instead: str = "loss_input: logits", forward=None) -> None:
+def check_linear_head(model, transform: dict, fallback: str = "loss_input: logits", forward=None) -> None:
     """ValueError when the LM head applied to the decoder's last hidden states, with ``transform``,
     does not reproduce the model's own logits on a short input: the model does something to its logits
-    (or to the hidden states before the head) that the fused-linear path does not know. ``instead``
+    (or to the hidden states before the head) that the fused-linear path does not know. ``fallback``
     names the setting that avoids the fused-linear path, for the message; ``forward`` is the model's
     own forward when called from inside a replacement of it (default: calling the model)."""
     weight, bias = lm_head(model)
@@ -112,7 +112,7 @@ def check_linear_head(model, transform: dict, instead: str = "loss_input: logits
         raise ValueError(
             f"{type(model).__name__}: its logits are not its LM head applied to its last hidden states with "
             f"logit_scale={transform['logit_scale']}, softcap={transform['softcap']} (largest difference {diff:.3g}); "
-            f"the fused-linear kernels do not know this model's logit transform. Use {instead}."
+            f"the fused-linear kernels do not know this model's logit transform. Use {fallback}."
         )
 
 
@@ -174,7 +174,7 @@ def router_aux_loss(model, outputs, attention_mask=None) -> Optional[torch.Tenso
 LOSS_INPUTS = ("logits", "linear", "eager")
 
 
-class PairLoss(NamedTuple):
+class PairInputs(NamedTuple):
     """What a batch needs besides the model's inputs to be a SafeDPO loss: the (2B,) reference log-probs
     (or None), the (B,) safety flags, and the loss's options."""
 
@@ -185,7 +185,7 @@ class PairLoss(NamedTuple):
 
 
 class ModelLoss(NamedTuple):
-    """A ``CausalLMLoss`` result: the SafeDPOOutput (or, without a PairLoss, the (2B,) float32 sequence
+    """A ``CausalLMLoss`` result: the SafeDPOOutput (or, without a PairInputs, the (2B,) float32 sequence
     log-probs) and the router's auxiliary loss (None without a router, or when not asked for)."""
 
     result: object
@@ -202,7 +202,7 @@ class CausalLMLoss:
     a wrong transform is refused before training and no check runs inside a compiled forward), never
     materializing the logits. "eager": plain PyTorch (log_softmax, gather, sum), a baseline.
     ``router_aux``: also return a mixture-of-experts router's load-balancing loss (without its
-    coefficient, which is the trainer's business). ``instead`` names the setting that avoids the
+    coefficient, which is the trainer's business). ``fallback`` names the setting that avoids the
     fused-linear path, for the error a model with an unknown logit transform gets. ``validate=False``: the
     kernels skip the checks that read values on the host (label range, 0/1 flags), so that a compiled
     forward has no graph break of ours; the caller then answers for labels in [0, V) (out-of-range
@@ -210,7 +210,7 @@ class CausalLMLoss:
     """
 
     def __init__(self, model, loss_input: str = "logits", backend: str = "auto", router_aux: bool = False,
-                 instead: str = "loss_input: logits", validate: bool = True):
+                 fallback: str = "loss_input: logits", validate: bool = True):
         if loss_input not in LOSS_INPUTS:
             raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {loss_input!r}")
         self.loss_input = loss_input
@@ -218,13 +218,13 @@ class CausalLMLoss:
         check_attention(model.config)
         self.transform = logit_transform(model)
         self.router = router_config(model) if router_aux else None
-        self.instead = instead
+        self.fallback = fallback
         self.validate = validate
         if loss_input == "linear":
-            check_linear_head(model, self.transform, instead=instead)
+            check_linear_head(model, self.transform, fallback=fallback)
 
     def __call__(self, model, inputs: dict, labels: torch.Tensor, *, cu_seqlens=None, average: bool = False,
-                 loss: Optional[PairLoss] = None, forward=None) -> ModelLoss:
+                 loss: Optional[PairInputs] = None, forward=None) -> ModelLoss:
         """``inputs``: the model's keyword inputs (input_ids, attention_mask, ...), (1, total) with
         ``cu_seqlens`` for a packed batch. ``labels`` (2B, T) or (total,), aligned with the logits.
         ``average``: mean log-probs (with a ``loss``, its options' average counts). ``forward``: what
@@ -264,4 +264,4 @@ class CausalLMLoss:
 
 __all__ = ["text_config", "logit_transform", "uses_hub_kernel_funcs", "compile_context", "lm_head", "check_linear_head",
            "router_config", "router_aux_loss",
-           "CausalLMLoss", "PairLoss", "ModelLoss", "LOSS_INPUTS"]
+           "CausalLMLoss", "PairInputs", "ModelLoss", "LOSS_INPUTS"]

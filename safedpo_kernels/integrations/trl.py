@@ -43,7 +43,7 @@ from ..dispatch import BACKENDS
 from ..labels import labels_from_completion_mask
 from ..loss import SafeDPOOutput
 from ..options import LOSS_TYPES, LossOptions
-from .hf import CausalLMLoss, PairLoss, compile_context
+from .hf import CausalLMLoss, PairInputs, compile_context
 from .rows import preference_pair, safety_flag
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
@@ -122,7 +122,7 @@ def check_preference_columns(dataset, name: str = "train_dataset") -> None:
 
 
 def _add_fused_linear_loss(model, adapter: CausalLMLoss) -> None:
-    """``model(..., safedpo_linear=(labels, PairLoss))`` computes the fused-linear loss inside the model's
+    """``model(..., safedpo_linear=(labels, PairInputs))`` computes the fused-linear loss inside the model's
     forward (so that DDP/FSDP see the LM head used there) and returns the SafeDPOOutput's fields and the
     router's auxiliary loss (None without one); without it the forward is unchanged."""
     original = model.forward
@@ -164,7 +164,7 @@ class SafeDPOTrainer(DPOTrainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.loss_adapter = CausalLMLoss(base, args.fused_loss_input, args.kernel_backend,
                                          router_aux=getattr(self, "aux_loss_enabled", False),
-                                         instead="fused_loss_input='logits'",
+                                         fallback="fused_loss_input='logits'",
                                          # compiled: no value checks of ours that would break a graph
                                          validate=not args.torch_compile)
         if args.fused_loss_input == "linear":
@@ -246,7 +246,7 @@ class SafeDPOTrainer(DPOTrainer):
             ref = self._ref_logps(reference, inputs, autocast=False).float()
         if options.average:  # TRL's reference log-probs are sums
             ref = ref / (labels != -100).sum(-1).clamp(min=1)
-        request = PairLoss(ref, inputs["chosen_safe"], inputs["rejected_safe"], options)
+        request = PairInputs(ref, inputs["chosen_safe"], inputs["rejected_safe"], options)
         with self._compile_context:
             if args.fused_loss_input == "linear":
                 *fields, aux_loss = model(**self._model_kwargs(inputs), safedpo_linear=(labels, request))

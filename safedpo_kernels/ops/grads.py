@@ -43,12 +43,12 @@ class LinearGrads:
         if vocab is not None and self.hidden is not None:
             all_reduce(self.hidden, vocab)
 
-    def recompute(self, impl, h, w, b, lab, lse, g, rows, ignore_index, logit_scale, softcap) -> None:
+    def recompute(self, kernels, h, w, b, lab, lse, g, rows, ignore_index, logit_scale, softcap) -> None:
         """The gradients of rows whose logits were not kept: recomputed a chunk of rows at a time."""
-        chunk = impl.dlogits_chunk_rows(w.shape[0], h.dtype, h.device)
+        chunk = kernels.dlogits_chunk_rows(w.shape[0], h.dtype, h.device)
         for r0 in range(0, h.shape[0], chunk):
             r1 = min(r0 + chunk, h.shape[0])
-            dz = impl.linear_dlogits(h[r0:r1], w, b, lab[r0:r1], lse[r0:r1], g[r0:r1], ignore_index, logit_scale, softcap)
+            dz = kernels.linear_dlogits(h[r0:r1], w, b, lab[r0:r1], lse[r0:r1], g[r0:r1], ignore_index, logit_scale, softcap)
             self.add(dz, h[r0:r1], w, rows[r0:r1])
             del dz
 

@@ -58,13 +58,13 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
     head = LinearHead(ignore_index, logit_scale, softcap)
     layout = layout_of(hidden, cu_seqlens)
-    impl = backend_module(backend)
+    kernels = backend_module(backend)
     groups = Groups(resolve(vocab_group), resolve(context_group))
     device, V = hidden.device, weight.shape[0]
     B = layout.n_seq // 2
     wants = (need_hidden, need_weight, need_bias and bias is not None)
     with no_autocast():
-        w, b = impl.prepare_weight(weight, bias, hidden.dtype)
+        w, b = kernels.prepare_weight(weight, bias, hidden.dtype)
         flat = hidden.reshape(layout.rows, hidden.shape[-1])
         grads = LinearGrads(layout.rows, V, hidden.shape[-1], hidden, *wants, groups.vocab) if any(wants) else None
         kept = safety_transform(chosen_safe, rejected_safe, options).kept
@@ -75,7 +75,7 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
         total = torch.zeros((), dtype=torch.float64, device=device)
         metrics = []
         for chunk in plan_pair_chunks(labels, layout, head.ignore_index, budget, groups.context):
-            out = _chunk_loss(impl, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head, budget,
+            out = _chunk_loss(kernels, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head, budget,
                               norm, grads, groups)
             total += out.loss.detach().double()
             metrics.append([m.detach() for m in out[1:]])
@@ -128,7 +128,7 @@ def _linear_loss_backward(ctx, grad_outputs):
 linear_safedpo_loss_op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
 
 
-def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, options: LossOptions,
+def _chunk_loss(kernels, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, options: LossOptions,
                 head: LinearHead, budget: int, norm: int, grads, groups: Groups):
     """One chunk of pairs: its logits, log-probs and loss (summed over its kept pairs), and, when
     ``grads`` is given, its gradients folded in (scaled by 1 / norm). Vocabulary shards combine their
@@ -143,9 +143,9 @@ def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, re
     def forward(local):
         nonlocal z
         if two_pass:
-            return impl.linear_forward(h, w, b, local, head.ignore_index, head.logit_scale, head.softcap)
-        z = impl.linear_logits(h, w, b, head.logit_scale, head.softcap)
-        return impl.logp_forward(z, local, flat_layout, head.ignore_index)
+            return kernels.linear_forward(h, w, b, local, head.ignore_index, head.logit_scale, head.softcap)
+        z = kernels.linear_logits(h, w, b, head.logit_scale, head.softcap)
+        return kernels.logp_forward(z, local, flat_layout, head.ignore_index)
 
     tok, lse = combined_token_logps(forward, lab, w.shape[0], head.ignore_index, groups.vocab)
     every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
@@ -159,10 +159,10 @@ def _chunk_loss(impl, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, re
     g = token_grads(dlogp.double() / norm, every, count, chunk.layout, options.average)
     local = kernel_labels(lab, w.shape[0], head.ignore_index, groups.vocab)
     if two_pass:
-        grads.recompute(impl, h, w, b, local, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
+        grads.recompute(kernels, h, w, b, local, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
         return out
     # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
     dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
-    impl.logp_backward(z, local, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
+    kernels.logp_backward(z, local, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
     grads.add(dz, h.to(w.dtype), w, chunk.rows)
     return out

@@ -27,16 +27,16 @@ def linear_sequence_logps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: O
     in chunks of rows (the CPU backends). With a ``vocab_group`` the weight (and bias) are this rank's
     rows of the head, with a ``context_group`` the tokens this rank's slice (see parallel.py)."""
     layout = layout_of(hidden, cu_seqlens)
-    impl = backend_module(backend)
+    kernels = backend_module(backend)
     vocab, context = resolve(vocab_group), resolve(context_group)
     counted = labels != ignore_index
     idx = counted.nonzero().squeeze(1)
     with no_autocast():
         h = hidden.reshape(layout.rows, hidden.shape[-1]).index_select(0, idx)
-        w, b = impl.prepare_weight(weight, bias, hidden.dtype)
+        w, b = kernels.prepare_weight(weight, bias, hidden.dtype)
         lab = labels.index_select(0, idx)
         tok_c, lse_c = combined_token_logps(
-            lambda local: impl.linear_forward(h, w, b, local, ignore_index, logit_scale, softcap), lab, weight.shape[0],
+            lambda local: kernels.linear_forward(h, w, b, local, ignore_index, logit_scale, softcap), lab, weight.shape[0],
             ignore_index, vocab)
         tok = torch.zeros(layout.rows, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, tok_c)
         lse = torch.zeros_like(tok).index_copy_(0, idx, lse_c)
@@ -64,7 +64,7 @@ def linear_sequence_logps_grad_op(grad_seq: torch.Tensor, hidden: torch.Tensor, 
     and d weight += d logits.T @ hidden by matmuls, d weight accumulated in float32 in a fixed order. A
     vocabulary shard's d hidden is its part: all-reduced over the ``vocab_group``."""
     layout = layout_of(hidden, cu_seqlens)
-    impl = backend_module(backend)
+    kernels = backend_module(backend)
     vocab = resolve(vocab_group)
     counted = labels != ignore_index
     idx = counted.nonzero().squeeze(1)
@@ -72,11 +72,11 @@ def linear_sequence_logps_grad_op(grad_seq: torch.Tensor, hidden: torch.Tensor, 
     with no_autocast():
         g = token_grads(grad_seq, counted, count, layout, average).index_select(0, idx)
         h = hidden.reshape(layout.rows, H).index_select(0, idx)
-        w, b = impl.prepare_weight(weight, bias, hidden.dtype)
+        w, b = kernels.prepare_weight(weight, bias, hidden.dtype)
         grads = LinearGrads(layout.rows, weight.shape[0], H, hidden, need_hidden, need_weight,
                             need_bias and bias is not None, vocab)
         local = kernel_labels(labels.index_select(0, idx), weight.shape[0], ignore_index, vocab)
-        grads.recompute(impl, h, w, b, local, lse.index_select(0, idx), g, idx, ignore_index, logit_scale, softcap)
+        grads.recompute(kernels, h, w, b, local, lse.index_select(0, idx), g, idx, ignore_index, logit_scale, softcap)
         grads.complete_hidden(vocab)
         out = grads.results(specs(hidden, weight, bias))
     return tuple(no_grad_slot(hidden) if o is None else o for o in out)

@@ -24,9 +24,9 @@ def sequence_logps_op(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: Op
     name (see parallel.py): logits sharded along the vocabulary, tokens sliced along the sequences."""
     layout = layout_of(logits, cu_seqlens)
     vocab, context = resolve(vocab_group), resolve(context_group)
-    impl = backend_module(backend)
+    kernels = backend_module(backend)
     with no_autocast():
-        tok, lse = combined_token_logps(lambda lab: impl.logp_forward(logits, lab, layout, ignore_index), labels,
+        tok, lse = combined_token_logps(lambda lab: kernels.logp_forward(logits, lab, layout, ignore_index), labels,
                                         logits.shape[-1], ignore_index, vocab)
         seq, count = sequence_values(tok, labels != ignore_index, layout, average, context)
     return seq, lse, count
@@ -46,12 +46,12 @@ def sequence_logps_grad_op(grad_seq: torch.Tensor, logits: torch.Tensor, labels:
     """d loss / d logits (logits' shape and dtype, contiguous) for the sequences' d loss / d logp; with the
     global log-sum-exps, a vocabulary shard's gradient needs no communication."""
     layout = layout_of(logits, cu_seqlens)
-    impl = backend_module(backend)
+    kernels = backend_module(backend)
     with no_autocast():
         g_tok = token_grads(grad_seq, labels != ignore_index, count, layout, average)
-        grad = impl.grad_buffer(logits.shape, logits.dtype, logits.device)
+        grad = kernels.grad_buffer(logits.shape, logits.dtype, logits.device)
         local = kernel_labels(labels, logits.shape[-1], ignore_index, resolve(vocab_group))
-        impl.logp_backward(logits, local, lse, g_tok, grad, layout, ignore_index)
+        kernels.logp_backward(logits, local, lse, g_tok, grad, layout, ignore_index)
     return grad
 
 

@@ -21,7 +21,7 @@ import numpy
 import torch
 import triton
 
-from .._env import release
+from .._env import major_minor
 from ._utils import INTERPRETED
 from .fused_linear_backward import dlogits_chunk_rows, linear_dlogits
 from .fused_linear_forward import linear_forward, linear_logits, prepare_weight
@@ -64,7 +64,7 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str:
     int(array), which NumPy 2.4 made an error: every kernel with a runtime-sized loop then fails with
     "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171; seen with
     triton 3.6.0 and numpy 2.4.6). Compiled kernels on a GPU are not affected."""
-    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
         return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton_version} cannot run with numpy "
                 f"{numpy_version}: it fails inside every kernel loop (triton-lang/triton#9171). Install "
                 f"'numpy<2.4' or 'triton>=3.7', or use backend='torch' or 'native' on the CPU.")

@@ -7,7 +7,7 @@ import torch
 
 from helpers import TOL, make_flags, make_labels, make_logits, max_scaled_err, pack, rel_err
 from safedpo_kernels import linear_safedpo_loss, safedpo_loss, safedpo_loss_from_logps, sequence_logps
-from safedpo_kernels._env import release
+from safedpo_kernels._env import major_minor
 from safedpo_kernels.dispatch import resolve_backend
 from safedpo_kernels.ops import (
     linear_safedpo_loss_op,
@@ -112,7 +112,7 @@ def test_a_fullgraph_compiled_step_equals_eager(case, loss_type, packed):
 
 # PyTorch before 2.12 cannot trace a backward that writes into a leaf input of the compiled graph
 # (AOT autograd's input-mutation copy trips the leaf check); logits a model computes are no leaf.
-LEAF_INPLACE_COMPILES = release() >= (2, 12)
+LEAF_INPLACE_COMPILES = major_minor() >= (2, 12)
 
 
 @pytest.mark.parametrize("logits_from", ["model", "leaf"])

@@ -24,7 +24,6 @@ from safedpo_kernels import (
     safedpo_loss,
     sequence_logps,
 )
-from safedpo_kernels.parallel import traffic
 
 # several CPU processes per test: one such test at a time (make test runs xdist with --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("processes")
@@ -224,13 +223,15 @@ def vocab_cases(world):
 
 def traffic_case(group):
     """The bytes a rank all-reduces: proportional to the tokens, independent of the vocabulary."""
+    from bench.memory import AllReducedBytes
+
     measured = {}
     for T, V in ((8, 64), (8, 640), (16, 64)):
         logits, labels, ref, cs, rs = full_case(5, torch.float32, T=T, V=V)
         x = shard_cols(logits, dist.get_rank(group), 2).clone().requires_grad_()
-        traffic.reset()
-        safedpo_loss(x, labels, ref, cs, rs, backend="torch", vocab_group=group, validate=False).loss.backward()
-        measured[T, V] = traffic.bytes
+        with AllReducedBytes() as sent:
+            safedpo_loss(x, labels, ref, cs, rs, backend="torch", vocab_group=group, validate=False).loss.backward()
+        measured[T, V] = sent.bytes
     assert measured[8, 64] == measured[8, 640] > 0
     assert measured[16, 64] == 2 * measured[8, 64]
 

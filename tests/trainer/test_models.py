@@ -223,7 +223,7 @@ def test_compile_context_follows_the_hub_kernel_wrappers():
     with kernels installed); any other model gets a null context."""
     import torch._dynamo
 
-    from safedpo_kernels._env import release
+    from safedpo_kernels._env import major_minor
     from safedpo_kernels.integrations.hf import compile_context, uses_hub_kernel_funcs
 
     flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
@@ -232,7 +232,7 @@ def test_compile_context_follows_the_hub_kernel_wrappers():
     has_kernels = transformers.utils.import_utils.is_kernels_available()
     if not has_kernels:
         assert not wrapped
-    elif release(transformers.__version__) >= (5, 25):  # Llama's attention routes its rotary embedding through them
+    elif major_minor(transformers.__version__) >= (5, 25):  # Llama's attention routes its rotary embedding through them
         assert wrapped
     assert not uses_hub_kernel_funcs(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     before = getattr(torch._dynamo.config, flag)

@@ -14,11 +14,11 @@ from safedpo.config import load_config
 from safedpo.distributed import SHARDED_TORCH
 from safedpo.toy import make_task, vocabulary
 from safedpo.toy.tokenizer import build_tokenizer
-from safedpo_kernels._env import release
+from safedpo_kernels._env import major_minor
 
 ROOT = Path(__file__).resolve().parents[2]
 # FSDP2 over several data-parallel ranks: refused on a torch older than the trainer's floor for it.
-SHARDED_OK = release() >= SHARDED_TORCH
+SHARDED_OK = major_minor() >= SHARDED_TORCH
 needs_sharded_torch = pytest.mark.skipif(not SHARDED_OK, reason="FSDP2 training needs torch >= 2.11")
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=64)

@@ -15,6 +15,9 @@ import pytest
 
 pytest.importorskip("triton")
 
+# one worker compiles the report once for the whole module (its fixture), instead of each xdist worker
+pytestmark = pytest.mark.xdist_group("gpu_compile")
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 LOGITS_PATH = {"logprob_forward_kernel", "logprob_backward_kernel"}
