@@ -244,7 +244,7 @@ def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe
         hidden, weight, bias, flat, None if ref_logps is None else ref_logps.detach(), chosen_safe, rejected_safe,
         layout.cu_seqlens, ignore_index, float(logit_scale), None if softcap is None else float(softcap), *options.op_args(),
         name, *wants, *groups.names())
-    return SafeDPOOutput(*out[:7])
+    return SafeDPOOutput.of(*out[:7])
 
 
 class SafeDPOLoss(nn.Module):

@@ -7,7 +7,7 @@ d loss / d logp, which the kernels' backward turns into d loss / d logits.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,11 @@ class SafeDPOOutput(NamedTuple):
     chosen_rewards / rejected_rewards: beta * (logp - ref_logp) of the same.
     kept: bool, False for pairs dropped by T (both responses unsafe, when drop_both_unsafe).
     swapped: bool, True for pairs T swapped (preferred response unsafe, the other safe; never with swap=False).
+    loss_terms: (K,) float32, no gradient: each loss term's weighted contribution, in loss_type order (they
+        add up to ``loss``); one term, the loss itself, for a single loss_type.
+    token_stats: None (SPEC's token statistics, when asked for; not computed by this version).
+
+    Unpack it by name: positional unpacking of all its fields is not part of the contract.
     """
 
     loss: torch.Tensor
@@ -34,6 +39,14 @@ class SafeDPOOutput(NamedTuple):
     rejected_rewards: torch.Tensor
     kept: torch.Tensor
     swapped: torch.Tensor
+    loss_terms: Optional[torch.Tensor] = None
+    token_stats: Optional[tuple] = None
+
+    @staticmethod
+    def of(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped) -> "SafeDPOOutput":
+        """The output of one loss term: its ``loss_terms`` is the loss itself, detached, as (1,) float32."""
+        return SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
+                             loss.detach().float().reshape(1))
 
 
 class PairRoles(NamedTuple):
@@ -113,8 +126,8 @@ def _margins(policy_logps, ref_logps, chosen_safe, rejected_safe, options: LossO
 
 
 def _output(m: _Margins, loss: torch.Tensor) -> SafeDPOOutput:
-    return SafeDPOOutput(loss, m.chosen.detach(), m.rejected.detach(), m.chosen_rewards.detach(),
-                         m.rejected_rewards.detach(), m.roles.kept, m.roles.swapped)
+    return SafeDPOOutput.of(loss, m.chosen.detach(), m.rejected.detach(), m.chosen_rewards.detach(),
+                            m.rejected_rewards.detach(), m.roles.kept, m.roles.swapped)
 
 
 def _reduce(per_pair: torch.Tensor, kept: torch.Tensor, options: LossOptions) -> torch.Tensor:
@@ -174,8 +187,9 @@ def safedpo_loss_from_logps(
             that divides by the kept-pair count of its whole global batch).
 
     Returns:
-        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped),
-        float32 scalar loss and (B,) metrics in the roles after T (no gradient); reward = beta * (logp - ref_logp).
+        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
+        loss_terms, token_stats): float32 scalar loss, (B,) metrics in the roles after T (no gradient; reward =
+        beta * (logp - ref_logp)), the (1,) loss term, and token_stats None.
     """
     if not isinstance(policy_logps, torch.Tensor):
         raise TypeError(f"policy_logps must be a torch.Tensor, got {type(policy_logps).__name__}")

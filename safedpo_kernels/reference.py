@@ -83,8 +83,8 @@ def safedpo_loss_from_logps(policy_logps: torch.Tensor, ref_logps: Optional[torc
         loss = torch.stack(losses).mean() if o.reduction == "mean" else torch.stack(losses).sum()
     cl, rl, cr, rr, kept, swapped = zip(*rows)
     flags = dict(dtype=torch.bool, device=policy_logps.device)
-    return SafeDPOOutput(loss, torch.stack(cl).detach(), torch.stack(rl).detach(), torch.stack(cr).detach(),
-                         torch.stack(rr).detach(), torch.tensor(kept, **flags), torch.tensor(swapped, **flags))
+    return SafeDPOOutput.of(loss, torch.stack(cl).detach(), torch.stack(rl).detach(), torch.stack(cr).detach(),
+                            torch.stack(rr).detach(), torch.tensor(kept, **flags), torch.tensor(swapped, **flags))
 
 
 def safedpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor,

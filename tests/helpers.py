@@ -112,3 +112,10 @@ def locked_versions() -> dict:
             assert canonicalize_name(name) not in pins, f"{LOCK.name}: {name} pinned twice"
             pins[canonicalize_name(name)] = version
     return pins
+
+
+def same_outputs(a, b) -> bool:
+    """Bitwise equality of two SafeDPOOutputs, field by field (fields that are None, such as token_stats
+    when it is off, must be None in both)."""
+    return len(a) == len(b) and all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                                    for x, y in zip(a, b))

@@ -78,7 +78,7 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             out = _chunk_loss(kernels, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head, budget,
                               norm, grads, groups)
             total += out.loss.detach().double()
-            metrics.append([m.detach() for m in out[1:]])
+            metrics.append([m.detach() for m in out[1:7]])
         loss = (total / norm).float()
         if grads is not None:
             grads.complete_hidden(groups.vocab)

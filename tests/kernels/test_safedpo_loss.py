@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TOL, make_flags, make_labels, make_logits, max_scaled_err, pack, rel_err
-from safedpo_kernels import SafeDPOLoss, SafeDPOOutput, reference, safedpo_loss
+from helpers import TOL, make_flags, make_labels, make_logits, max_scaled_err, pack, rel_err, same_outputs
+from safedpo_kernels import SafeDPOLoss, SafeDPOOutput, linear_safedpo_loss, reference, safedpo_loss, safedpo_loss_from_logps
 
 FLAG_SETS = [
     dict(delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0),  # SafeDPO
@@ -132,8 +132,7 @@ def test_integer_flags_and_module_agree(case):
     b = safedpo_loss(logits, labels, ref_logps, cs.long(), rs.to(torch.int32), beta=0.2, delta=2.0, backend=backend)
     c = SafeDPOLoss(beta=0.2, delta=2.0, backend=backend)(logits, labels, ref_logps, cs, rs)
     for x, y in itertools.product([a], [b, c]):
-        for fa, fb in zip(x, y):
-            assert torch.equal(fa, fb)
+        assert same_outputs(x, y)
 
 
 def test_ref_logps_get_no_gradient(case):
@@ -154,7 +153,7 @@ def test_deterministic_and_inputs_untouched(case):
     b = run(*inputs, backend=backend)
     for before, after in zip(saved, inputs):
         assert torch.equal(before, after)
-    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert same_outputs(a[0], b[0])
     assert torch.equal(a[1], b[1])
 
 
@@ -169,3 +168,24 @@ def test_inplace_backward_loss(case):
     assert torch.equal(out.loss, expected[0].loss)
     assert torch.equal(work.detach(), expected[1])
     assert torch.equal(leaf.grad, expected[1])
+
+
+def test_the_output_carries_its_loss_term_and_no_token_statistics(case):
+    """SPEC's SafeDPOOutput: after swapped come loss_terms ((K,) float32, no gradient, adding up to the
+    loss; one term for a single loss_type) and token_stats (None unless asked for), on every path."""
+    backend, device = case
+    gen = torch.Generator().manual_seed(11)
+    logits = make_logits((4, 5, 37), torch.float32, device, gen).requires_grad_()
+    labels = make_labels(4, 5, 37, gen, device)
+    cs, rs = torch.tensor([True, False], device=device), torch.tensor([False, False], device=device)
+    ref = torch.randn(4, generator=gen).to(device)
+    hidden = torch.randn(4, 5, 8, generator=gen).to(device)
+    weight = torch.randn(37, 8, generator=gen).to(device)
+    outs = [safedpo_loss(logits, labels, ref, cs, rs, backend=backend, delta=1.0),
+            linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, backend=backend, delta=1.0),
+            safedpo_loss_from_logps(torch.randn(4, generator=gen), ref.cpu(), cs.cpu(), rs.cpu(), delta=1.0),
+            reference.safedpo_loss(logits.double(), labels, ref, cs, rs, delta=1.0)]
+    for out in outs:
+        assert out._fields[-3:] == ("swapped", "loss_terms", "token_stats") and out.token_stats is None
+        assert out.loss_terms.shape == (1,) and out.loss_terms.dtype == torch.float32
+        assert not out.loss_terms.requires_grad and float(out.loss_terms.sum()) == float(out.loss.float())
