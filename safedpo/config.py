@@ -21,7 +21,7 @@ from typing import Any, List, Optional
 
 import yaml
 
-from safedpo_kernels.dispatch import BACKENDS
+from safedpo_kernels import BACKENDS
 from safedpo_kernels.integrations.hf import LOSS_INPUTS
 from safedpo_kernels.options import LOSS_TYPES, REDUCTIONS, LossOptions
 

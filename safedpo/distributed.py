@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from safedpo_kernels._env import major_minor
+from .versions import major_minor
 
 
 class Dist:

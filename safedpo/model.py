@@ -23,9 +23,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from safedpo_kernels._env import major_minor
 from safedpo_kernels.integrations.hf import CausalLMLoss, PairInputs, attention_softcap, check_attention, text_config
 from safedpo_kernels.options import LossOptions
+
+from .versions import major_minor
 
 TINY_LLAMA = dict(
     hidden_size=64,

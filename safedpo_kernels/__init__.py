@@ -8,7 +8,7 @@ See docs/loss.md, docs/api.md and docs/backends.md for the formula, the layouts 
 """
 
 from .api import LinearSafeDPOLoss, SafeDPOLoss, linear_safedpo_loss, linear_sequence_logps, safedpo_loss, sequence_logps
-from .dispatch import available_backends
+from .dispatch import BACKENDS, available_backends
 from .labels import labels_from_completion_mask
 from .loss import SafeDPOOutput, safedpo_loss_from_logps
 from .options import LossOptions
@@ -25,5 +25,6 @@ __all__ = [
     "labels_from_completion_mask",
     "LossOptions",
     "available_backends",
+    "BACKENDS",
 ]
 __version__ = "0.1.0"

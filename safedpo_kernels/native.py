@@ -18,9 +18,10 @@ import torch
 from . import torch_chunked
 from ._checks import rows_contiguous
 from ._layout import Layout
-from ._native_build import available, build_dir, build_info, cache_info, empty_cache, is_loaded, load
+from ._native_build import available, build_dir, build_info, cache_info, empty_cache, is_loaded, load, native_isa
 
-__all__ = ["available", "build_dir", "build_info", "cache_info", "empty_cache", "is_loaded", "load", "grad_buffer",
+__all__ = ["available", "build_dir", "build_info", "cache_info", "empty_cache", "is_loaded", "load", "native_isa",
+           "grad_buffer",
            "logp_forward", "logp_backward", "prepare_weight", "linear_logits", "linear_forward", "linear_dlogits",
            "dlogits_chunk_rows"]
 

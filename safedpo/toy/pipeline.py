@@ -197,10 +197,10 @@ def computed_as() -> str:
     decide the rounding, hence the toy's numbers; see safedpo/cpu_isa.py)."""
     import os
 
-    from safedpo_kernels import _native_build
+    from safedpo_kernels import native as native_backend
 
     try:
-        native = _native_build.native_isa()
+        native = native_backend.native_isa()
     except ValueError as exc:
         native = f"unavailable ({exc})"
     return (f"PyTorch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
