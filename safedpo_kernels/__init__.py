@@ -12,6 +12,7 @@ from .dispatch import BACKENDS, available_backends
 from .labels import labels_from_completion_mask
 from .loss import SafeDPOOutput, safedpo_loss_from_logps
 from .options import LossOptions
+from .transform import LogitTransform
 
 __all__ = [
     "sequence_logps",
@@ -24,6 +25,7 @@ __all__ = [
     "safedpo_loss_from_logps",
     "labels_from_completion_mask",
     "LossOptions",
+    "LogitTransform",
     "available_backends",
     "BACKENDS",
 ]

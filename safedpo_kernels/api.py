@@ -16,7 +16,6 @@ from torch import nn
 from ._checks import (
     check_labels_in_range,
     check_linear_weight,
-    check_logit_transform,
     check_logits_and_labels,
     check_pair_inputs,
     flat_labels,
@@ -26,6 +25,7 @@ from .loss import SafeDPOOutput, loss_from_logps
 from .ops import autocast_operands, linear_safedpo_loss_op, linear_sequence_logps_op, sequence_logps_op
 from .options import LossOptions
 from .parallel import Groups, check_consistent, unwrap
+from .transform import LogitTransform
 
 
 def _total_vocab(width: int, groups: Groups) -> int:
@@ -192,10 +192,10 @@ def linear_sequence_logps(
     """
     hidden, weight, bias, layout, flat, name, groups = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index,
                                                                        validate, backend, vocab_group, context_group)
-    check_logit_transform(logit_scale, softcap)
+    transform = LogitTransform(logit_scale, softcap)
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
-    return linear_sequence_logps_op(hidden, weight, bias, flat, layout.cu_seqlens, ignore_index, average, float(logit_scale),
-                                    None if softcap is None else float(softcap), name, *groups.names())[0]
+    return linear_sequence_logps_op(hidden, weight, bias, flat, layout.cu_seqlens, ignore_index, average,
+                                    transform.logit_scale, transform.softcap, name, *groups.names())[0]
 
 
 def linear_safedpo_loss(
@@ -235,14 +235,14 @@ def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe
     hidden, weight, bias, layout, flat, name, groups = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index,
                                                                        validate, backend, vocab_group, context_group)
     check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe, validate=validate)
-    check_logit_transform(logit_scale, softcap)
+    transform = LogitTransform(logit_scale, softcap)
     hidden, weight, bias = autocast_operands(hidden, weight, bias)
     grad_on = torch.is_grad_enabled()
     wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     out = linear_safedpo_loss_op(
         hidden, weight, bias, flat, None if ref_logps is None else ref_logps.detach(), chosen_safe, rejected_safe,
-        layout.cu_seqlens, ignore_index, float(logit_scale), None if softcap is None else float(softcap), *options.op_args(),
+        layout.cu_seqlens, ignore_index, transform.logit_scale, transform.softcap, *options.op_args(),
         name, *wants, *groups.names())
     return SafeDPOOutput.of(*out[:7])
 
@@ -289,7 +289,7 @@ class LinearSafeDPOLoss(nn.Module):
                  softcap: Optional[float] = None, loss_type: str = "sigmoid", reduction: str = "mean",
                  vocab_group=None, context_group=None):
         super().__init__()
-        check_logit_transform(logit_scale, softcap)
+        LogitTransform(logit_scale, softcap)  # checked at construction
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
                                    average=average)

@@ -29,6 +29,7 @@ from .._checks import check_pair_inputs
 from ..api import linear_sequence_logps, loss_on_hidden, loss_on_logits, sequence_logps
 from ..loss import loss_from_logps
 from ..options import LossOptions
+from ..transform import LogitTransform
 
 
 def text_config(model):
@@ -56,16 +57,15 @@ def check_attention(config, implementation: Optional[str] = None) -> None:
                          f"model_init_kwargs={{'attn_implementation': 'eager'}}")
 
 
-def logit_transform(model) -> dict:
-    """{logit_scale, softcap}: the keywords of the fused-linear functions that reproduce what the model
-    applies to its LM head's output (Gemma 2/3's final_logit_softcapping, Cohere's logit_scale,
-    Granite's 1 / logits_scaling)."""
+def logit_transform(model) -> LogitTransform:
+    """What the model applies to its LM head's output (Gemma 2/3's final_logit_softcapping, Cohere's
+    logit_scale, Granite's 1 / logits_scaling), as the fused-linear functions take it."""
     cfg = text_config(model)
     softcap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(cfg, "logit_scale", None)
     if scale is None and getattr(cfg, "logits_scaling", None) is not None:
         scale = 1.0 / cfg.logits_scaling
-    return dict(logit_scale=1.0 if scale is None else float(scale), softcap=None if softcap is None else float(softcap))
+    return LogitTransform(1.0 if scale is None else scale, softcap)
 
 
 def lm_head(model) -> tuple:
@@ -85,7 +85,7 @@ def lm_head(model) -> tuple:
 
 
 @torch.no_grad()
-def check_linear_head(model, transform: dict, fallback: str = "loss_input: logits", forward=None) -> None:
+def check_linear_head(model, transform: LogitTransform, fallback: str = "loss_input: logits", forward=None) -> None:
     """ValueError when the LM head applied to the decoder's last hidden states, with ``transform``,
     does not reproduce the model's own logits on a short input: the model does something to its logits
     (or to the hidden states before the head) that the fused-linear path does not know. ``fallback``
@@ -103,7 +103,7 @@ def check_linear_head(model, transform: dict, fallback: str = "loss_input: logit
     finally:
         model.train(was_training)
     bias = None if bias is None else bias.float()
-    got = reference.linear_logits(hidden.float(), weight.float(), bias, **transform)
+    got = reference.linear_logits(hidden.float(), weight.float(), bias, **transform.kwargs())
     # Beyond float32 rounding, a bf16/fp16 model rounds its own logits: allow for that, not for a
     # wrong scale or cap (which moves logits by several percent or more).
     tol = (1e-3 if weight.dtype == torch.float32 else 3e-2) * max(1.0, float(want.abs().max()))
@@ -111,7 +111,7 @@ def check_linear_head(model, transform: dict, fallback: str = "loss_input: logit
     if not diff <= tol:
         raise ValueError(
             f"{type(model).__name__}: its logits are not its LM head applied to its last hidden states with "
-            f"logit_scale={transform['logit_scale']}, softcap={transform['softcap']} (largest difference {diff:.3g}); "
+            f"logit_scale={transform.logit_scale}, softcap={transform.softcap} (largest difference {diff:.3g}); "
             f"the fused-linear kernels do not know this model's logit transform. Use {fallback}."
         )
 
@@ -242,8 +242,8 @@ class CausalLMLoss:
             weight, bias = lm_head(model)
             if loss is None:
                 return ModelLoss(linear_sequence_logps(hidden, weight, labels, bias=bias, average=average, **kw,
-                                                       **self.transform), None)
-            out = loss_on_hidden(hidden, weight, labels, *loss, bias=bias, **kw, **self.transform)
+                                                       **self.transform.kwargs()), None)
+            out = loss_on_hidden(hidden, weight, labels, *loss, bias=bias, **kw, **self.transform.kwargs())
         else:
             outputs = (forward or model)(**inputs)
             logits = outputs.logits[0] if packed else outputs.logits

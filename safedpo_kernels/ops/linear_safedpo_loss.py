@@ -15,17 +15,16 @@ from ..loss import loss_and_logp_grad, loss_from_logps, safety_transform
 from ..options import LossOptions
 from ..parallel import Groups, resolve
 from ..reductions import combined_token_logps, kernel_labels, layout_of, n_seq, sequence_values, token_grads
+from ..transform import LogitTransform
 from ._support import first_order_only, no_autocast, no_grad_slot, nones, specs
 from .grads import LinearGrads, fake_grads
 
 
 class LinearHead(NamedTuple):
-    """How the labels and the LM head's output are read: ignore_index, and the logit transform
-    z = softcap * tanh(logit_scale * z0 / softcap) (or logit_scale * z0 without softcap)."""
+    """How the labels and the LM head's output are read: ignore_index, and the logit transform."""
 
     ignore_index: int
-    logit_scale: float
-    softcap: Optional[float]
+    transform: LogitTransform
 
 
 @torch.library.custom_op("safedpo::linear_safedpo_loss", mutates_args=())
@@ -56,7 +55,7 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     """
     options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
-    head = LinearHead(ignore_index, logit_scale, softcap)
+    head = LinearHead(ignore_index, LogitTransform(logit_scale, softcap))
     layout = layout_of(hidden, cu_seqlens)
     kernels = backend_module(backend)
     groups = Groups(resolve(vocab_group), resolve(context_group))
@@ -134,6 +133,7 @@ def _chunk_loss(kernels, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe,
     ``grads`` is given, its gradients folded in (scaled by 1 / norm). Vocabulary shards combine their
     token statistics, context slices their sequences' sums; every rank gets the chunk's loss."""
     h = flat.index_select(0, chunk.rows)
+    scale, cap = head.transform.logit_scale, head.transform.softcap
     lab = labels.index_select(0, chunk.rows)
     rows = chunk.rows.numel()
     flat_layout = Layout.single(rows)
@@ -143,8 +143,8 @@ def _chunk_loss(kernels, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe,
     def forward(local):
         nonlocal z
         if two_pass:
-            return kernels.linear_forward(h, w, b, local, head.ignore_index, head.logit_scale, head.softcap)
-        z = kernels.linear_logits(h, w, b, head.logit_scale, head.softcap)
+            return kernels.linear_forward(h, w, b, local, head.ignore_index, scale, cap)
+        z = kernels.linear_logits(h, w, b, scale, cap)
         return kernels.logp_forward(z, local, flat_layout, head.ignore_index)
 
     tok, lse = combined_token_logps(forward, lab, w.shape[0], head.ignore_index, groups.vocab)
@@ -159,10 +159,10 @@ def _chunk_loss(kernels, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe,
     g = token_grads(dlogp.double() / norm, every, count, chunk.layout, options.average)
     local = kernel_labels(lab, w.shape[0], head.ignore_index, groups.vocab)
     if two_pass:
-        grads.recompute(kernels, h, w, b, local, lse, g, chunk.rows, head.ignore_index, head.logit_scale, head.softcap)
+        grads.recompute(kernels, h, w, b, local, lse, g, chunk.rows, head.ignore_index, scale, cap)
         return out
     # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
     dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
-    kernels.logp_backward(z, local, lse, g * head.logit_scale, dz, flat_layout, head.ignore_index, head.softcap)
+    kernels.logp_backward(z, local, lse, g * scale, dz, flat_layout, head.ignore_index, cap)
     grads.add(dz, h.to(w.dtype), w, chunk.rows)
     return out

@@ -22,6 +22,7 @@ from safedpo.model import PolicyLogps, causal_lm_class, check_transformers, pick
 from safedpo_kernels import reference  # noqa: E402
 from safedpo_kernels.integrations.hf import logit_transform, router_config  # noqa: E402
 from safedpo_kernels.options import LossOptions  # noqa: E402
+from safedpo_kernels.transform import LogitTransform  # noqa: E402
 
 V = 101
 BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -110,7 +111,7 @@ def test_log_probs_and_gradients_match_the_models_logits(name):
 def test_the_transform_is_read_from_the_config_and_matters(name):
     model = build(name)
     transform = logit_transform(model)
-    assert transform != dict(logit_scale=1.0, softcap=None)
+    assert transform != LogitTransform()
     padded, _ = batch_of()
     with torch.no_grad():
         right = PolicyLogps(model, "linear", backend="torch")(padded)
