@@ -295,14 +295,17 @@ class Run:
             stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, procs, self.aux_coef)
         micro_losses, nonfinite_pairs = stats.pop("micro_losses"), stats.pop("nonfinite_pairs")
         params = list(self.policy.parameters())
+        clip = clip_grad_norm if cfg.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
+        # The clipping's total norm (the whole model's, on every layout) is the gradients' finiteness check;
+        # without clipping, one pass over this rank's gradients. (Clipping by a non-finite norm spoils the
+        # gradients, which a non-finite step drops anyway.)
+        grad_norm = clip(params, cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
+        grads_ok = math.isfinite(float(grad_norm)) if grad_norm is not None else grads_finite(params)
         # one all-reduce: the gradients' flag and each micro-batch's, so that every rank takes the same branch
-        flags = procs.max([float(not grads_finite(params))] + [float(not math.isfinite(v)) for v in micro_losses])
+        flags = procs.max([float(not grads_ok)] + [float(not math.isfinite(v)) for v in micro_losses])
         bad_micro = [i for i, f in enumerate(flags[1:]) if f]
         nonfinite = "loss" if bad_micro else "gradients" if flags[0] else None
-        grad_norm = None
         if nonfinite is None:
-            clip = clip_grad_norm if cfg.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(params, cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
             self.optimizer.step()
             self.counters["consecutive_skips"] = 0
         else:

@@ -169,7 +169,8 @@ def test_skip_mode_stops_after_max_nonfinite_steps_in_a_row(task, tmp_path, monk
     strict_records(out)
 
 
-def test_non_finite_gradients_of_a_finite_loss_are_named(task, tmp_path, monkeypatch):
+@pytest.mark.parametrize("clip", [1.0, 0.0])  # the clipping's norm checks them, or a pass of their own
+def test_non_finite_gradients_of_a_finite_loss_are_named(task, tmp_path, monkeypatch, clip):
     from safedpo import train as train_module
     from safedpo.guards import NonFiniteError
 
@@ -183,7 +184,7 @@ def test_non_finite_gradients_of_a_finite_loss_are_named(task, tmp_path, monkeyp
     monkeypatch.setattr(train_module, "build_model", with_an_inf_gradient)
     with pytest.raises(NonFiniteError, match=r"step 1: the gradients are not finite \(the loss of each of the 1 "
                                              r"micro-batches was\)\. The update was not applied"):
-        train_module.train(config(task, tmp_path / "run", max_steps=2))
+        train_module.train(config(task, tmp_path / "run", max_steps=2, clip_grad_norm=clip))
     assert [r["nonfinite"] for r in strict_records(tmp_path / "run") if r.get("event") == "nonfinite"] == ["gradients"]
 
 
