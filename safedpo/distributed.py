@@ -35,7 +35,9 @@ class Dist:
         self.data_rank = self.rank // tensor_parallel
         if use_cuda:
             torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
+        # A process group this run starts is this run's to end (close); a caller's own stays as it was.
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if use_cuda else "gloo")
         self.tp_mesh = self.dp_mesh = self._data_group = None
         if tensor_parallel > 1:
@@ -70,6 +72,14 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def close(self) -> None:
+        """End the process group this run started. Left to the interpreter's exit, its threads can be
+        torn down while still running (gloo aborted a rank with "terminate called without an active
+        exception" after an FSDP2 run)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
 
 
 def rank_slice(indices, rank: int, world: int):
