@@ -9,7 +9,8 @@ schedule; the weights and the optimizer state stay as they were) and stops after
 ``max_nonfinite_steps`` consecutive skips. A checkpoint or final model with non-finite weights is never
 written, so ``save_total_limit``'s rotation never removes the newest finite checkpoint. The first
 non-finite step of a run is described in ``nonfinite-step-<k>.json`` (its pairs, each micro-batch's loss,
-the kept pairs' log-probs and rewards), without weights.
+and the per-pair log-probs, rewards and kept flags of the micro-batches whose loss was non-finite),
+without weights.
 
 Stop signals. The first SIGTERM or SIGINT asks the run to stop after the optimizer step in flight (an
 evaluation or a save in flight finishes first); the ranks agree on the step through one all-reduce per

@@ -54,6 +54,12 @@ def major_minor(version: Optional[str] = None) -> tuple:
     return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
 
 
+def setting(name: str) -> str:
+    """Environment variable ``name`` without surrounding spaces ("" when unset): unset and empty mean
+    the default for every reader here."""
+    return os.environ.get(name, "").strip()
+
+
 def float32_rows(budget_bytes: int, width: int) -> int:
     """Rows of a float32 (rows x width) buffer that fit in ``budget_bytes`` (at least 1): how every
     chunked path sizes its chunks from its budget."""
@@ -66,7 +72,7 @@ def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = F
     ValueError naming the variable when it is not an integer, is below ``minimum``, or (for tile sizes,
     which Triton's ``tl.arange`` needs as powers of two) is not a power of two.
     """
-    text = os.environ.get(name, "").strip()
+    text = setting(name)
     if not text:
         return default
     try:
@@ -83,7 +89,7 @@ def env_int(name: str, default: int, *, minimum: int = 1, power_of_two: bool = F
 def env_number(name: str, default: float, *, minimum: float = 0.0) -> float:
     """The finite number >= ``minimum`` in environment variable ``name`` (``default`` when unset or
     empty); ValueError naming the variable for anything else."""
-    text = os.environ.get(name, "").strip()
+    text = setting(name)
     if not text:
         return default
     try:
@@ -98,7 +104,7 @@ def env_number(name: str, default: float, *, minimum: float = 0.0) -> float:
 def env_choice(name: str, default: str, choices: tuple) -> str:
     """The value of environment variable ``name`` (lower case), one of ``choices``; unset or empty gives
     ``default``; anything else is a ValueError naming the variable and the choices."""
-    text = os.environ.get(name, "").strip().lower()
+    text = setting(name).lower()
     if not text:
         return default
     if text not in choices:
@@ -127,7 +133,7 @@ def parse_bool(value) -> Optional[bool]:
 def env_flag(name: str, default: bool) -> bool:
     """A boolean environment variable (see ``parse_bool``); unset or empty gives ``default``; anything
     else is a ValueError naming the variable."""
-    text = os.environ.get(name, "").strip()
+    text = setting(name)
     if not text:
         return default
     value = parse_bool(text)
@@ -152,14 +158,14 @@ def linear_chunk_bytes(device=None) -> int:
 
 def cache_dir() -> Path:
     """SAFEDPO_CACHE_DIR: where the C++ extension is built and cached."""
-    text = os.environ.get("SAFEDPO_CACHE_DIR", "").strip()
+    text = setting("SAFEDPO_CACHE_DIR")
     return Path(text) if text else Path.home() / ".cache" / "safedpo_kernels"
 
 
 def cpu_grad_cache_bytes() -> int:
     """SAFEDPO_CPU_GRAD_CACHE_MB: bytes of idle recycled CPU gradient buffers kept for reuse (0: none);
     default a quarter of physical memory."""
-    if os.environ.get("SAFEDPO_CPU_GRAD_CACHE_MB", "").strip():
+    if setting("SAFEDPO_CPU_GRAD_CACHE_MB"):
         return int(env_number("SAFEDPO_CPU_GRAD_CACHE_MB", 0.0) * 2**20)
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
@@ -170,4 +176,4 @@ def cpu_grad_cache_bytes() -> int:
 def linear_splits() -> Optional[int]:
     """SAFEDPO_LINEAR_SPLITS: vocabulary slices per block of rows of the Triton fused-linear forward, or
     None (unset: the launcher fills the GPU)."""
-    return env_int("SAFEDPO_LINEAR_SPLITS", 1) if os.environ.get("SAFEDPO_LINEAR_SPLITS", "").strip() else None
+    return env_int("SAFEDPO_LINEAR_SPLITS", 1) if setting("SAFEDPO_LINEAR_SPLITS") else None
