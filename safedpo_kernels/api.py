@@ -8,7 +8,7 @@ sees the same validated inputs and raises the same errors.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -20,12 +20,11 @@ from ._checks import (
     check_pair_inputs,
     flat_labels,
 )
-from .dispatch import BACKENDS, resolve_backend
-from .loss import SafeDPOOutput, loss_from_logps
+from .dispatch import resolve_backend
+from .loss import Pairs, SafeDPOOutput, loss_from_logps
 from .ops import autocast_operands, linear_safedpo_loss_op, linear_sequence_logps_op, sequence_logps_op
-from .options import LossOptions
+from .options import CallOptions, LossOptions
 from .parallel import Groups, check_consistent, unwrap
-from .transform import LogitTransform
 
 
 def _total_vocab(width: int, groups: Groups) -> int:
@@ -37,37 +36,55 @@ def _total_vocab(width: int, groups: Groups) -> int:
     return width * dist.get_world_size(groups.vocab)
 
 
-def _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend, vocab_group, context_group):
-    """(local logits, layout, flat labels, backend, groups): DTensor logits as their shard, checked."""
-    local, groups = unwrap(dict(logits=logits), -1, vocab_group, context_group)
+class Prepared(NamedTuple):
+    """A call's inputs once checked: the local logits or hidden states (a DTensor as its shard), the head's
+    local weight and bias (fused-linear path), the layout, the flat labels, the resolved backend's name
+    and the process groups (the call's, or those its DTensors imply)."""
+
+    x: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    layout: object
+    labels: torch.Tensor
+    backend: str
+    groups: Groups
+
+
+def _prepare_logits(logits, labels, cu_seqlens, call: CallOptions) -> Prepared:
+    local, groups = unwrap(dict(logits=logits), -1, *call.groups)
     logits = local["logits"]
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     width = logits.shape[-1] if logits.dim() else 0
-    layout = _checked_layout(logits, labels, cu_seqlens, ignore_index, validate, groups, width)
-    return logits, layout, flat_labels(labels), resolve_backend(backend, logits.device), groups
+    layout = _checked_layout(logits, labels, cu_seqlens, call, groups, width)
+    return Prepared(logits, None, None, layout, flat_labels(labels), resolve_backend(call.backend, logits.device), groups)
 
 
-def _checked_layout(x, labels, cu_seqlens, ignore_index, validate, groups, width, **names):
-    """The shapes first, then what the ranks of the groups must agree on (collectives, which every rank
-    reaches), then the labels' range over the whole vocabulary: no rank raises alone before a collective."""
-    layout = check_logits_and_labels(x, labels, cu_seqlens, ignore_index, validate, **names)
-    if validate:
-        check_consistent(groups, width, labels, layout.n_seq)
-        check_labels_in_range(labels, _total_vocab(width, groups), ignore_index, layout.padded)
-    return layout
-
-
-def _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index, validate, backend, vocab_group,
-                    context_group):
-    """(hidden, weight, bias, layout, flat labels, backend, groups): DTensors as their local parts, checked."""
-    local, groups = unwrap(dict(hidden=hidden, weight=weight, bias=bias), 0, vocab_group, context_group)
+def _prepare_linear(hidden, weight, bias, labels, cu_seqlens, call: CallOptions) -> Prepared:
+    local, groups = unwrap(dict(hidden=hidden, weight=weight, bias=bias), 0, *call.groups)
     hidden, weight, bias = local["hidden"], local["weight"], local["bias"]
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     width = check_linear_weight(hidden, weight, bias)
-    layout = _checked_layout(hidden, labels, cu_seqlens, ignore_index, validate, groups, width, logits_name="hidden")
-    return hidden, weight, bias, layout, flat_labels(labels), resolve_backend(backend, hidden.device), groups
+    layout = _checked_layout(hidden, labels, cu_seqlens, call, groups, width, logits_name="hidden")
+    hidden, weight, bias = autocast_operands(hidden, weight, bias)
+    return Prepared(hidden, weight, bias, layout, flat_labels(labels), resolve_backend(call.backend, hidden.device),
+                    groups)
+
+
+def _checked_layout(x, labels, cu_seqlens, call: CallOptions, groups: Groups, width: int, **names):
+    """The shapes first, then what the ranks of the groups must agree on (collectives, which every rank
+    reaches), then the labels' range over the whole vocabulary: no rank raises alone before a collective."""
+    layout = check_logits_and_labels(x, labels, cu_seqlens, call.ignore_index, call.validate, **names)
+    if call.validate:
+        check_consistent(groups, width, labels, layout.n_seq)
+        check_labels_in_range(labels, _total_vocab(width, groups), call.ignore_index, layout.padded)
+    return layout
+
+
+def _logits_op(p: Prepared, call: CallOptions, average: bool) -> tuple:
+    return sequence_logps_op(p.x, p.labels, p.layout.cu_seqlens, call.ignore_index, average, call.inplace_backward,
+                             p.backend, *p.groups.names())
 
 
 def sequence_logps(
@@ -100,10 +117,14 @@ def sequence_logps(
     Returns:
         (N,) float32, differentiable with respect to logits.
     """
-    logits, layout, flat, name, groups = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend,
-                                                         vocab_group, context_group)
-    return sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, average, inplace_backward, name,
-                             *groups.names())[0]
+    call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
+                          context_group=context_group)
+    return logps_on_logits(logits, labels, average, call, cu_seqlens)
+
+
+def logps_on_logits(logits, labels, average: bool, call: CallOptions, cu_seqlens=None) -> torch.Tensor:
+    """``sequence_logps`` with its other keywords as one object (what trainers pass on)."""
+    return _logits_op(_prepare_logits(logits, labels, cu_seqlens, call), call, average)[0]
 
 
 def safedpo_loss(
@@ -139,21 +160,17 @@ def safedpo_loss(
     """
     options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
-    return loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, options, ignore_index=ignore_index,
-                          cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend, validate=validate,
-                          vocab_group=vocab_group, context_group=context_group)
+    call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
+                          context_group=context_group)
+    return loss_on_logits(logits, labels, Pairs(ref_logps, chosen_safe, rejected_safe), options, call, cu_seqlens)
 
 
-def loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, options: LossOptions, *,
-                   ignore_index: int = -100, cu_seqlens=None, inplace_backward: bool = False, backend: str = "auto",
-                   validate: bool = True, vocab_group=None, context_group=None) -> SafeDPOOutput:
-    """``safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on)."""
-    logits, layout, flat, name, groups = _prepare_logits(logits, labels, cu_seqlens, ignore_index, validate, backend,
-                                                         vocab_group, context_group)
-    check_pair_inputs(layout.n_seq, logits.device, ref_logps, chosen_safe, rejected_safe, validate=validate)
-    policy = sequence_logps_op(logits, flat, layout.cu_seqlens, ignore_index, options.average, inplace_backward, name,
-                               *groups.names())[0]
-    return loss_from_logps(policy, ref_logps, chosen_safe, rejected_safe, options)
+def loss_on_logits(logits, labels, pairs: Pairs, options: LossOptions, call: CallOptions,
+                   cu_seqlens=None) -> SafeDPOOutput:
+    """``safedpo_loss`` with its keywords as two objects (what trainers pass on)."""
+    p = _prepare_logits(logits, labels, cu_seqlens, call)
+    check_pair_inputs(p.layout.n_seq, p.x.device, *pairs, validate=call.validate)
+    return loss_from_logps(_logits_op(p, call, options.average)[0], *pairs, options)
 
 
 def linear_sequence_logps(
@@ -190,12 +207,16 @@ def linear_sequence_logps(
         chunk in backward, since the upstream gradient is unknown in forward). Under torch.no_grad()
         this is the intended way to compute ref_logps from a reference model's hidden states.
     """
-    hidden, weight, bias, layout, flat, name, groups = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index,
-                                                                       validate, backend, vocab_group, context_group)
-    transform = LogitTransform(logit_scale, softcap)
-    hidden, weight, bias = autocast_operands(hidden, weight, bias)
-    return linear_sequence_logps_op(hidden, weight, bias, flat, layout.cu_seqlens, ignore_index, average,
-                                    transform.logit_scale, transform.softcap, name, *groups.names())[0]
+    call = CallOptions.of(ignore_index, backend, validate, inplace_backward, logit_scale, softcap, vocab_group,
+                          context_group)
+    return logps_on_hidden(hidden, weight, bias, labels, average, call, cu_seqlens)
+
+
+def logps_on_hidden(hidden, weight, bias, labels, average: bool, call: CallOptions, cu_seqlens=None) -> torch.Tensor:
+    """``linear_sequence_logps`` with its other keywords as one object (what trainers pass on)."""
+    p = _prepare_linear(hidden, weight, bias, labels, cu_seqlens, call)
+    return linear_sequence_logps_op(p.x, p.weight, p.bias, p.labels, p.layout.cu_seqlens, call.ignore_index, average,
+                                    call.transform.logit_scale, call.transform.softcap, p.backend, *p.groups.names())[0]
 
 
 def linear_safedpo_loss(
@@ -222,28 +243,25 @@ def linear_safedpo_loss(
     """
     options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
-    return loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, options, bias=bias,
-                          ignore_index=ignore_index, cu_seqlens=cu_seqlens, backend=backend, validate=validate,
-                          logit_scale=logit_scale, softcap=softcap, vocab_group=vocab_group, context_group=context_group)
+    call = CallOptions.of(ignore_index, backend, validate, inplace_backward, logit_scale, softcap, vocab_group,
+                          context_group)
+    return loss_on_hidden(hidden, weight, bias, labels, Pairs(ref_logps, chosen_safe, rejected_safe), options, call,
+                          cu_seqlens)
 
 
-def loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, options: LossOptions, *,
-                   bias=None, ignore_index: int = -100, cu_seqlens=None, backend: str = "auto", validate: bool = True,
-                   logit_scale: float = 1.0, softcap: Optional[float] = None,
-                   vocab_group=None, context_group=None) -> SafeDPOOutput:
-    """``linear_safedpo_loss`` with its hyper-parameters as one ``LossOptions`` (what trainers pass on)."""
-    hidden, weight, bias, layout, flat, name, groups = _prepare_linear(hidden, weight, labels, bias, cu_seqlens, ignore_index,
-                                                                       validate, backend, vocab_group, context_group)
-    check_pair_inputs(layout.n_seq, hidden.device, ref_logps, chosen_safe, rejected_safe, validate=validate)
-    transform = LogitTransform(logit_scale, softcap)
-    hidden, weight, bias = autocast_operands(hidden, weight, bias)
+def loss_on_hidden(hidden, weight, bias, labels, pairs: Pairs, options: LossOptions, call: CallOptions,
+                   cu_seqlens=None) -> SafeDPOOutput:
+    """``linear_safedpo_loss`` with its keywords as two objects (what trainers pass on)."""
+    p = _prepare_linear(hidden, weight, bias, labels, cu_seqlens, call)
+    check_pair_inputs(p.layout.n_seq, p.x.device, *pairs, validate=call.validate)
     grad_on = torch.is_grad_enabled()
-    wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
+    wants = (grad_on and p.x.requires_grad, grad_on and p.weight.requires_grad,
+             grad_on and p.bias is not None and p.bias.requires_grad)
+    ref_logps = None if pairs.ref_logps is None else pairs.ref_logps.detach()
     out = linear_safedpo_loss_op(
-        hidden, weight, bias, flat, None if ref_logps is None else ref_logps.detach(), chosen_safe, rejected_safe,
-        layout.cu_seqlens, ignore_index, transform.logit_scale, transform.softcap, *options.op_args(),
-        name, *wants, *groups.names())
+        p.x, p.weight, p.bias, p.labels, ref_logps, pairs.chosen_safe, pairs.rejected_safe, p.layout.cu_seqlens,
+        call.ignore_index, call.transform.logit_scale, call.transform.softcap, *options.op_args(), p.backend, *wants,
+        *p.groups.names())
     return SafeDPOOutput.of(*out[:7])
 
 
@@ -265,15 +283,15 @@ class SafeDPOLoss(nn.Module):
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
                                    average=average)
-        self.call = _call_options(ignore_index=ignore_index, backend=backend, validate=validate,
-                                  inplace_backward=inplace_backward, vocab_group=vocab_group, context_group=context_group)
+        self.call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
+                                   context_group=context_group)
 
     def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput:
-        return loss_on_logits(logits, labels, ref_logps, chosen_safe, rejected_safe, self.options, cu_seqlens=cu_seqlens,
-                              **self.call)
+        return loss_on_logits(logits, labels, Pairs(ref_logps, chosen_safe, rejected_safe), self.options, self.call,
+                              cu_seqlens)
 
     def extra_repr(self) -> str:
-        return _repr(self.options, self.call)
+        return _repr(self.options, self.call, linear=False)
 
 
 class LinearSafeDPOLoss(nn.Module):
@@ -289,30 +307,22 @@ class LinearSafeDPOLoss(nn.Module):
                  softcap: Optional[float] = None, loss_type: str = "sigmoid", reduction: str = "mean",
                  vocab_group=None, context_group=None):
         super().__init__()
-        LogitTransform(logit_scale, softcap)  # checked at construction
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
                                    average=average)
-        self.call = _call_options(ignore_index=ignore_index, backend=backend, validate=validate,
-                                  logit_scale=logit_scale, softcap=softcap, vocab_group=vocab_group,
-                                  context_group=context_group)
+        self.call = CallOptions.of(ignore_index, backend, validate, False, logit_scale, softcap, vocab_group,
+                                   context_group)
 
     def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None):
-        return loss_on_hidden(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, self.options, bias=bias,
-                              cu_seqlens=cu_seqlens, **self.call)
+        return loss_on_hidden(hidden, weight, bias, labels, Pairs(ref_logps, chosen_safe, rejected_safe), self.options,
+                              self.call, cu_seqlens)
 
     def extra_repr(self) -> str:
-        return _repr(self.options, self.call)
+        return _repr(self.options, self.call, linear=True)
 
 
-def _call_options(backend: str, **call) -> dict:
-    """The non-loss keywords of a module, checked at construction (the backend name; it is resolved for
-    the tensors' device at each call)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return dict(backend=backend, **call)
-
-
-def _repr(options: LossOptions, call: dict) -> str:
-    shown = {k: v for k, v in call.items() if not k.endswith("_group") or v is not None}
+def _repr(options: LossOptions, call: CallOptions, linear: bool) -> str:
+    shown = call.as_dict()
+    for k in (("inplace_backward",) if linear else ("logit_scale", "softcap")):
+        shown.pop(k)
     return ", ".join(f"{k}={v!r}" for k, v in {**options.as_dict(), **shown}.items())

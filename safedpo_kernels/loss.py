@@ -49,6 +49,15 @@ class SafeDPOOutput(NamedTuple):
                              loss.detach().float().reshape(1))
 
 
+class Pairs(NamedTuple):
+    """What a batch's (2B,) sequence log-probs need besides the options to be a SafeDPO loss: the (2B,)
+    reference log-probs (or None: reference-free) and the (B,) safety flags, in the data's row order."""
+
+    ref_logps: Optional[torch.Tensor]
+    chosen_safe: torch.Tensor
+    rejected_safe: torch.Tensor
+
+
 class PairRoles(NamedTuple):
     """The safety transform T of a batch of pairs, (B,) each: which pairs are swapped and which kept, and
     the safety margin's sign after T, s = h_l - h_w (+1 for a (safe, unsafe) pair, -1 only for an

@@ -1,12 +1,13 @@
-"""The SafeDPO loss hyper-parameters as one typed, validated object.
+"""A call's keywords as two typed, validated objects: the loss's hyper-parameters (``LossOptions``) and
+how the call reads its inputs and where it runs (``CallOptions``).
 
     from safedpo_kernels.options import LossOptions
     options = LossOptions(beta=0.1, delta=10.0, loss_type="hinge")
 
-The public functions and modules take these as keywords (shared/SPEC.md's signatures) and build a
-``LossOptions`` once; everything below them -- the autograd Functions, the pair loss, the trainers --
-passes the object on, so that an option cannot be lost on the way. The trainer's config and TRL's
-``SafeDPOConfig`` build theirs with ``LossOptions(...)`` too: the ranges are checked here, once.
+The public functions and modules take these as keywords (shared/SPEC.md's signatures) and build the
+objects once; everything below them -- the ops, the pair loss, the trainers -- passes the objects on, so
+that an option cannot be lost on the way. The trainer's config and TRL's ``SafeDPOConfig`` build theirs
+with ``LossOptions(...)`` too: the ranges are checked here, once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from ._checks import check_range
+from .dispatch import BACKENDS
+from .parallel import Groups
+from .transform import LogitTransform
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 REDUCTIONS = ("mean", "sum")
@@ -83,4 +87,41 @@ class LossOptions:
         return dataclasses.asdict(self)
 
 
-__all__ = ["LossOptions", "LOSS_TYPES", "REDUCTIONS"]
+@dataclass(frozen=True)
+class CallOptions:
+    """The non-loss keywords of a call: ignore_index, backend (a name of ``BACKENDS``, resolved for the
+    tensors' device at each call), validate, inplace_backward (the logits path's; the fused-linear path has
+    no logits to overwrite), the fused-linear path's logit ``transform`` and the parallel layout
+    (``groups``: the vocabulary and context process groups, None each when not parallel). Checked at
+    construction (the backend's name: ValueError)."""
+
+    ignore_index: int = -100
+    backend: str = "auto"
+    validate: bool = True
+    inplace_backward: bool = False
+    transform: LogitTransform = LogitTransform()
+    groups: Groups = Groups(None, None)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @staticmethod
+    def of(ignore_index: int = -100, backend: str = "auto", validate: bool = True, inplace_backward: bool = False,
+           logit_scale: float = 1.0, softcap=None, vocab_group=None, context_group=None) -> "CallOptions":
+        """From the public functions' keywords."""
+        return CallOptions(ignore_index, backend, validate, inplace_backward, LogitTransform(logit_scale, softcap),
+                           Groups(vocab_group, context_group))
+
+    def replace(self, **changes) -> "CallOptions":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """The options as keywords of the public functions (the groups only where set)."""
+        out = dict(ignore_index=self.ignore_index, backend=self.backend, validate=self.validate,
+                   inplace_backward=self.inplace_backward, **self.transform.kwargs())
+        groups = dict(vocab_group=self.groups.vocab, context_group=self.groups.context)
+        return {**out, **{k: v for k, v in groups.items() if v is not None}}
+
+
+__all__ = ["LossOptions", "CallOptions", "LOSS_TYPES", "REDUCTIONS"]

@@ -26,9 +26,9 @@ import torch
 
 from .. import reference
 from .._checks import check_pair_inputs
-from ..api import linear_sequence_logps, loss_on_hidden, loss_on_logits, sequence_logps
-from ..loss import loss_from_logps
-from ..options import LossOptions
+from ..api import logps_on_hidden, logps_on_logits, loss_on_hidden, loss_on_logits
+from ..loss import Pairs, loss_from_logps
+from ..options import CallOptions, LossOptions
 from ..transform import LogitTransform
 
 
@@ -183,6 +183,9 @@ class PairInputs(NamedTuple):
     rejected_safe: torch.Tensor
     options: LossOptions
 
+    def pairs(self) -> Pairs:
+        return Pairs(self.ref_logps, self.chosen_safe, self.rejected_safe)
+
 
 class ModelLoss(NamedTuple):
     """A ``CausalLMLoss`` result: the SafeDPOOutput (or, without a PairInputs, the (2B,) float32 sequence
@@ -220,6 +223,10 @@ class CausalLMLoss:
         self.router = router_config(model) if router_aux else None
         self.fallback = fallback
         self.validate = validate
+        # Built once: a compiled forward then only reads them. The logits path writes its backward into the
+        # logits (they are ours alone) when a backward will follow.
+        call = CallOptions.of(backend=backend, validate=validate, **self.transform.kwargs())
+        self.calls = {False: call, True: call.replace(inplace_backward=True)}
         if loss_input == "linear":
             check_linear_head(model, self.transform, fallback=fallback)
 
@@ -235,15 +242,14 @@ class CausalLMLoss:
         if self.router is not None and loss is not None:
             inputs["output_router_logits"] = True
         average = loss.options.average if loss is not None else average
-        kw = dict(cu_seqlens=cu_seqlens, backend=self.backend, validate=self.validate)
+        call = self.calls[self.loss_input == "logits" and torch.is_grad_enabled()]
         if self.loss_input == "linear":
             outputs = model.get_decoder()(**inputs)
             hidden = outputs.last_hidden_state[0] if packed else outputs.last_hidden_state
             weight, bias = lm_head(model)
             if loss is None:
-                return ModelLoss(linear_sequence_logps(hidden, weight, labels, bias=bias, average=average, **kw,
-                                                       **self.transform.kwargs()), None)
-            out = loss_on_hidden(hidden, weight, labels, *loss, bias=bias, **kw, **self.transform.kwargs())
+                return ModelLoss(logps_on_hidden(hidden, weight, bias, labels, average, call, cu_seqlens), None)
+            out = loss_on_hidden(hidden, weight, bias, labels, loss.pairs(), loss.options, call, cu_seqlens)
         else:
             outputs = (forward or model)(**inputs)
             logits = outputs.logits[0] if packed else outputs.logits
@@ -254,10 +260,9 @@ class CausalLMLoss:
                 check_pair_inputs(logps.shape[0], logps.device, *loss[:3], rows_name="the logits", validate=self.validate)
                 out = loss_from_logps(logps, *loss)
             else:
-                inplace = torch.is_grad_enabled()
                 if loss is None:
-                    return ModelLoss(sequence_logps(logits, labels, average=average, inplace_backward=inplace, **kw), None)
-                out = loss_on_logits(logits, labels, *loss, inplace_backward=inplace, **kw)
+                    return ModelLoss(logps_on_logits(logits, labels, average, call, cu_seqlens), None)
+                out = loss_on_logits(logits, labels, loss.pairs(), loss.options, call, cu_seqlens)
         aux = None if self.router is None else router_aux_loss(model, outputs, inputs.get("attention_mask"))
         return ModelLoss(out, aux)
 

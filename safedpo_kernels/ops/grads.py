@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..parallel import all_reduce
+from ..transform import LogitTransform
 from ._support import no_grad_slot
+
+
+class LinearHead(NamedTuple):
+    """How the labels and the LM head's output are read: ignore_index, and the logit transform."""
+
+    ignore_index: int
+    transform: LogitTransform
 
 
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -43,12 +53,15 @@ class LinearGrads:
         if vocab is not None and self.hidden is not None:
             all_reduce(self.hidden, vocab)
 
-    def recompute(self, kernels, h, w, b, lab, lse, g, rows, ignore_index, logit_scale, softcap) -> None:
-        """The gradients of rows whose logits were not kept: recomputed a chunk of rows at a time."""
+    def recompute(self, kernels, h, w, b, lab, lse, g, rows, head) -> None:
+        """The gradients of rows whose logits were not kept, recomputed a chunk of rows at a time: ``h``,
+        ``lab`` (the kernels' labels), ``lse`` and ``g`` (d loss / d token log-prob) of the rows ``rows``,
+        the prepared head ``w``, ``b``, read as ``head`` (a LinearHead) says."""
         chunk = kernels.dlogits_chunk_rows(w.shape[0], h.dtype, h.device)
+        scale, cap = head.transform.logit_scale, head.transform.softcap
         for r0 in range(0, h.shape[0], chunk):
             r1 = min(r0 + chunk, h.shape[0])
-            dz = kernels.linear_dlogits(h[r0:r1], w, b, lab[r0:r1], lse[r0:r1], g[r0:r1], ignore_index, logit_scale, softcap)
+            dz = kernels.linear_dlogits(h[r0:r1], w, b, lab[r0:r1], lse[r0:r1], g[r0:r1], head.ignore_index, scale, cap)
             self.add(dz, h[r0:r1], w, rows[r0:r1])
             del dz
 

@@ -11,20 +11,13 @@ import torch
 from .._layout import Layout
 from ..chunking import PairChunk, loss_chunk_rows, plan_pair_chunks
 from ..dispatch import backend_module
-from ..loss import loss_and_logp_grad, loss_from_logps, safety_transform
+from ..loss import Pairs, loss_and_logp_grad, loss_from_logps, safety_transform
 from ..options import LossOptions
 from ..parallel import Groups, resolve
 from ..reductions import combined_token_logps, kernel_labels, layout_of, n_seq, sequence_values, token_grads
 from ..transform import LogitTransform
 from ._support import first_order_only, no_autocast, no_grad_slot, nones, specs
-from .grads import LinearGrads, fake_grads
-
-
-class LinearHead(NamedTuple):
-    """How the labels and the LM head's output are read: ignore_index, and the logit transform."""
-
-    ignore_index: int
-    transform: LogitTransform
+from .grads import LinearGrads, LinearHead, fake_grads
 
 
 @torch.library.custom_op("safedpo::linear_safedpo_loss", mutates_args=())
@@ -69,13 +62,12 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
         kept = safety_transform(chosen_safe, rejected_safe, options).kept
         norm = max(int(kept.sum()), 1) if options.reduction == "mean" else 1
         ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.float()
-        per_chunk = options.replace(reduction="sum")
-        budget = loss_chunk_rows(V, device)
+        chunks = _PairChunks(kernels, flat, w, b, labels, Pairs(ref, chosen_safe, rejected_safe),
+                             options.replace(reduction="sum"), head, loss_chunk_rows(V, device), norm, grads, groups)
         total = torch.zeros((), dtype=torch.float64, device=device)
         metrics = []
-        for chunk in plan_pair_chunks(labels, layout, head.ignore_index, budget, groups.context):
-            out = _chunk_loss(kernels, chunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, per_chunk, head, budget,
-                              norm, grads, groups)
+        for chunk in plan_pair_chunks(labels, layout, head.ignore_index, chunks.budget, groups.context):
+            out = chunks.loss(chunk)
             total += out.loss.detach().double()
             metrics.append([m.detach() for m in out[1:7]])
         loss = (total / norm).float()
@@ -127,42 +119,63 @@ def _linear_loss_backward(ctx, grad_outputs):
 linear_safedpo_loss_op.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
 
 
-def _chunk_loss(kernels, chunk: PairChunk, flat, w, b, labels, ref, chosen_safe, rejected_safe, options: LossOptions,
-                head: LinearHead, budget: int, norm: int, grads, groups: Groups):
-    """One chunk of pairs: its logits, log-probs and loss (summed over its kept pairs), and, when
-    ``grads`` is given, its gradients folded in (scaled by 1 / norm). Vocabulary shards combine their
-    token statistics, context slices their sequences' sums; every rank gets the chunk's loss."""
-    h = flat.index_select(0, chunk.rows)
-    scale, cap = head.transform.logit_scale, head.transform.softcap
-    lab = labels.index_select(0, chunk.rows)
-    rows = chunk.rows.numel()
-    flat_layout = Layout.single(rows)
-    two_pass = rows > budget
-    z = None
+class _PairChunks(NamedTuple):
+    """What every chunk of pairs of one call shares: the backend, the flat hidden states, the prepared head
+    (``w``, ``b``), the flat labels, the pairs' reference log-probs and flags, the options (reduction
+    "sum": a chunk's loss is its kept pairs' sum), how the head is read, the chunk budget in rows, the
+    divisor of the gradients (``norm``), the gradients being formed (None: the loss only) and the groups."""
 
-    def forward(local):
-        nonlocal z
+    kernels: object
+    flat: torch.Tensor
+    w: torch.Tensor
+    b: Optional[torch.Tensor]
+    labels: torch.Tensor
+    pairs: Pairs
+    options: LossOptions
+    head: LinearHead
+    budget: int
+    norm: int
+    grads: Optional[LinearGrads]
+    groups: Groups
+
+    def loss(self, chunk: PairChunk):
+        """One chunk of pairs: its logits, log-probs and loss (summed over its kept pairs), and, when
+        gradients are being formed, its gradients folded in (scaled by 1 / norm). Vocabulary shards
+        combine their token statistics, context slices their sequences' sums; every rank gets the
+        chunk's loss."""
+        kernels, head, w, b = self.kernels, self.head, self.w, self.b
+        h = self.flat.index_select(0, chunk.rows)
+        lab = self.labels.index_select(0, chunk.rows)
+        rows = chunk.rows.numel()
+        flat_layout = Layout.single(rows)
+        two_pass = rows > self.budget
+        scale, cap = head.transform.logit_scale, head.transform.softcap
+        z = None
+
+        def forward(local):
+            nonlocal z
+            if two_pass:
+                return kernels.linear_forward(h, w, b, local, head.ignore_index, scale, cap)
+            z = kernels.linear_logits(h, w, b, scale, cap)
+            return kernels.logp_forward(z, local, flat_layout, head.ignore_index)
+
+        tok, lse = combined_token_logps(forward, lab, w.shape[0], head.ignore_index, self.groups.vocab)
+        every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
+        logps, count = sequence_values(tok, every, chunk.layout, self.options.average, self.groups.context)
+        pair = (self.pairs.ref_logps.index_select(0, chunk.sequences), self.pairs.chosen_safe[chunk.p0:chunk.p1],
+                self.pairs.rejected_safe[chunk.p0:chunk.p1])
+        if self.grads is None:
+            return loss_from_logps(logps, *pair, self.options)
+        out, dlogp = loss_and_logp_grad(logps, *pair, self.options)  # inside an op autograd does not record
+        if rows == 0:
+            return out
+        g = token_grads(dlogp.double() / self.norm, every, count, chunk.layout, self.options.average)
+        local = kernel_labels(lab, w.shape[0], head.ignore_index, self.groups.vocab)
         if two_pass:
-            return kernels.linear_forward(h, w, b, local, head.ignore_index, scale, cap)
-        z = kernels.linear_logits(h, w, b, scale, cap)
-        return kernels.logp_forward(z, local, flat_layout, head.ignore_index)
-
-    tok, lse = combined_token_logps(forward, lab, w.shape[0], head.ignore_index, groups.vocab)
-    every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
-    logps, count = sequence_values(tok, every, chunk.layout, options.average, groups.context)
-    pair = (ref.index_select(0, chunk.sequences), chosen_safe[chunk.p0:chunk.p1], rejected_safe[chunk.p0:chunk.p1])
-    if grads is None:
-        return loss_from_logps(logps, *pair, options)
-    out, dlogp = loss_and_logp_grad(logps, *pair, options)  # inside an op autograd does not record
-    if rows == 0:
+            self.grads.recompute(kernels, h, w, b, local, lse, g, chunk.rows, head)
+            return out
+        # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
+        dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
+        kernels.logp_backward(z, local, lse, g * scale, dz, flat_layout, head.ignore_index, cap)
+        self.grads.add(dz, h.to(w.dtype), w, chunk.rows)
         return out
-    g = token_grads(dlogp.double() / norm, every, count, chunk.layout, options.average)
-    local = kernel_labels(lab, w.shape[0], head.ignore_index, groups.vocab)
-    if two_pass:
-        grads.recompute(kernels, h, w, b, local, lse, g, chunk.rows, head.ignore_index, scale, cap)
-        return out
-    # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
-    dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
-    kernels.logp_backward(z, local, lse, g * scale, dz, flat_layout, head.ignore_index, cap)
-    grads.add(dz, h.to(w.dtype), w, chunk.rows)
-    return out

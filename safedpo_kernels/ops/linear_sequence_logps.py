@@ -11,8 +11,9 @@ import torch
 from ..dispatch import backend_module
 from ..parallel import resolve
 from ..reductions import combined_token_logps, kernel_labels, layout_of, n_seq, sequence_values, token_grads
+from ..transform import LogitTransform
 from ._support import first_order_only, no_autocast, no_grad_slot, no_second_order, nones, specs
-from .grads import LinearGrads, fake_grads
+from .grads import LinearGrads, LinearHead, fake_grads
 
 
 @torch.library.custom_op("safedpo::linear_sequence_logps", mutates_args=())
@@ -76,7 +77,8 @@ def linear_sequence_logps_grad_op(grad_seq: torch.Tensor, hidden: torch.Tensor, 
         grads = LinearGrads(layout.rows, weight.shape[0], H, hidden, need_hidden, need_weight,
                             need_bias and bias is not None, vocab)
         local = kernel_labels(labels.index_select(0, idx), weight.shape[0], ignore_index, vocab)
-        grads.recompute(kernels, h, w, b, local, lse.index_select(0, idx), g, idx, ignore_index, logit_scale, softcap)
+        head = LinearHead(ignore_index, LogitTransform(logit_scale, softcap))
+        grads.recompute(kernels, h, w, b, local, lse.index_select(0, idx), g, idx, head)
         grads.complete_hidden(vocab)
         out = grads.results(specs(hidden, weight, bias))
     return tuple(no_grad_slot(hidden) if o is None else o for o in out)
