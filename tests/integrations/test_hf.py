@@ -1,0 +1,124 @@
+"""safedpo_kernels.integrations.hf on real architectures (tests/tiny_archs.py): the fused-linear path reads
+each model's logit transform (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling)
+from its config, and a transform it does not know, or a PEFT adapter on the LM head, is an error naming
+the model; MoE models add their router's own load-balancing loss; compile_context follows the hub
+kernels' wrappers.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+
+from helpers import max_scaled_err, rel_err  # noqa: E402
+from safedpo.model import PairScorer  # noqa: E402
+from safedpo_kernels import reference  # noqa: E402
+from safedpo_kernels.integrations.hf import logit_transform, router_config  # noqa: E402
+from safedpo_kernels.options import LossOptions  # noqa: E402
+from safedpo_kernels.transform import LogitTransform  # noqa: E402
+from tiny_archs import batch_of, build, ours  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "cohere", "granite"])
+def test_the_transform_is_read_from_the_config_and_matters(name):
+    model = build(name)
+    transform = logit_transform(model)
+    assert transform != LogitTransform()
+    padded, _ = batch_of()
+    with torch.no_grad():
+        right = PairScorer(model, "linear", backend="torch")(padded)
+        wrong = PairScorer(model, "logits", backend="torch")  # a check that the transform changes the result:
+        plain = reference.sequence_logps(reference.linear_logits(
+            model.get_decoder()(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state,
+            model.get_output_embeddings().weight), padded["labels"])
+        assert max_scaled_err(wrong(padded), right) <= 2e-5
+    assert max_scaled_err(plain, right) > 1e-2  # without the transform the log-probs would be wrong
+
+
+def test_peft_on_the_lm_head():
+    """LoRA on the LM head lives outside ``head.weight``: the fused-linear path refuses it (at set-up, while
+    the new adapter still does nothing) instead of leaving it out. A head in ``modules_to_save`` is a full
+    trainable copy: linear equals logits with the adapters on and off, gradients too."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="LM head carries PEFT adapters.*target_modules"):
+        PairScorer(lora, "linear")
+    PairScorer(lora, "logits")
+
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                modules_to_save=["lm_head"]))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # as after training: the adapters and the saved head differ from the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    padded, _ = batch_of()
+    upstream = torch.tensor([0.7, -1.3, 0.4, 1.1, -0.6, 0.9])
+    want = ours(model, "logits", padded, upstream)
+    got = ours(model, "linear", padded, upstream)
+    assert max_scaled_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
+    with model.disable_adapter(), torch.no_grad():
+        base = PairScorer(model, "logits", backend="torch")(padded)
+        assert max_scaled_err(PairScorer(model, "linear", backend="torch")(padded), base) <= 1e-5
+        assert max_scaled_err(base, want[0]) > 1e-2
+
+
+def test_an_unknown_logit_transform_is_a_clear_error():
+    model = build("llama")
+
+    class DoubledLogits(type(model)):  # a model that does something the kernels do not know
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    model.__class__ = DoubledLogits
+    with pytest.raises(ValueError, match="DoubledLogits.*loss_input: logits"):
+        PairScorer(model, "linear")
+    PairScorer(model, "logits")  # the logits path takes whatever the model returns
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+def test_router_aux_loss_is_the_models_own(name):
+    """The linear path (decoder only) computes the same load-balancing loss as the model's forward."""
+    model = build(name)
+    assert router_config(model)["coef"] == 0.02
+    padded, _ = batch_of()
+    ref = torch.zeros(6)
+    outs = {}
+    for loss_input in ("logits", "linear"):
+        policy = PairScorer(model, loss_input, backend="torch", router_aux=True)
+        outs[loss_input] = policy(padded, loss=LossOptions(reduction="sum"), ref_logps=ref)
+    want = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], output_router_logits=True).aux_loss
+    for out in outs.values():
+        assert out.aux_loss is not None and torch.allclose(out.aux_loss, want, rtol=1e-6)
+    assert max_scaled_err(outs["linear"].result.loss, outs["logits"].result.loss) <= 1e-5
+
+
+def test_compile_context_follows_the_hub_kernel_wrappers():
+    """compile_context sets dynamo's skip-side-effects-in-recomputation flag inside the context only, and
+    only for a model whose layers carry the kernels package's per-instance wrappers (transformers >= 5.25
+    with kernels installed); any other model gets a null context."""
+    import torch._dynamo
+
+    from safedpo_kernels._env import major_minor
+    from safedpo_kernels.integrations.hf import compile_context, uses_hub_kernel_funcs
+
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    model = build("llama")
+    wrapped = uses_hub_kernel_funcs(model)
+    has_kernels = transformers.utils.import_utils.is_kernels_available()
+    if not has_kernels:
+        assert not wrapped
+    elif major_minor(transformers.__version__) >= (5, 25):  # Llama's attention routes its rotary embedding through them
+        assert wrapped
+    assert not uses_hub_kernel_funcs(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    before = getattr(torch._dynamo.config, flag)
+    for _ in range(2):  # the context is entered once per training step
+        with compile_context(model):
+            assert getattr(torch._dynamo.config, flag) == (wrapped or before)
+        assert getattr(torch._dynamo.config, flag) == before
+    with compile_context(torch.nn.Linear(2, 2)):
+        assert getattr(torch._dynamo.config, flag) == before
