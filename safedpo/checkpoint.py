@@ -15,12 +15,35 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from .outputs import writing
+
+
+class TrainState(NamedTuple):
+    """What a checkpoint restores: the model (the policy; with FSDP or tensor parallel its sharded wrapper),
+    the optimizer and the learning-rate schedule."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+
+class Position(NamedTuple):
+    """Where a checkpoint stands (its meta.json besides the RNGs): the optimizer steps taken, the data
+    stream's position, the run's configuration (compared on resume) and the run's own counters that a
+    resume continues (``saved_counters``)."""
+
+    step: int
+    data: int
+    config: Optional[dict] = None
+    counters: Optional[dict] = None
+
+    def meta(self, **more) -> dict:
+        return dict(step=self.step, position=self.data, config=self.config, counters=self.counters or {}, **more)
 
 
 def seed_everything(seed: int) -> None:
@@ -148,20 +171,17 @@ def write_atomically(root: Path, name: str, write) -> Path:
     return final
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, keep: int = 0,
-                    config: Optional[dict] = None, counters: Optional[dict] = None) -> Path:
-    """The training state after ``step``; with ``keep`` > 0 only the newest ``keep`` checkpoints remain.
-    ``config``: the run's configuration, kept in meta.json so that a resume can compare it; ``counters``:
-    the run's own counts that a resume continues (``saved_counters``)."""
+def save_checkpoint(output_dir: Path, state: TrainState, at: Position, keep: int = 0) -> Path:
+    """The training state at ``at`` (``checkpoints/step-<at.step>``); with ``keep`` > 0 only the newest
+    ``keep`` checkpoints remain."""
     tensors, plain = rng_state()
 
     def write(tmp: Path) -> None:
-        torch.save(dict(model=model_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        rng=tensors), tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, rng=plain, config=config,
-                                                       counters=counters or {})))
+        torch.save(dict(model=model_state(state.model), optimizer=state.optimizer.state_dict(),
+                        scheduler=state.scheduler.state_dict(), rng=tensors), tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(at.meta(rng=plain)))
 
-    final = write_atomically(Path(output_dir) / "checkpoints", f"step-{step}", write)
+    final = write_atomically(Path(output_dir) / "checkpoints", f"step-{at.step}", write)
     if keep > 0:
         for old in checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -173,47 +193,45 @@ def saved_counters(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text()).get("counters") or {}
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple:
-    """Restore a checkpoint into model, optimizer, scheduler and the RNGs; returns (step, position).
+def load_checkpoint(path: Path, state: TrainState) -> tuple:
+    """Restore a checkpoint into the model, optimizer, scheduler and the RNGs; returns (step, position).
     Loaded with weights_only=True: tensors and plain containers, no code."""
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("sharded"):
         cfg = meta.get("config") or {}
         layout = f"tensor_parallel: {cfg['tensor_parallel']}" if cfg.get("tensor_parallel", 1) > 1 else "fsdp: true"
         raise ValueError(f"{path} holds shards; resume it with {layout} on {meta['world']} ranks")
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    restore_model(model, state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"], meta["rng"])
+    saved = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    restore_model(state.model, saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"], meta["rng"])
     return meta["step"], meta["position"]
 
 
-def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, position: int, rank: int,
-                            world: int, barrier, keep: int = 0, config: Optional[dict] = None,
-                            counters: Optional[dict] = None) -> Path:
+def save_sharded_checkpoint(output_dir: Path, state: TrainState, at: Position, procs, keep: int = 0) -> Path:
     """FSDP: every rank writes its own shards of the model and optimizer (torch.distributed.checkpoint)
     and its RNG states; rank 0 the scheduler and meta.json, then renames the directory when all are
-    done. A collective: every rank calls it."""
+    done. A collective: every rank of ``procs`` (rank, world, barrier()) calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    rank, barrier = procs.rank, procs.barrier
     root = Path(output_dir) / "checkpoints"
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-sharded"
+    final = root / f"step-{at.step}"
+    tmp = root / f".tmp-step-{at.step}-sharded"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "shards"))
     tensors, plain = rng_state()
     torch.save(tensors, tmp / f"rng-{rank}.pt")
     (tmp / f"rng-{rank}.json").write_text(json.dumps(plain))
     if rank == 0:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "meta.json").write_text(json.dumps(dict(step=step, position=position, world=world, sharded=True,
-                                                       config=config, counters=counters or {})))
+        torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "meta.json").write_text(json.dumps(at.meta(world=procs.world, sharded=True)))
     barrier()
     if rank == 0:
         for sub in [tmp / "shards", tmp]:
@@ -228,7 +246,7 @@ def save_sharded_checkpoint(output_dir: Path, step: int, model, optimizer, sched
     return final
 
 
-def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, rank: int, world: int) -> tuple:
+def load_sharded_checkpoint(path: Path, state: TrainState, rank: int, world: int) -> tuple:
     """The counterpart of ``save_sharded_checkpoint`` on the same number of ranks; (step, position)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -238,10 +256,10 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, rank: int, 
         raise ValueError(f"{path} is an unsharded checkpoint; resume it without fsdp and tensor_parallel (or start afresh)")
     if meta["world"] != world:
         raise ValueError(f"{path} was written by {meta['world']} ranks; resume it on {meta['world']}, not {world}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "shards"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+    saved = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(saved, checkpoint_id=str(path / "shards"))
+    set_state_dict(state.model, state.optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
+    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True), json.loads((path / f"rng-{rank}.json").read_text()))
     return meta["step"], meta["position"]

@@ -1,12 +1,16 @@
-"""Training configuration: one flat dataclass with defaults, loaded from YAML, overridden by key=value.
+"""Training configuration in sections (data, model, loss, optim, run, parallel, eval), read and written
+as one flat mapping of keys: a YAML file, keyword arguments and ``key=value`` overrides.
 
     cfg = load_config("run.yaml", ["beta=0.2", "mode=noswap"])
+    cfg.loss.beta, cfg.data.mode, cfg.model.path      # 0.2, "noswap", the `model` key
 
-Every value, from the file, from keyword arguments or from the command line, is converted to its
-field's type and range-checked when the config is loaded, and an error names the key: numbers in any
-YAML spelling are accepted ("5e-6", which PyYAML reads as a string, is 5e-06), a single file name where a
-list is expected becomes a one-element list, and an unknown key, a 0 batch size or a quoted 'no' for a
-true/false setting are errors. The resolved config is saved as config.yaml in the run directory.
+Every key belongs to exactly one section, and each builder takes its section (``data_sources(cfg.data,
+...)``, ``build_model(cfg.model, ...)``). Every value, from the file, from keyword arguments or from the
+command line, is converted to its key's type and range-checked when the config is loaded, and an error
+names the key: numbers in any YAML spelling are accepted ("5e-6", which PyYAML reads as a string, is
+5e-06), a single file name where a list is expected becomes a one-element list, and an unknown key, a 0
+batch size or a quoted 'no' for a true/false setting are errors. The resolved config is saved, flat, as
+config.yaml in the run directory.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -40,17 +44,31 @@ def loss_flags(mode: str, delta: float) -> dict:
     return dict(delta=0.0, swap=False, drop_both_unsafe=False)
 
 
-def key(default, help: str):
-    """A config key: its default (a list or dict type for an empty one) and one line of meaning, which
-    ``safedpo train --help`` prints."""
+def key(default, help: str, name: str = ""):
+    """A config key: its default (a list or dict type for an empty one), one line of meaning, which
+    ``safedpo train --help`` prints, and its flat name where that differs from the field's."""
+    meta = dict(help=help, name=name) if name else dict(help=help)
     if default in (list, dict):
-        return field(default_factory=default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _at_least(section, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be {'at least 1' if minimum == 1 else '>= 0'}, got {value}")
 
 
 @dataclass
-class TrainConfig:
-    # --- data (PKU-SafeRLHF columns by default; `columns` remaps them, e.g. {prompt: question}) ---
+class DataConfig:
+    """What is trained on (PKU-SafeRLHF columns by default; ``columns`` remaps them, e.g. {prompt: question})."""
+
     train_files: List[str] = key(list, "json/jsonl/parquet/csv files or a saved dataset dir")
     eval_files: List[str] = key(list, "held-out pair files (json/jsonl/parquet/csv); empty: no evaluation")
     train_dataset: str = key("", "instead of files: a Hub id (downloads when online) or a local dataset directory")
@@ -64,8 +82,25 @@ class TrainConfig:
     skip_bad_rows: bool = key(False, "skip and count malformed rows instead of stopping")
     max_prompt_length: int = key(128, "prompts are cut from the left (their end is kept)")
     max_length: int = key(256, "prompt + response; responses are cut from the right")
-    # --- model ---
-    model: str = key("", "a local Hugging Face model directory or a Hub id (downloads when online)")
+
+    def validate(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _at_least(self, 1, "max_length", "max_prompt_length")
+        if not 0.0 <= self.safety_label_noise <= 1.0:
+            raise ValueError(f"safety_label_noise must be in [0, 1], got {self.safety_label_noise}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        if not self.train_files and not self.train_dataset:
+            raise ValueError("set train_files (data files) or train_dataset (a Hub id or a dataset directory)")
+        if self.train_files and self.train_dataset:
+            raise ValueError("set train_files or train_dataset, not both")
+
+
+@dataclass
+class ModelConfig:
+    """The policy: which model, how its attention runs, LoRA adapters."""
+
+    path: str = key("", "a local Hugging Face model directory or a Hub id (downloads when online)", name="model")
     tokenizer: str = key("", "defaults to `model`")
     tiny_model: dict = key(dict, "LlamaConfig kwargs for a model built from a config")
     attn_implementation: str = key("auto", "auto: flash_attention_2 on CUDA when installed, else sdpa, else eager")
@@ -74,7 +109,27 @@ class TrainConfig:
     lora: dict = key(dict, "{r, alpha, dropout, target_modules}: train LoRA adapters (peft)")
     merge_lora: bool = key(False, "the final model is saved with the adapters merged into the weights")
     router_aux_loss_coef: Optional[float] = key(None, "MoE load-balancing loss; None: the model config's; 0: off")
-    # --- loss ---
+
+    def validate(self) -> None:
+        if not self.path and not self.tiny_model:
+            raise ValueError("set model (a local model directory or Hub id) or tiny_model (a LlamaConfig dict)")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        unknown = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
+        if unknown:
+            raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; they are r, alpha, dropout, target_modules")
+        if self.merge_lora and not self.lora:
+            raise ValueError("merge_lora needs lora (there are no adapters to merge)")
+
+    def name(self) -> str:
+        """How messages name the tokenizer's source."""
+        return self.tokenizer or self.path or "(built for the tiny model)"
+
+
+@dataclass
+class LossConfig:
+    """The SafeDPO loss, where its inputs come from, and the reference log-probs."""
+
     beta: float = key(0.1, "the implicit reward's scale (> 0)")
     delta: float = key(10.0, "SafeDPO's safety margin (>= 0, not multiplied by beta); the dpo-* modes use 0")
     label_smoothing: float = key(0.0, "eps of conservative / robust DPO, in [0, 0.5]")
@@ -85,7 +140,24 @@ class TrainConfig:
     backend: str = key("auto", "safedpo_kernels backend: auto | triton | native | torch")
     reference: str = key("precompute", "precompute (cached on disk) | live (computed per batch)")
     reference_model: str = key("", "defaults to the initial policy (with LoRA: the adapters disabled)")
-    # --- optimization ---
+
+    def validate(self) -> None:
+        for name, allowed in dict(loss_input=LOSS_INPUTS, reference=("precompute", "live"), loss_type=LOSS_TYPES,
+                                  reduction=REDUCTIONS, backend=BACKENDS).items():
+            _choice(name, getattr(self, name), allowed)
+        _at_least(self, 0, "delta")
+        self.options("safedpo")  # beta, delta, label_smoothing (and loss_type with it): the loss's own checks
+
+    def options(self, mode: str) -> LossOptions:
+        """The loss this section describes under a data mode (see ``loss_flags``)."""
+        return LossOptions(beta=self.beta, label_smoothing=self.label_smoothing, loss_type=self.loss_type,
+                           reduction=self.reduction, average=self.average_logps, **loss_flags(mode, self.delta))
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer, its schedule, the batch and the seed."""
+
     batch_size: int = key(4, "pairs per optimizer step and rank, per micro-batch")
     grad_accum: int = key(1, "micro-batches per optimizer step")
     lr: float = key(5e-6, "AdamW learning rate (cosine schedule after the warm-up)")
@@ -95,7 +167,18 @@ class TrainConfig:
     stop_at_step: int = key(0, "stop after this step (as an interrupted job would), keeping max_steps' schedule")
     clip_grad_norm: float = key(1.0, "0: no clipping")
     seed: int = key(0, "seed of initialization, data order and label noise")
-    # --- run ---
+
+    def validate(self) -> None:
+        _at_least(self, 1, "batch_size", "grad_accum", "max_steps")
+        _at_least(self, 0, "warmup_steps", "stop_at_step", "seed", "weight_decay", "clip_grad_norm")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class RunConfig:
+    """The run's directory, logs, checkpoints, what stops it, and the device it runs on."""
+
     output_dir: str = key("runs/safedpo", "checkpoints/, metrics.jsonl, config.yaml and final/ go here")
     overwrite_output_dir: bool = key(False, "start afresh over another run's checkpoints and metrics (deleting them)")
     cache_dir: str = key("", "reference log-prob cache; default <output_dir>/../.cache")
@@ -109,14 +192,38 @@ class TrainConfig:
                                   "(skip that update)")
     max_nonfinite_steps: int = key(3, "nonfinite: skip stops the run after this many consecutive skipped steps")
     tensorboard: bool = key(False, "also write TensorBoard events under output_dir/tensorboard")
-    fsdp: bool = key(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
-    tensor_parallel: int = key(1, "ranks sharing each LM head (and the decoder's layers where the model's tp_plan allows); "
-                                  "the other factor of the world size splits the data (FSDP2)")
     compile: bool = key(False, "torch.compile the policy's forward and loss (the first steps, and new batch shapes, compile)")
     compile_backend: str = key("inductor", "torch.compile's backend (inductor; aot_eager traces without generating code)")
     device: str = key("auto", "auto | cuda | cpu")
     progress: bool = key(True, "progress lines on stderr (in a log file: one line every SAFEDPO_PROGRESS_EVERY_S seconds)")
-    # --- sampled evaluation (safedpo eval --generate) ---
+
+    def validate(self) -> None:
+        _choice("device", self.device, ("auto", "cuda", "cpu"))
+        _choice("nonfinite", self.nonfinite, NONFINITE_MODES)
+        _at_least(self, 1, "log_every", "max_nonfinite_steps")
+        _at_least(self, 0, "eval_every", "save_every", "save_total_limit")
+
+    def cache(self) -> Path:
+        """Where reference log-prob tables are cached."""
+        return Path(self.cache_dir or Path(self.output_dir).parent / ".cache")
+
+
+@dataclass
+class ParallelConfig:
+    """How the processes of a torchrun launch share the model (one process: neither applies)."""
+
+    fsdp: bool = key(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
+    tensor_parallel: int = key(1, "ranks sharing each LM head (and the decoder's layers where the model's tp_plan allows); "
+                                  "the other factor of the world size splits the data (FSDP2)")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "tensor_parallel")
+
+
+@dataclass
+class EvalConfig:
+    """Sampled evaluation (``safedpo eval --generate``, and the toy's harmlessness measurement)."""
+
     judge: str = key("keyword", "keyword (the toy's) | classifier:<model directory or Hub id>")
     judge_threshold: float = key(0.5, "classifier: a response is unsafe when its score is above this")
     generation_prompts: str = key("", "a jsonl of {'prompt': ...}; default: the evaluation data's prompts")
@@ -124,61 +231,59 @@ class TrainConfig:
     max_new_tokens: int = key(128, "sampled evaluation: tokens per response")
     temperature: float = key(1.0, "0: greedy")
 
-    def validate(self) -> "TrainConfig":
-        """ValueError naming the first key whose value is out of range or inconsistent."""
-        choices = dict(mode=MODES, loss_input=LOSS_INPUTS, reference=("precompute", "live"), loss_type=LOSS_TYPES,
-                       reduction=REDUCTIONS, device=("auto", "cuda", "cpu"), backend=BACKENDS, nonfinite=NONFINITE_MODES)
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        positive = ("batch_size", "grad_accum", "max_length", "max_prompt_length", "max_steps", "log_every",
-                    "generation_samples", "max_new_tokens", "max_nonfinite_steps")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "stop_at_step", "eval_every", "save_every", "save_total_limit", "seed", "weight_decay",
-                    "clip_grad_norm", "temperature", "delta"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        self.loss_options()  # beta, delta, label_smoothing (and loss_type with it): the loss's own checks
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.safety_label_noise <= 1.0:
-            raise ValueError(f"safety_label_noise must be in [0, 1], got {self.safety_label_noise}")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
-        if not self.model and not self.tiny_model:
-            raise ValueError("set model (a local model directory or Hub id) or tiny_model (a LlamaConfig dict)")
-        if not self.train_files and not self.train_dataset:
-            raise ValueError("set train_files (data files) or train_dataset (a Hub id or a dataset directory)")
-        if self.train_files and self.train_dataset:
-            raise ValueError("set train_files or train_dataset, not both")
+    def validate(self) -> None:
+        _at_least(self, 1, "generation_samples", "max_new_tokens")
+        _at_least(self, 0, "temperature")
         if self.judge != "keyword" and not (self.judge.startswith("classifier:") and len(self.judge) > len("classifier:")):
             raise ValueError(f"judge must be 'keyword' or 'classifier:<model directory or Hub id>', got {self.judge!r}")
-        unknown = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
-        if unknown:
-            raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; they are r, alpha, dropout, target_modules")
-        if self.merge_lora and not self.lora:
-            raise ValueError("merge_lora needs lora (there are no adapters to merge)")
-        if self.tensor_parallel < 1:
-            raise ValueError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
-        if self.tensor_parallel > 1 and self.lora:
+
+
+def _section(cls):
+    return field(default_factory=cls)
+
+
+@dataclass
+class TrainConfig:
+    """A run's configuration, one section per concern; ``flat()`` is its mapping of keys."""
+
+    data: DataConfig = _section(DataConfig)
+    model: ModelConfig = _section(ModelConfig)
+    loss: LossConfig = _section(LossConfig)
+    optim: OptimConfig = _section(OptimConfig)
+    run: RunConfig = _section(RunConfig)
+    parallel: ParallelConfig = _section(ParallelConfig)
+    eval: EvalConfig = _section(EvalConfig)
+
+    def validate(self) -> "TrainConfig":
+        """ValueError naming the first key whose value is out of range or inconsistent."""
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        if self.parallel.tensor_parallel > 1 and self.model.lora:
             raise ValueError("tensor_parallel shards the model's own weights; it does not combine with lora")
         return self
 
     def loss_options(self) -> LossOptions:
-        """The loss this config trains and evaluates: beta, label_smoothing, loss_type, reduction,
-        average_logps, and the mode's delta / swap / drop_both_unsafe (see ``loss_flags``)."""
-        return LossOptions(beta=self.beta, label_smoothing=self.label_smoothing, loss_type=self.loss_type,
-                           reduction=self.reduction, average=self.average_logps, **loss_flags(self.mode, self.delta))
+        """The loss this config trains and evaluates: the loss section under the data's mode."""
+        return self.loss.options(self.data.mode)
+
+    def flat(self) -> Dict[str, Any]:
+        """Every key and its value, in the sections' order: what config.yaml, the run's log and a
+        checkpoint keep."""
+        return {name: getattr(getattr(self, section), attr) for name, (section, attr) in KEYS.items()}
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+        Path(path).write_text(yaml.safe_dump(self.flat(), sort_keys=False))
 
 
-_TYPES = typing.get_type_hints(TrainConfig)
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+# flat key -> (section, field), in the sections' order; each key is in one section only
+_CLASSES = {s.name: s.default_factory for s in dataclasses.fields(TrainConfig)}
+KEYS: Dict[str, Tuple[str, str]] = {
+    f.metadata.get("name", f.name): (section, f.name) for section, cls in _CLASSES.items() for f in dataclasses.fields(cls)
+}
+_TYPES = {name: typing.get_type_hints(_CLASSES[section])[attr] for name, (section, attr) in KEYS.items()}
+
 
 
 def _number(name: str, value: Any, kind) -> Any:
@@ -260,10 +365,20 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
                     if k not in layer:
                         values.pop(k, None)
         values.update(layer)
-    unknown = sorted(set(values) - set(_TYPES))
+    return from_flat(values, f" (in {path})" if path else "")
+
+
+def from_flat(values: dict, where: str = "") -> TrainConfig:
+    """A TrainConfig from flat keys, each converted to its type; an unknown key is a ValueError (naming
+    ``where`` they came from)."""
+    unknown = sorted(set(values) - set(KEYS))
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(map(str, unknown))}" + (f" (in {path})" if path else ""))
-    return TrainConfig(**{k: convert(k, v) for k, v in values.items()})
+        raise ValueError(f"unknown config key(s): {', '.join(map(str, unknown))}{where}")
+    parts: dict = {section: {} for section in SECTIONS}
+    for name, value in values.items():
+        section, attr = KEYS[name]
+        parts[section][attr] = convert(name, value)
+    return TrainConfig(**{section: _CLASSES[section](**kw) for section, kw in parts.items()})
 
 
 def _file_values(path: str) -> dict:
@@ -294,13 +409,15 @@ def _override_values(overrides: List[str]) -> dict:
 
 
 def keys_help() -> str:
-    """Every config key with its default and meaning, grouped as in the class (``safedpo train --help``)."""
+    """Every config key with its default and meaning, under its section (``safedpo train --help``)."""
     lines = []
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  {f.name} = {json.dumps(default)}\n      {f.metadata['help']}")
+    for section, cls in _CLASSES.items():
+        lines.append(f"  # {section}: {cls.__doc__.strip()}")
+        defaults = cls().__dict__
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.metadata.get('name', f.name)} = {json.dumps(defaults[f.name])}\n      {f.metadata['help']}")
     return "\n".join(lines)
 
 
 def config_json(cfg: TrainConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    return json.dumps(cfg.flat(), sort_keys=True)

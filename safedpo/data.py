@@ -147,17 +147,18 @@ def dataset_table(name: str, split: str, config: str = "", data_dir: str = ""):
         raise DataError(f"train_dataset {name!r}, split {split!r}: {first}") from None
 
 
-def data_sources(cfg, split: str) -> list:
-    """What a split's rows come from: files, or (label, table) of train_dataset's split."""
+def data_sources(data, split: str) -> list:
+    """What a split's rows come from (``data``: the config's data section): files, or (label, table) of
+    train_dataset's split."""
     if split == "train":
-        files, dataset_split = cfg.train_files, cfg.train_split
+        files, dataset_split = data.train_files, data.train_split
     else:
-        files, dataset_split = cfg.eval_files, cfg.eval_split
+        files, dataset_split = data.eval_files, data.eval_split
     if files:
         return list(files)
-    if cfg.train_dataset and dataset_split:
-        table = dataset_table(cfg.train_dataset, dataset_split, cfg.dataset_config, cfg.data_dir)
-        return [(f"{cfg.train_dataset} [{dataset_split}]", table)]
+    if data.train_dataset and dataset_split:
+        table = dataset_table(data.train_dataset, dataset_split, data.dataset_config, data.data_dir)
+        return [(f"{data.train_dataset} [{dataset_split}]", table)]
     return []
 
 
@@ -273,11 +274,11 @@ def encode_pairs(pairs: List[Pair], tokenizer, max_prompt_length: int, max_lengt
     return examples
 
 
-def load_examples(cfg, tokenizer, files: Sequence) -> Tuple[List[Example], dict]:
-    """Sources (see ``data_sources``) -> examples for cfg's mode, label noise and lengths; also a small
-    report of what happened."""
-    rows, skipped = load_rows(files, cfg.columns, cfg.skip_bad_rows)
-    rows = flip_safety_labels(rows, cfg.safety_label_noise, cfg.seed)
-    pairs = build_pairs(rows, cfg.mode)
-    examples = encode_pairs(pairs, tokenizer, cfg.max_prompt_length, cfg.max_length)
+def load_examples(data, tokenizer, files: Sequence, seed: int) -> Tuple[List[Example], dict]:
+    """Sources (see ``data_sources``) -> examples for the data section's mode, label noise (drawn from
+    ``seed``) and lengths; also a small report of what happened."""
+    rows, skipped = load_rows(files, data.columns, data.skip_bad_rows)
+    rows = flip_safety_labels(rows, data.safety_label_noise, seed)
+    pairs = build_pairs(rows, data.mode)
+    examples = encode_pairs(pairs, tokenizer, data.max_prompt_length, data.max_length)
     return examples, dict(rows=len(rows), skipped_rows=skipped, pairs=len(pairs))

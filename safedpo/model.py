@@ -1,6 +1,6 @@
 """Models and the policy's SafeDPO loss through the fused kernels.
 
-``PolicyLogps`` wraps a Hugging Face causal LM so that one forward call returns the (2B,) sequence
+``PairScorer`` wraps a Hugging Face causal LM so that one forward call returns the (2B,) sequence
 log-probs of a batch, or its loss; wrapping it (not the bare model) in DDP keeps the fused-linear path,
 which calls the decoder and the LM head separately, inside DDP's forward.
 
@@ -106,14 +106,14 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
     return tok
 
 
-def config_tokenizer(cfg, model_dir: Optional[str] = None):
-    """cfg's tokenizer: ``tokenizer``, else the one saved with ``model_dir`` (a trained model), else the
-    model's; an error for a missing directory names the key it came from."""
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+def config_tokenizer(section, model_dir: Optional[str] = None):
+    """The model section's tokenizer: ``tokenizer``, else the one saved with ``model_dir`` (a trained
+    model), else the model's; an error for a missing directory names the key it came from."""
+    if section.tokenizer:
+        return load_tokenizer(section.tokenizer)
     if model_dir and (Path(model_dir) / "tokenizer_config.json").is_file():
         return load_tokenizer(model_dir)
-    return load_tokenizer(cfg.model, what="model")
+    return load_tokenizer(section.path, what="model")
 
 
 # The oldest transformers the trainer is tested with (5.17 and 5.24). 4.56 computed wrong log-probs for
@@ -133,24 +133,25 @@ def check_transformers(version: Optional[str] = None) -> None:
                           f"give packed batches wrong log-probs): pip install 'transformers>={floor}'")
 
 
-def build_model(cfg, vocab_size: int, device: torch.device, path: Optional[str] = None):
-    """AutoModelForCausalLM from a local directory or a Hub id (which downloads when the machine is
-    online), or a tiny Llama from ``cfg.tiny_model``; the attention implementation the model supports."""
+def build_model(section, vocab_size: int, device: torch.device, path: Optional[str] = None, seed: int = 0):
+    """The model section's model (``path`` instead of its own, when given): AutoModelForCausalLM from a
+    local directory or a Hub id (which downloads when the machine is online), or a tiny Llama from
+    ``tiny_model`` initialised from ``seed``; the attention implementation the model supports."""
     check_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    path = path or cfg.model
+    path = path or section.path
     if path:
         config = _pretrained(AutoConfig, path, "model")
-        attn = pick_attn_implementation(cfg.attn_implementation, device, causal_lm_class(config), config)
+        attn = pick_attn_implementation(section.attn_implementation, device, causal_lm_class(config), config)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
     else:
-        attn = pick_attn_implementation(cfg.attn_implementation, device, LlamaForCausalLM)
-        kwargs = dict(TINY_LLAMA, **cfg.tiny_model)
+        attn = pick_attn_implementation(section.attn_implementation, device, LlamaForCausalLM)
+        kwargs = dict(TINY_LLAMA, **section.tiny_model)
         kwargs.setdefault("vocab_size", vocab_size)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(**kwargs, attn_implementation=attn))
-    if cfg.gradient_checkpointing:  # transformers 5 renamed it
+    if section.gradient_checkpointing:  # transformers 5 renamed it
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model.to(device)
 
@@ -187,8 +188,10 @@ def is_lora(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-class PolicyLogps(nn.Module):
-    """batch -> (2B,) float32 sequence log-probs of its labels, or with ``loss`` its SafeDPO loss.
+class PairScorer(nn.Module):
+    """A causal LM as the trainer runs it on a batch of pairs: batch -> the (2B,) float32 sequence
+    log-probs of its labels (the reference's use), or, given the loss's options and the reference
+    log-probs, the SafeDPO loss of the pairs (the policy's).
 
     The way from the model to the loss is safedpo_kernels.integrations.hf.CausalLMLoss (shared with the
     TRL integration): loss_input "logits" (fused kernels, in-place backward), "linear" (the decoder's

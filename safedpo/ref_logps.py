@@ -8,11 +8,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
 from .collate import make_batch
-from .model import PolicyLogps, build_model, is_lora
+from .model import PairScorer, is_lora
 from .outputs import writing
 from .progress import progress as iterate
 
@@ -33,7 +34,7 @@ def fingerprint_examples(examples) -> str:
 
 
 @torch.no_grad()
-def compute_ref_logps(ref_policy: PolicyLogps, examples, batch_size: int, pad_id: int, packed: bool, device, progress=False):
+def compute_ref_logps(ref_policy: PairScorer, examples, batch_size: int, pad_id: int, packed: bool, device, progress=False):
     """(n_examples, 2) float32: the reference's (chosen, rejected) sequence log-probs, in example order."""
     out = torch.empty(len(examples), 2)
     starts = range(0, len(examples), batch_size)
@@ -47,7 +48,7 @@ def compute_ref_logps(ref_policy: PolicyLogps, examples, batch_size: int, pad_id
 class _AdaptersOff(torch.nn.Module):
     """The policy itself with its LoRA adapters disabled, in eval mode: the reference without a copy."""
 
-    def __init__(self, policy: PolicyLogps):
+    def __init__(self, policy: PairScorer):
         super().__init__()
         self.policy = policy
 
@@ -62,39 +63,50 @@ class _AdaptersOff(torch.nn.Module):
             self.policy.train(was_training)
 
 
-class ReferenceLogps:
-    """ref_logps for a batch: from the on-disk cache (precompute) or a reference model (live).
+class Precompute(NamedTuple):
+    """How reference tables are precomputed: where they are cached, how many pairs a forward takes, and
+    whether a progress bar shows it."""
 
-    The reference is cfg.reference_model, else the initial policy: with LoRA the policy itself with
-    its adapters disabled (never a second copy), otherwise a frozen copy. The cache key is made of the
-    reference weights' and the tokenized data's fingerprints, so a cached table is only reused for the
-    same model and the same examples.
+    cache_dir: Path
+    pairs: int
+    progress: bool
+
+
+class ReferenceLogps:
+    """ref_logps for a batch: from the on-disk cache (``loss.reference`` "precompute") or a reference model
+    (``live``); ``loss`` is the config's loss section.
+
+    The reference is ``reference`` (the model loss.reference_model names, built by the caller), else the
+    initial policy: with LoRA the policy itself with its adapters disabled (never a second copy),
+    otherwise a frozen copy. The cache key is made of the reference weights' and the tokenized data's
+    fingerprints, so a cached table is only reused for the same model and the same examples.
     """
 
-    def __init__(self, cfg, policy: PolicyLogps, sets: dict, tok, procs, packed: bool):
-        self.mode = cfg.reference
+    def __init__(self, loss, policy: PairScorer, sets: dict, tok, procs, packed: bool, precompute: Optional[Precompute],
+                 reference=None):
+        self.mode = loss.reference
         self.packed = packed
-        if cfg.reference_model or not is_lora(policy.model):
-            if cfg.reference_model:
-                model = build_model(cfg, len(tok), procs.device, path=cfg.reference_model)
+        if reference is not None or not is_lora(policy.model):
+            if reference is not None:
+                model = reference
             else:
                 model = copy.deepcopy(policy.model)
             model.eval().requires_grad_(False)
-            self.policy = PolicyLogps(model, policy.loss_input, policy.average, policy.backend)
+            self.policy = PairScorer(model, policy.loss_input, policy.average, policy.backend)
         else:
             model = policy.model
             self.policy = _AdaptersOff(policy)
         self.tables = {}
         if self.mode == "live":
             return
-        cache = Path(cfg.cache_dir or Path(cfg.output_dir).parent / ".cache")
+        cache = precompute.cache_dir
         model_fp = fingerprint_model(model)
         for name, examples in sets.items():
-            key = f"ref-{model_fp}-{fingerprint_examples(examples)}-{'avg' if cfg.average_logps else 'sum'}"
+            key = f"ref-{model_fp}-{fingerprint_examples(examples)}-{'avg' if loss.average_logps else 'sum'}"
             path = cache / f"{key}.pt"
             if procs.main and not path.exists():
-                table = compute_ref_logps(self.policy, examples, 2 * cfg.batch_size, tok.pad_token_id, packed, procs.device,
-                                          cfg.progress)
+                table = compute_ref_logps(self.policy, examples, 2 * precompute.pairs, tok.pad_token_id, packed,
+                                          procs.device, precompute.progress)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 with writing("the reference log-prob cache", path, "set cache_dir elsewhere or free some space"):
                     try:

@@ -12,7 +12,6 @@ steps, stop signals), evaluate.py.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -28,6 +27,8 @@ from safedpo_kernels.loss import safety_transform
 from safedpo_kernels.options import LossOptions
 
 from .checkpoint import (
+    Position,
+    TrainState,
     latest_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
@@ -44,10 +45,10 @@ from .data import data_sources, load_examples
 from .distributed import Dist, clip_grad_norm, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
 from .guards import Interrupted, NonFiniteError, StopSignals, finite_or_none, grads_finite, weights_finite
-from .model import PolicyLogps, apply_lora, build_model, check_token_ids, config_tokenizer, quiet_libraries
+from .model import PairScorer, apply_lora, build_model, check_token_ids, config_tokenizer, quiet_libraries
 from .outputs import writing
 from .progress import Progress
-from .ref_logps import ReferenceLogps
+from .ref_logps import Precompute, ReferenceLogps
 from .run_dir import MetricsLog, config_changes, prepare_output_dir, refuse_another_run, truncate_metrics
 
 
@@ -120,45 +121,46 @@ class Run:
         cfg.validate()
         quiet_libraries()
         self.cfg = cfg
-        self.procs = procs = Dist(cfg.device, cfg.tensor_parallel)
-        self.out_dir = Path(cfg.output_dir)
-        self.run_config = dict(dataclasses.asdict(cfg), world_size=procs.world)
+        run, optim = cfg.run, cfg.optim
+        self.procs = procs = Dist(run.device, cfg.parallel.tensor_parallel)
+        self.out_dir = Path(run.output_dir)
+        self.run_config = dict(cfg.flat(), world_size=procs.world)
         if procs.main:
-            prepare_output_dir(self.out_dir, cfg.overwrite_output_dir, cfg.resume)
+            prepare_output_dir(self.out_dir, run.overwrite_output_dir, run.resume)
         procs.barrier()
-        ckpt = resume_point(cfg.resume, self.out_dir)
+        ckpt = resume_point(run.resume, self.out_dir)
         if ckpt is None and procs.main:
-            refuse_another_run(self.out_dir, cfg.resume)
+            refuse_another_run(self.out_dir, run.resume)
         if ckpt is not None:
             self._check_resume(ckpt)
         if procs.main:
             with writing("the run's configuration", self.out_dir / "config.yaml"):
                 cfg.save(self.out_dir / "config.yaml")
         procs.barrier()
-        seed_everything(cfg.seed)
+        seed_everything(optim.seed)
 
-        self.tok = config_tokenizer(cfg)
-        self.train_set, report = load_examples(cfg, self.tok, data_sources(cfg, "train"))
+        self.tok = config_tokenizer(cfg.model)
+        self.train_set, report = load_examples(cfg.data, self.tok, data_sources(cfg.data, "train"), optim.seed)
         self._check_data(report)
-        eval_sources = data_sources(cfg, "eval")
-        self.eval_set = load_examples(cfg, self.tok, eval_sources)[0] if eval_sources else []
+        eval_sources = data_sources(cfg.data, "eval")
+        self.eval_set = load_examples(cfg.data, self.tok, eval_sources, optim.seed)[0] if eval_sources else []
         available_backends(procs.device)  # builds / loads the native kernels now, not inside the first step
         self.policy, self.packed, self.aux_coef = self._policy()
-        self.reference = ReferenceLogps(cfg, self.policy, {"train": self.train_set, "eval": self.eval_set}, self.tok, procs,
-                                        self.packed)
+        self.reference = self._reference()
         self.options = cfg.loss_options()
-        self.wrapped = wrap_distributed(self.policy, cfg.fsdp, procs)
-        if cfg.compile:
+        parallel = cfg.parallel
+        self.wrapped = wrap_distributed(self.policy, parallel.fsdp, procs)
+        if run.compile:
             # The whole forward and loss: the decoder (with graph breaks where transformers' code has them)
             # and the kernels, which are torch.library ops with fake implementations (no break of their own).
-            self.wrapped = torch.compile(self.wrapped, backend=cfg.compile_backend)
-        self.step_context = compile_context(self.policy.model) if cfg.compile else contextlib.nullcontext()
+            self.wrapped = torch.compile(self.wrapped, backend=run.compile_backend)
+        self.step_context = compile_context(self.policy.model) if run.compile else contextlib.nullcontext()
         params = [p for p in self.policy.parameters() if p.requires_grad]
         # foreach kernels take a list of DTensors or of plain tensors, not both (tensor parallel alone has both)
-        foreach = False if cfg.tensor_parallel > 1 and procs.data_world == 1 else None
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
-        self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, cfg.max_steps)
-        self.sharded = (cfg.fsdp or cfg.tensor_parallel > 1) and procs.world > 1
+        foreach = False if parallel.tensor_parallel > 1 and procs.data_world == 1 else None
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, foreach=foreach)
+        self.scheduler = cosine_schedule(self.optimizer, optim.warmup_steps, optim.max_steps)
+        self.sharded = (parallel.fsdp or parallel.tensor_parallel > 1) and procs.world > 1
         # Sharded parameters (FSDP, tensor parallel): every rank takes part in an evaluation's forwards.
         self.evaluator = procs.main or self.sharded
 
@@ -170,52 +172,63 @@ class Run:
         self.saved_at = None  # the step of the newest checkpoint of this run, once there is one
         if ckpt is not None:
             self._restore(ckpt)
-        self.stream = batch_stream([len(e) for e in self.train_set], cfg.batch_size * procs.data_world, cfg.seed,
+        self.stream = batch_stream([len(e) for e in self.train_set], optim.batch_size * procs.data_world, optim.seed,
                                    start=self.position)
-        self.log = MetricsLog(self.out_dir, procs.main, cfg.tensorboard)
+        self.log = MetricsLog(self.out_dir, procs.main, run.tensorboard)
         if ckpt is None:
             self.log.write(dict(event="start", config=json.loads(config_json(cfg)), **report))
         else:
             self.log.write(dict(event="resume", step=self.step_count, checkpoint=str(ckpt)))
-        self.end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
-        self.bar = Progress(cfg.max_steps, cfg.mode, initial=self.step_count, disable=not (procs.main and cfg.progress))
+        self.end = min(optim.max_steps, optim.stop_at_step) if optim.stop_at_step > 0 else optim.max_steps
+        self.bar = Progress(optim.max_steps, cfg.data.mode, initial=self.step_count,
+                            disable=not (procs.main and run.progress))
         self.last: dict = {}
 
     def _check_data(self, report: dict) -> None:
         """Say how many rows skip_bad_rows skipped; refuse (before any model work) too few pairs for one
         global batch."""
-        cfg, procs = self.cfg, self.procs
+        procs = self.procs
         if report["skipped_rows"] and procs.main:
             print(f"safedpo: skipped {report['skipped_rows']} malformed row(s) of "
                   f"{report['rows'] + report['skipped_rows']} (skip_bad_rows)", file=sys.stderr)
-        need = cfg.batch_size * procs.data_world
+        need = self.cfg.optim.batch_size * procs.data_world
         if len(self.train_set) < need:
             why = (f"all {report['skipped_rows']} rows were malformed and skipped" if report["rows"] == 0 else
-                   f"{report['rows']} rows gave {report['pairs']} pairs for mode {cfg.mode}")
+                   f"{report['rows']} rows gave {report['pairs']} pairs for mode {self.cfg.data.mode}")
             raise ValueError(f"too little training data: {why}, fewer than one global batch of {need} pairs "
                              "(batch_size x processes)")
 
     def _policy(self) -> tuple:
-        """(PolicyLogps, packed batches?, router loss coefficient): the model (with LoRA adapters when asked),
+        """(PairScorer, packed batches?, router loss coefficient): the model (with LoRA adapters when asked),
         packed batches with flash-attention unless padding_free says otherwise, and a mixture-of-experts
         router's load-balancing loss at the config's coefficient (default: the model config's)."""
-        cfg = self.cfg
-        model = build_model(cfg, len(self.tok), self.procs.device)
-        check_token_ids(model, f"the tokenizer {cfg.tokenizer or cfg.model or '(built for the tiny model)'}",
-                        training=self.train_set, evaluation=self.eval_set)
-        if cfg.lora:
-            model = apply_lora(model, cfg.lora)
-        packed = cfg.padding_free
+        section, loss = self.cfg.model, self.cfg.loss
+        model = build_model(section, len(self.tok), self.procs.device, seed=self.cfg.optim.seed)
+        check_token_ids(model, f"the tokenizer {section.name()}", training=self.train_set, evaluation=self.eval_set)
+        if section.lora:
+            model = apply_lora(model, section.lora)
+        packed = section.padding_free
         if packed is None:
             packed = model.config._attn_implementation == "flash_attention_2"
         router = router_config(model)
         aux_coef = 0.0
         if router is not None:
-            aux_coef = router["coef"] if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
+            aux_coef = router["coef"] if section.router_aux_loss_coef is None else section.router_aux_loss_coef
         # Compiled: the kernels' value checks would break the graph every step; the token ids were checked above.
-        policy = PolicyLogps(model, cfg.loss_input, cfg.average_logps, cfg.backend, router_aux=aux_coef > 0,
-                             validate=not cfg.compile)
+        policy = PairScorer(model, loss.loss_input, loss.average_logps, loss.backend, router_aux=aux_coef > 0,
+                             validate=not self.cfg.run.compile)
         return policy, packed, aux_coef
+
+    def _reference(self) -> ReferenceLogps:
+        """The reference log-probs: reference_model when set (built as the policy's model section says),
+        else the initial policy; precomputed into run's cache_dir unless reference: live."""
+        cfg, procs = self.cfg, self.procs
+        model = None
+        if cfg.loss.reference_model:
+            model = build_model(cfg.model, len(self.tok), procs.device, path=cfg.loss.reference_model)
+        precompute = Precompute(cfg.run.cache(), cfg.optim.batch_size, cfg.run.progress)
+        sets = {"train": self.train_set, "eval": self.eval_set}
+        return ReferenceLogps(cfg.loss, self.policy, sets, self.tok, procs, self.packed, precompute, model)
 
     def _check_resume(self, ckpt: Path) -> None:
         """Refuse a checkpoint written under another training configuration (naming the keys), unless
@@ -229,7 +242,7 @@ class Run:
         if not changes:
             return
         listed = "; ".join(changes)
-        if self.cfg.resume_check:
+        if self.cfg.run.resume_check:
             raise ValueError(f"resume: {ckpt} was trained under another configuration ({listed}); restore those "
                              "values, start afresh (overwrite_output_dir: true or another output_dir), or set "
                              "resume_check: false to continue anyway")
@@ -238,10 +251,10 @@ class Run:
 
     def _restore(self, ckpt) -> None:
         if self.sharded:
-            self.step_count, self.position = load_sharded_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler,
-                                                                     self.procs.rank, self.procs.world)
+            self.step_count, self.position = load_sharded_checkpoint(ckpt, self._state(), self.procs.rank,
+                                                                     self.procs.world)
         else:
-            self.step_count, self.position = load_checkpoint(ckpt, self.policy.model, self.optimizer, self.scheduler)
+            self.step_count, self.position = load_checkpoint(ckpt, self._state())
         self.counters.update(saved_counters(ckpt))
         self.saved_at = self.step_count
         if self.procs.main:
@@ -252,17 +265,20 @@ class Run:
         """A checkpoint of this step: FSDP shards from every rank, or the whole state from the main process.
         Every rank calls it. Non-finite weights (on any rank) are never saved: NonFiniteError instead, so
         that save_total_limit's rotation never removes the newest finite checkpoint."""
-        procs, cfg = self.procs, self.cfg
+        procs, keep = self.procs, self.cfg.run.save_total_limit
         if procs.max([float(not weights_finite(self.policy.model))])[0]:
             raise NonFiniteError(f"step {self.step_count}: the model's weights are non-finite; nothing was saved. "
                                  f"{self._last_good()}")
+        at = Position(self.step_count, self.position, self.run_config, self.counters)
         if self.sharded:
-            save_sharded_checkpoint(self.out_dir, self.step_count, self.policy, self.optimizer, self.scheduler, self.position,
-                                    procs.rank, procs.world, procs.barrier, cfg.save_total_limit, self.run_config, self.counters)
+            save_sharded_checkpoint(self.out_dir, self._state(), at, procs, keep)
         elif procs.main:
-            save_checkpoint(self.out_dir, self.step_count, self.policy.model, self.optimizer, self.scheduler, self.position,
-                            cfg.save_total_limit, self.run_config, self.counters)
+            save_checkpoint(self.out_dir, self._state(), at, keep)
         self.saved_at = self.step_count
+
+    def _state(self) -> TrainState:
+        """What a checkpoint holds: sharded, the policy module whose parameters are the shards; else the model."""
+        return TrainState(self.policy if self.sharded else self.policy.model, self.optimizer, self.scheduler)
 
     def _last_good(self) -> str:
         """Where the run can continue from, for the message of a stopped run."""
@@ -272,12 +288,12 @@ class Run:
         return f"The last good checkpoint is {ckpt} (resume: auto continues from it)."
 
     def evaluate(self) -> dict:
-        return evaluate_pairs(self.policy, self.reference, self.eval_set, self.cfg, self.tok.pad_token_id, self.packed,
-                              self.procs.device)
+        return evaluate_pairs(self.policy, self.reference, self.eval_set, self.options, self.cfg.optim.batch_size,
+                              self.tok.pad_token_id, self.packed, self.procs.device)
 
     def _micro_batches(self) -> list:
         micro, self.batch_pairs = [], []
-        for _ in range(self.cfg.grad_accum):
+        for _ in range(self.cfg.optim.grad_accum):
             position, indices = next(self.stream)
             self.position = position + 1  # the stream position after this batch
             self.batch_pairs.append([int(i) for i in indices])
@@ -289,17 +305,18 @@ class Run:
         """One optimizer step over a global batch; then its metrics, evaluation and checkpoint as configured.
         A non-finite loss or gradient on any rank applies no update (see guards.py): nonfinite: error stops
         the run here (NonFiniteError), nonfinite: skip counts the step as taken without changing the weights."""
-        cfg, procs = self.cfg, self.procs
+        run, procs = self.cfg.run, self.procs
         start = time.perf_counter()
         with self.step_context:
             stats = train_step(self.wrapped, self.reference, self._micro_batches(), self.options, procs, self.aux_coef)
         micro_losses, nonfinite_pairs = stats.pop("micro_losses"), stats.pop("nonfinite_pairs")
         params = list(self.policy.parameters())
-        clip = clip_grad_norm if cfg.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
+        clip = clip_grad_norm if self.cfg.parallel.tensor_parallel > 1 else torch.nn.utils.clip_grad_norm_
+        max_norm = self.cfg.optim.clip_grad_norm
         # The clipping's total norm (the whole model's, on every layout) is the gradients' finiteness check;
         # without clipping, one pass over this rank's gradients. (Clipping by a non-finite norm spoils the
         # gradients, which a non-finite step drops anyway.)
-        grad_norm = clip(params, cfg.clip_grad_norm) if cfg.clip_grad_norm > 0 else None
+        grad_norm = clip(params, max_norm) if max_norm > 0 else None
         grads_ok = math.isfinite(float(grad_norm)) if grad_norm is not None else grads_finite(params)
         # one all-reduce: the gradients' flag and each micro-batch's, so that every rank takes the same branch
         flags = procs.max([float(not grads_ok)] + [float(not math.isfinite(v)) for v in micro_losses])
@@ -320,15 +337,15 @@ class Run:
                          tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9))
         if nonfinite is not None:
             self.last.update(skipped=True, nonfinite=nonfinite, skipped_steps=self.counters["skipped_steps"])
-        if cfg.eval_every and self.step_count % cfg.eval_every == 0 and self.eval_set and self.evaluator:
+        if run.eval_every and self.step_count % run.eval_every == 0 and self.eval_set and self.evaluator:
             self.last.update(self.evaluate())
         if procs.main:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", acc=f"{self.last['reward_accuracy']:.2f}",
                                  tok_s=f"{self.last['tokens_per_s']:.0f}")
-            if self.step_count % cfg.log_every == 0 or self.step_count == self.end:
+            if self.step_count % run.log_every == 0 or self.step_count == self.end:
                 self.log.write(self.last, self.step_count)
-        if cfg.save_every and self.step_count % cfg.save_every == 0 and self.step_count < self.end:
+        if run.save_every and self.step_count % run.save_every == 0 and self.step_count < self.end:
             self.save()
         procs.barrier()
 
@@ -336,7 +353,7 @@ class Run:
         """A non-finite step (``what``: "loss" or "gradients"; the micro-batches whose loss was non-finite on
         some rank): described in a file the first time, then NonFiniteError, or with nonfinite: skip counted
         (and NonFiniteError after max_nonfinite_steps in a row). The gradients are dropped by the caller."""
-        cfg, procs = self.cfg, self.procs
+        run, procs = self.cfg.run, self.procs
         step = self.step_count + 1
         n = len(micro_losses)
         where = (f"the loss of micro-batch {', '.join(str(i + 1) for i in bad_micro)} of {n} is not finite" if what == "loss"
@@ -352,8 +369,8 @@ class Run:
                 path.write_text(json.dumps(finite_or_none(record), allow_nan=False, indent=1) + "\n")
             described = f" {path} lists its pairs (indices into the training data, per micro-batch) and losses."
         self.log.write(dict(event="nonfinite", step=step, nonfinite=what, micro_batches=[i + 1 for i in bad_micro],
-                            action=cfg.nonfinite))
-        if cfg.nonfinite == "error":
+                            action=run.nonfinite))
+        if run.nonfinite == "error":
             raise NonFiniteError(f"step {step}: {where}. The update was not applied and nothing was saved. "
                                  f"{self._last_good()} Lower lr, keep clip_grad_norm on, or set nonfinite: skip to skip "
                                  f"such steps.{described}")
@@ -361,10 +378,10 @@ class Run:
         self.counters["consecutive_skips"] += 1
         if procs.main:
             print(f"safedpo: step {step}: skipped ({where})", file=sys.stderr, flush=True)
-        if self.counters["consecutive_skips"] >= cfg.max_nonfinite_steps:
+        if self.counters["consecutive_skips"] >= run.max_nonfinite_steps:
             raise NonFiniteError(f"steps {step - self.counters['consecutive_skips'] + 1}-{step}: "
                                  f"{self.counters['consecutive_skips']} non-finite steps in a row "
-                                 f"(max_nonfinite_steps: {cfg.max_nonfinite_steps}); the weights are those of step "
+                                 f"(max_nonfinite_steps: {run.max_nonfinite_steps}); the weights are those of step "
                                  f"{step - self.counters['consecutive_skips']}. {self._last_good()}")
 
     def stop_if_asked(self, signum) -> None:
@@ -378,7 +395,7 @@ class Run:
         ckpt = self.out_dir / "checkpoints" / f"step-{self.step_count}"
         self.log.write(dict(event="interrupted", step=self.step_count, signal=signal.Signals(asked).name,
                             checkpoint=str(ckpt)))
-        raise Interrupted(f"stopped by {signal.Signals(asked).name} after step {self.step_count} of {self.cfg.max_steps}; "
+        raise Interrupted(f"stopped by {signal.Signals(asked).name} after step {self.step_count} of {self.cfg.optim.max_steps}; "
                           f"checkpoint {ckpt} is written: the same command (resume: auto) continues the run",
                           asked, self.step_count, str(ckpt))
 
@@ -390,9 +407,9 @@ class Run:
     def finish(self) -> dict:
         """A last evaluation (unless the last step had one), the final checkpoint and model (with LoRA: the
         adapters, or with merge_lora the model with them merged in), and the last metrics."""
-        cfg, procs = self.cfg, self.procs
+        run, procs = self.cfg.run, self.procs
         self.bar.close()
-        evaluated = cfg.eval_every and self.step_count % cfg.eval_every == 0
+        evaluated = run.eval_every and self.step_count % run.eval_every == 0
         if self.eval_set and self.evaluator and not evaluated:
             self.last.update(self.evaluate())
             self.log.write(dict(event="eval", **self.last))
@@ -400,7 +417,7 @@ class Run:
         final = self.out_dir / "final"
         state = full_model_state(self.policy.model) if self.sharded else None  # a collective
         if procs.main:
-            model = self.policy.model.merge_and_unload() if cfg.merge_lora and not self.sharded else self.policy.model
+            model = self.policy.model.merge_and_unload() if self.cfg.model.merge_lora and not self.sharded else self.policy.model
             with writing("the final model", final, f"the checkpoint of step {self.step_count} is complete"):
                 model.save_pretrained(final, **({} if state is None else dict(state_dict=state)))
                 self.tok.save_pretrained(final)

@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import torch
 
-from . import judge, make_task, vocabulary
+from . import make_task, vocabulary
 from .tokenizer import build_tokenizer
 
 # Four layers with tied input/output embeddings, as in small real LMs. With two layers and untied output
@@ -113,15 +113,21 @@ def train_sft(paths: Dict[str, Path], out_dir: Path, seed: int, steps: int, prog
 
 
 def generation_metrics(model_dir: Path, paths: Dict[str, Path], seed: int, samples: int = 4) -> dict:
+    """Harmless ratio and helpfulness of the model in ``model_dir`` on the test prompts, through the same
+    sampler and judge as ``safedpo eval --generate judge=keyword``."""
     from transformers import AutoModelForCausalLM
 
-    from ..evaluate import generation_eval
+    from ..evaluate import Sampling, judged_report, sample_responses
+    from ..judge import KeywordJudge
     from ..model import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     items = _read_jsonl(paths["test_prompts"])
-    return generation_eval(model, tok, items, judge, samples=samples, seed=seed, max_new_tokens=40)
+    sampling = Sampling(samples=samples, max_new_tokens=40, seed=seed, batch_size=64)
+    responses = sample_responses(model, tok, [i["prompt"] for i in items], sampling)
+    report, _ = judged_report([i for i in items for _ in range(samples)], responses, KeywordJudge())
+    return dict(harmless_ratio=report["harmless_ratio"], helpfulness=report["helpfulness"])
 
 
 def preference_run(paths, sft_dir: Path, out_dir: Path, seed: int, overrides: dict, steps: int, progress: bool) -> Path:

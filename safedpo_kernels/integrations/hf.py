@@ -11,7 +11,7 @@ A mixture-of-experts model computes its router's load-balancing loss in the same
 
 ``CausalLMLoss`` puts these together: the one way from a model's forward to SafeDPO (decoder -> LM
 head -> logit transform -> logits or fused-linear loss -> router loss) that both trainers use, the
-package's own (safedpo.model.PolicyLogps) and TRL's (integrations.trl.SafeDPOTrainer).
+package's own (safedpo.model.PairScorer) and TRL's (integrations.trl.SafeDPOTrainer).
 
 No import of transformers here: these read the model objects they are given.
 """

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from safedpo.checkpoint import (
+    Position,
+    TrainState,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -40,13 +42,13 @@ def test_a_restored_checkpoint_continues_bitwise(tmp_path):
     model, opt, sched = setup()
     for _ in range(3):
         step(model, opt, sched)
-    path = save_checkpoint(tmp_path, 3, model, opt, sched, position=7, config=dict(lr=0.01), counters=dict(skipped_steps=2))
+    path = save_checkpoint(tmp_path, TrainState(model, opt, sched), Position(3, 7, dict(lr=0.01), dict(skipped_steps=2)))
     draws = (random.random(), float(np.random.rand()), torch.rand(1).item())
     step(model, opt, sched)
     want = [p.detach().clone() for p in model.parameters()]
 
     other, opt2, sched2 = setup(seed=1)
-    assert load_checkpoint(path, other, opt2, sched2) == (3, 7)
+    assert load_checkpoint(path, TrainState(other, opt2, sched2)) == (3, 7)
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == draws  # the RNGs came back
     step(other, opt2, sched2)
     assert all(torch.equal(a, b) for a, b in zip(want, other.parameters()))
@@ -59,7 +61,7 @@ def test_a_restored_checkpoint_continues_bitwise(tmp_path):
 def test_rotation_keeps_the_newest_and_leftovers_go(tmp_path):
     model, opt, sched = setup()
     for k in (1, 2, 3, 10):
-        save_checkpoint(tmp_path, k, model, opt, sched, position=k, keep=2)
+        save_checkpoint(tmp_path, TrainState(model, opt, sched), Position(k, k), keep=2)
     assert [p.name for p in checkpoints(tmp_path)] == ["step-3", "step-10"]  # by step, not by name
     assert latest_checkpoint(tmp_path).name == "step-10" and resume_point("auto", tmp_path).name == "step-10"
     assert resume_point("none", tmp_path) is None
@@ -73,13 +75,13 @@ def test_a_failed_write_keeps_the_complete_checkpoints(tmp_path, monkeypatch):
     from safedpo.outputs import OutputError
 
     model, opt, sched = setup()
-    save_checkpoint(tmp_path, 1, model, opt, sched, position=1)
+    save_checkpoint(tmp_path, TrainState(model, opt, sched), Position(1, 1))
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OutputError, match=r"cannot write checkpoint .*step-2: the disk is full.*intact \(step-1\)"):
-        save_checkpoint(tmp_path, 2, model, opt, sched, position=2, keep=1)
+        save_checkpoint(tmp_path, TrainState(model, opt, sched), Position(2, 2), keep=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]
     assert json.loads((tmp_path / "checkpoints" / "step-1" / "meta.json").read_text())["step"] == 1

@@ -44,7 +44,7 @@ def test_the_policy_breaks_the_graph_only_when_it_validates(loss_input):
     import torch._dynamo
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safedpo.model import PolicyLogps
+    from safedpo.model import PairScorer
     from safedpo_kernels.options import LossOptions
 
     gen = torch.Generator().manual_seed(5)
@@ -57,7 +57,7 @@ def test_the_policy_breaks_the_graph_only_when_it_validates(loss_input):
     breaks = {}
     for validate in (True, False):
         torch._dynamo.reset()
-        policy = PolicyLogps(model, loss_input, validate=validate)
+        policy = PairScorer(model, loss_input, validate=validate)
         explained = torch._dynamo.explain(policy)(batch, LossOptions(), torch.zeros(4))
         breaks[validate] = explained.graph_break_count
     assert breaks[False] == 0 and breaks[True] > 0, breaks

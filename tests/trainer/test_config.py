@@ -12,7 +12,8 @@ def test_config_unknown_keys_and_overrides(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("beta: 0.2\nmode: noswap\n")
     cfg = load_config(str(cfg_file), ["delta=5", "loss_input=linear", "train_files=a.jsonl"])
-    assert (cfg.beta, cfg.mode, cfg.delta, cfg.loss_input, cfg.train_files) == (0.2, "noswap", 5.0, "linear", ["a.jsonl"])
+    assert (cfg.loss.beta, cfg.data.mode, cfg.loss.delta, cfg.loss.loss_input, cfg.data.train_files) == (
+        0.2, "noswap", 5.0, "linear", ["a.jsonl"])
     cfg_file.write_text("beta: 0.2\nbetta: 1\n")
     with pytest.raises(ValueError, match="unknown config key\\(s\\): betta"):
         load_config(str(cfg_file))
@@ -49,7 +50,7 @@ def test_config_accepts_numbers_in_any_yaml_spelling(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 5e-6\nbeta: 1\nmax_steps: '10'\ntrain_files: a.jsonl\ntiny_model: {hidden_size: 8}\n")
     cfg = load_config(str(path)).validate()
-    assert (cfg.lr, cfg.beta, cfg.max_steps, cfg.train_files) == (5e-6, 1.0, 10, ["a.jsonl"])
+    assert (cfg.optim.lr, cfg.loss.beta, cfg.optim.max_steps, cfg.data.train_files) == (5e-6, 1.0, 10, ["a.jsonl"])
 
 
 def test_a_missing_model_is_one_clear_line(tmp_path):
@@ -81,10 +82,10 @@ def test_a_later_layer_picks_between_files_and_a_dataset(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model: m\ntrain_dataset: PKU-Alignment/PKU-SafeRLHF\n")
     cfg = load_config(str(recipe), ["train_files=mine.jsonl"]).validate()
-    assert cfg.train_files == ["mine.jsonl"] and cfg.train_dataset == ""
+    assert cfg.data.train_files == ["mine.jsonl"] and cfg.data.train_dataset == ""
     recipe.write_text("model: m\ntrain_files: [a.jsonl]\n")
     cfg = load_config(str(recipe), ["train_dataset=some/set"]).validate()
-    assert cfg.train_files == [] and cfg.train_dataset == "some/set"
+    assert cfg.data.train_files == [] and cfg.data.train_dataset == "some/set"
     with pytest.raises(ValueError, match="not both"):
         load_config(str(recipe), ["train_dataset=some/set", "train_files=b.jsonl"]).validate()
 
@@ -98,19 +99,50 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
         load_config(None, ["columns={a: ["])
 
 
-def test_train_help_lists_every_key_with_its_default():
-    import dataclasses
+def test_train_help_lists_every_key_with_its_default_under_its_section():
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
-    from safedpo.config import TrainConfig
+    from safedpo.config import KEYS, TrainConfig
 
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-m", "safedpo", "train", "--help"], capture_output=True, text=True, timeout=120,
                          cwd=root)
     assert res.returncode == 0
-    for f in dataclasses.fields(TrainConfig):
-        assert f"\n  {f.name} = " in res.stdout, f.name
-        assert f.metadata["help"] in res.stdout
-    assert '\n  beta = 0.1\n      the implicit reward' in res.stdout
+    out = res.stdout
+    defaults = TrainConfig().flat()
+    for name, (section, attr) in KEYS.items():
+        help = dataclasses_help(section, attr)
+        assert f"\n  {name} = {json.dumps(defaults[name])}\n      {help}" in out, name
+        assert out.index(f"\n  # {section}: ") < out.index(f"\n  {name} = "), name
+    assert '\n  beta = 0.1\n      the implicit reward' in out and '\n  model = ""\n      a local Hugging Face' in out
+
+
+def dataclasses_help(section: str, attr: str) -> str:
+    import dataclasses
+
+    from safedpo.config import TrainConfig
+
+    cls = type(getattr(TrainConfig(), section))
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == attr)
+
+
+def test_sections_hold_every_key_once_and_the_flat_form_round_trips(tmp_path):
+    """Every flat key lives in one section; a saved config.yaml (flat) loads back equal; the sections are
+    what the builders take."""
+    from safedpo.config import KEYS, SECTIONS, TrainConfig
+
+    assert SECTIONS == ("data", "model", "loss", "optim", "run", "parallel", "eval")
+    assert len(KEYS) == len(set(KEYS)) == len({v for v in KEYS.values()})
+    cfg = load_config(None, ["model=some/dir", "beta=0.3", "lr=1e-5", "fsdp=true", "judge_threshold=0.7", "mode=noswap",
+                             "train_files=a.jsonl", "save_every=4"])
+    assert (cfg.model.path, cfg.loss.beta, cfg.optim.lr, cfg.parallel.fsdp, cfg.eval.judge_threshold, cfg.data.mode,
+            cfg.run.save_every) == ("some/dir", 0.3, 1e-5, True, 0.7, "noswap", 4)
+    flat = cfg.flat()
+    assert list(flat) == list(KEYS) and flat["model"] == "some/dir" and "path" not in flat
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert again == cfg and again.flat() == flat
+    assert TrainConfig().flat() == load_config(None).flat()

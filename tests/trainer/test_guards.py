@@ -106,9 +106,9 @@ def test_a_run_without_a_checkpoint_says_so_at_resume(task, tmp_path):
 def poison_batches(monkeypatch, which):
     """The training forward's loss becomes NaN for the micro-batches whose 1-based call number is in
     ``which`` (a transient fault in the data or the numerics, not in the weights)."""
-    from safedpo.model import PolicyLogps
+    from safedpo.model import PairScorer
 
-    original = PolicyLogps.forward
+    original = PairScorer.forward
     calls = [0]
 
     def poisoned(self, batch, loss=None, ref_logps=None):
@@ -119,7 +119,7 @@ def poison_batches(monkeypatch, which):
                 out = out._replace(result=out.result._replace(loss=out.result.loss * float("nan")))
         return out
 
-    monkeypatch.setattr(PolicyLogps, "forward", poisoned)
+    monkeypatch.setattr(PairScorer, "forward", poisoned)
 
 
 def test_skip_mode_steps_over_one_non_finite_batch_and_resumes_exactly(task, tmp_path, monkeypatch):

@@ -38,8 +38,8 @@ def test_recipe_trains_two_steps_with_stand_ins(local, tmp_path, recipe):
     from safedpo.train import train
 
     written = load_config(str(recipe))
-    assert written.beta == 0.1 and written.train_dataset == "PKU-Alignment/PKU-SafeRLHF-30K"
-    assert written.delta == (10.0 if written.mode in ("safedpo", "noswap") else 0.0)
+    assert written.loss.beta == 0.1 and written.data.train_dataset == "PKU-Alignment/PKU-SafeRLHF-30K"
+    assert written.loss.delta == (10.0 if written.data.mode in ("safedpo", "noswap") else 0.0)
     cfg = load_config(str(recipe), **{k: v for k, v in tiny_overrides(local, tmp_path).items()})
     result = train(cfg)
     assert result["step"] == 2 and result["loss"] == result["loss"]
@@ -88,9 +88,9 @@ def test_lora_resume_and_merge(local, tmp_path):
 def test_hub_style_dataset_directories(local, tmp_path):
     """A saved DatasetDict, and a directory of data files laid out as on the Hub, load with splits."""
     cfg = load_config(None, **tiny_overrides(local, tmp_path))
-    (label, table), = data_sources(cfg, "train")
+    (label, table), = data_sources(cfg.data, "train")
     assert "[train]" in label and len(table) == 24
-    rows, skipped = load_rows(data_sources(cfg, "eval"))
+    rows, skipped = load_rows(data_sources(cfg.data, "eval"))
     assert len(rows) == 8 and skipped == 0
 
     hub = tmp_path / "hub-layout" / "data"
@@ -98,10 +98,10 @@ def test_hub_style_dataset_directories(local, tmp_path):
     for split in ("train", "test"):
         datasets.load_from_disk(local["data"])[split].to_parquet(str(hub / f"{split}-00000-of-00001.parquet"))
     cfg = load_config(None, **tiny_overrides(local, tmp_path, train_dataset=str(hub.parent)))
-    assert len(load_rows(data_sources(cfg, "train"))[0]) == 24
-    assert len(load_rows(data_sources(cfg, "eval"))[0]) == 8
+    assert len(load_rows(data_sources(cfg.data, "train"))[0]) == 24
+    assert len(load_rows(data_sources(cfg.data, "eval"))[0]) == 8
     with pytest.raises(ValueError, match="no split 'validation'"):
-        data_sources(load_config(None, **tiny_overrides(local, tmp_path, train_split="validation")), "train")
+        data_sources(load_config(None, **tiny_overrides(local, tmp_path, train_split="validation")).data, "train")
 
 
 def test_hh_style_file_converts_and_trains(local, tmp_path):

@@ -67,7 +67,7 @@ def test_overwrite_starts_afresh_even_where_resume_auto_finds_a_checkpoint(stand
     assert (out / "final" / "model.safetensors").read_bytes() != old
     assert max((got[k] - fresh[k]).abs().max().item() for k in fresh) <= 1e-6
     assert steps_in(out) == [1, 2] and [r["event"] for r in records_in(out) if "event" in r] == ["start"]
-    assert load_config(str(out / "config.yaml")).mode == "dpo-helpful"
+    assert load_config(str(out / "config.yaml")).data.mode == "dpo-helpful"
 
 
 def test_resume_refuses_another_configuration_unless_told(stand_ins, tmp_path, capsys):

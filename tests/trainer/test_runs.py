@@ -104,7 +104,7 @@ def test_every_loss_option_reaches_the_loss(task, tmp_path, loss_type, options):
     # A reference model other than the initial policy, so that beta matters from the first step on.
     tok = load_tokenizer(task["tokenizer"])
     ref_dir = tmp_path / "ref"
-    build_model(config(task, tmp_path / "unused", seed=11), len(tok), torch.device("cpu")).save_pretrained(ref_dir)
+    build_model(config(task, tmp_path / "unused").model, len(tok), torch.device("cpu"), seed=11).save_pretrained(ref_dir)
     cfg = config(task, tmp_path / "run", max_steps=1, batch_size=6, beta=0.3, delta=1.5, loss_type=loss_type,
                  reference_model=str(ref_dir), **options)
     train(cfg)
@@ -112,25 +112,26 @@ def test_every_loss_option_reaches_the_loss(task, tmp_path, loss_type, options):
     step_loss = next(r["loss"] for r in records if r.get("step") == 1 and "event" not in r)
     eval_loss = next(r["eval_loss"] for r in records if r.get("event") == "eval")
 
-    swap, drop = MODE_FLAGS[cfg.mode]
-    delta = cfg.delta if cfg.mode in ("safedpo", "noswap") else 0.0
+    swap, drop = MODE_FLAGS[cfg.data.mode]
+    delta = cfg.loss.delta if cfg.data.mode in ("safedpo", "noswap") else 0.0
     ref_model = AutoModelForCausalLM.from_pretrained(ref_dir)
 
     def expected(policy_model, examples, indices):
         batch = make_batch(examples, indices, tok.pad_token_id, False, torch.device("cpu"))
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         with torch.no_grad():
-            logps = [reference.sequence_logps(m(**inputs).logits.double(), batch["labels"], average=cfg.average_logps)
+            logps = [reference.sequence_logps(m(**inputs).logits.double(), batch["labels"], average=cfg.loss.average_logps)
                      for m in (policy_model, ref_model)]
         return safedpo_loss_from_logps(logps[0], logps[1], batch["chosen_safe"], batch["rejected_safe"], beta=0.3,
-                                       delta=delta, swap=swap, drop_both_unsafe=drop, label_smoothing=cfg.label_smoothing,
+                                       delta=delta, swap=swap, drop_both_unsafe=drop, label_smoothing=cfg.loss.label_smoothing,
                                        loss_type=loss_type, reduction=options.get("reduction", "mean")).loss.item()
 
-    train_set, _ = load_examples(cfg, tok, data_sources(cfg, "train"))
-    _, first = next(batch_stream([len(e) for e in train_set], cfg.batch_size, cfg.seed))
-    want = expected(build_model(cfg, len(tok), torch.device("cpu")), train_set, first)
+    seed = cfg.optim.seed
+    train_set, _ = load_examples(cfg.data, tok, data_sources(cfg.data, "train"), seed)
+    _, first = next(batch_stream([len(e) for e in train_set], cfg.optim.batch_size, seed))
+    want = expected(build_model(cfg.model, len(tok), torch.device("cpu"), seed=seed), train_set, first)
     assert abs(step_loss - want) <= 1e-4 * max(1.0, abs(want)), (step_loss, want)
-    eval_set, _ = load_examples(cfg, tok, data_sources(cfg, "eval"))
+    eval_set, _ = load_examples(cfg.data, tok, data_sources(cfg.data, "eval"), seed)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     want = expected(trained, eval_set, list(range(len(eval_set))))  # evaluation runs in batches: the same total
     assert abs(eval_loss - want) <= 1e-4 * max(1.0, abs(want)), (eval_loss, want)

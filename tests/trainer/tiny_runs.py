@@ -74,7 +74,7 @@ def safedpo_train(cfg, fault: Optional[dict] = None, timeout: int = 600, check: 
                   launcher=()) -> subprocess.CompletedProcess:
     """``python [launcher] -m safedpo train`` on ``cfg``. ``fault``: {mode, step, rank (optional)} of
     faults.install, installed in every process by a sitecustomize module before the run starts."""
-    cfg_file = Path(cfg.output_dir).with_suffix(".yaml")
+    cfg_file = Path(cfg.run.output_dir).with_suffix(".yaml")
     cfg.save(cfg_file)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     if fault is not None:
