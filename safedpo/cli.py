@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     y.add_argument("--out", default="runs/toy")
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(fn=_toy)
-    x = sub.add_parser("experiment", help="baselines | delta-sweep | noswap | label-noise | default")
+    x = sub.add_parser("experiment", help="baselines | delta-sweep | noswap | label-noise | sft-weight | default")
     x.add_argument("name")
     x.add_argument("--seeds", default="0,1,2")
     x.add_argument("--out", default="runs/experiments")

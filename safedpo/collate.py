@@ -78,10 +78,22 @@ def collate_packed(examples: Sequence[Example]) -> dict:
     )
 
 
+def token_counts(batch: dict) -> torch.Tensor:
+    """(2B,) int64: each row's counted (response) tokens, padded or packed."""
+    counted = (batch["labels"] != IGNORE).long()
+    if "cu_seqlens" not in batch:
+        return counted.sum(-1)
+    cu = batch["cu_seqlens"].long()
+    csum = torch.cat([counted.new_zeros(1), counted.cumsum(0)])
+    return csum[cu[1:]] - csum[cu[:-1]]
+
+
 def make_batch(examples, indices, pad_id: int, packed: bool, device) -> dict:
-    """The batch of ``examples[indices]`` (packed or padded) on ``device``, with their indices."""
+    """The batch of ``examples[indices]`` (packed or padded) on ``device``, with their indices and each
+    row's counted tokens (``token_counts``)."""
     chunk = [examples[i] for i in indices]
     batch = collate_packed(chunk) if packed else collate_padded(chunk, pad_id)
+    batch["token_counts"] = token_counts(batch)
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["index"] = torch.tensor(indices, device=device)
     return batch

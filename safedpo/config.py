@@ -27,7 +27,7 @@ import yaml
 
 from safedpo_kernels import BACKENDS
 from safedpo_kernels.integrations.hf import LOSS_INPUTS
-from safedpo_kernels.options import LOSS_TYPES, REDUCTIONS, LossOptions
+from safedpo_kernels.options import REDUCTIONS, LossOptions
 
 from .guards import NONFINITE_MODES
 
@@ -45,11 +45,14 @@ def loss_flags(mode: str, delta: float) -> dict:
 
 
 def key(default, help: str, name: str = ""):
-    """A config key: its default (a list or dict type for an empty one), one line of meaning, which
-    ``safedpo train --help`` prints, and its flat name where that differs from the field's."""
+    """A config key: its default (a list or dict type for an empty one; a list is copied for each
+    config), one line of meaning, which ``safedpo train --help`` prints, and its flat name where that
+    differs from the field's."""
     meta = dict(help=help, name=name) if name else dict(help=help)
     if default in (list, dict):
         return field(default_factory=default, metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -133,7 +136,9 @@ class LossConfig:
     beta: float = key(0.1, "the implicit reward's scale (> 0)")
     delta: float = key(10.0, "SafeDPO's safety margin (>= 0, not multiplied by beta); the dpo-* modes use 0")
     label_smoothing: float = key(0.0, "eps of conservative / robust DPO, in [0, 0.5]")
-    loss_type: str = key("sigmoid", "sigmoid (SafeDPO) | robust | hinge | ipo")
+    loss_type: List[str] = key(["sigmoid"], "sigmoid (SafeDPO) | robust | hinge | ipo | sft, or a list of them mixed "
+                                           "by loss_weights, e.g. [sigmoid, sft]")
+    loss_weights: List[float] = key(list, "one weight >= 0 per loss_type name; empty: 1.0 each")
     reduction: str = key("mean", "the step's loss over the kept pairs of its global batch: mean | sum")
     average_logps: bool = key(False, "sequence log-probs as means over response tokens instead of sums (ipo takes true)")
     loss_input: str = key("logits", "logits (fused kernel, in-place backward) | linear (no logits) | eager (baseline)")
@@ -142,16 +147,18 @@ class LossConfig:
     reference_model: str = key("", "defaults to the initial policy (with LoRA: the adapters disabled)")
 
     def validate(self) -> None:
-        for name, allowed in dict(loss_input=LOSS_INPUTS, reference=("precompute", "live"), loss_type=LOSS_TYPES,
-                                  reduction=REDUCTIONS, backend=BACKENDS).items():
+        for name, allowed in dict(loss_input=LOSS_INPUTS, reference=("precompute", "live"), reduction=REDUCTIONS,
+                                  backend=BACKENDS).items():
             _choice(name, getattr(self, name), allowed)
         _at_least(self, 0, "delta")
-        self.options("safedpo")  # beta, delta, label_smoothing (and loss_type with it): the loss's own checks
+        self.options("safedpo")  # beta, delta, label_smoothing, loss_type and loss_weights: the loss's own checks
 
     def options(self, mode: str) -> LossOptions:
         """The loss this section describes under a data mode (see ``loss_flags``)."""
-        return LossOptions(beta=self.beta, label_smoothing=self.label_smoothing, loss_type=self.loss_type,
-                           reduction=self.reduction, average=self.average_logps, **loss_flags(mode, self.delta))
+        names = self.loss_type[0] if len(self.loss_type) == 1 else tuple(self.loss_type)
+        return LossOptions(beta=self.beta, label_smoothing=self.label_smoothing, loss_type=names,
+                           reduction=self.reduction, average=self.average_logps, loss_weights=self.loss_weights or None,
+                           **loss_flags(mode, self.delta))
 
 
 @dataclass
@@ -324,6 +331,12 @@ def convert(name: str, value: Any) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{name} expects a string, got {value!r}")
         return str(value)
+    if typing.get_origin(kind) in (list, List) and typing.get_args(kind) == (float,):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} expects a list of numbers (or one number), got {value!r}")
+        return [_number(f"{name}[{i}]", v, float) for i, v in enumerate(value)]
     if typing.get_origin(kind) in (list, List):
         if isinstance(value, str):
             value = [value]
@@ -417,6 +430,19 @@ def keys_help() -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"  {f.metadata.get('name', f.name)} = {json.dumps(defaults[f.name])}\n      {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def normalized(flat: dict) -> dict:
+    """A saved flat configuration with each key's value as this version types it (a checkpoint's
+    ``loss_type: sigmoid`` is ['sigmoid'] now), so that a resume compares like with like; a value that
+    no longer converts, and keys this version does not know, are kept as they were."""
+    out = {}
+    for name, value in flat.items():
+        try:
+            out[name] = convert(name, value) if name in KEYS else value
+        except (ValueError, TypeError):
+            out[name] = value
+    return out
 
 
 def config_json(cfg: TrainConfig) -> str:

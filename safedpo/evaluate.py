@@ -21,6 +21,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from safedpo_kernels import loss_denominators
 from safedpo_kernels.options import LossOptions
 
 from .collate import make_batch
@@ -42,14 +43,17 @@ def evaluate_pairs(policy: PairScorer, reference, examples, options: LossOptions
     accuracy and mean margin (see the module docstring), through the same forward as training,
     ``batch_size`` pairs at a time."""
     per_batch = options.replace(reduction="sum")
-    totals = dict(loss=0.0, kept=0, correct=0, margin=0.0, mixed=0, safe_wins=0)
+    totals = dict(kept=0, tokens=0, correct=0, margin=0.0, mixed=0, safe_wins=0)
+    term_sums = [0.0] * len(options.terms)
     policy.eval()
     for s in range(0, len(examples), batch_size):
         idx = list(range(s, min(s + batch_size, len(examples))))
         batch = make_batch(examples, idx, pad_id, packed, device)
         out = policy(batch, loss=per_batch, ref_logps=reference(batch, "eval")).result
-        totals["loss"] += float(out.loss)
+        term_sums = [a + float(t) for a, t in zip(term_sums, out.loss_terms)]
         totals["kept"] += int(out.kept.sum())
+        totals["tokens"] += int(loss_denominators(batch["token_counts"], batch["chosen_safe"], batch["rejected_safe"],
+                                                  options)[1])
         c, m = reward_stats(out)
         totals["correct"] += c
         totals["margin"] += m
@@ -63,8 +67,13 @@ def evaluate_pairs(policy: PairScorer, reference, examples, options: LossOptions
         totals["safe_wins"] += int((safe_higher & mixed).sum())
     policy.train()
     kept = max(totals["kept"], 1)
+    if options.reduction == "mean":  # each term over the whole set's divisor: its kept pairs, or their tokens
+        term_sums = [t / (totals["tokens"] if name == "sft" else totals["kept"]) if t else 0.0
+                     for name, t in zip(options.terms, term_sums)]
+    terms = {f"eval_loss/{name}": t for name, t in zip(options.terms, term_sums)} if len(term_sums) > 1 else {}
     return dict(
-        eval_loss=totals["loss"] / kept if options.reduction == "mean" else totals["loss"],
+        eval_loss=sum(term_sums),
+        **terms,
         eval_reward_accuracy=totals["correct"] / kept,
         eval_margin=totals["margin"] / kept,
         eval_safe_over_unsafe=totals["safe_wins"] / max(totals["mixed"], 1),

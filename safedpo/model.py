@@ -220,9 +220,10 @@ class PairScorer(nn.Module):
     def backend(self) -> str:
         return self.adapter.backend
 
-    def forward(self, batch: dict, loss: Optional[LossOptions] = None, ref_logps=None):
+    def forward(self, batch: dict, loss: Optional[LossOptions] = None, ref_logps=None, denominators=None):
         """Without ``loss``: the (2B,) log-probs (means with ``average``). With the loss's options (whose
-        average must be this module's) and the reference log-probs: a ModelLoss(SafeDPOOutput, aux_loss)."""
+        average must be this module's), the reference log-probs and, optionally, the divisors of a "mean"
+        reduction (``denominators``: over a whole global batch): a ModelLoss(SafeDPOOutput, aux_loss)."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # No KV cache in training: with one, transformers would not build the block-diagonal attention of
         # a packed batch from its position ids (it only does so for cache-free forwards).
@@ -231,7 +232,7 @@ class PairScorer(nn.Module):
         if loss is not None:
             if loss.average != self.average:
                 raise ValueError(f"the loss's average={loss.average} differs from the policy's average={self.average}")
-            request = PairInputs(ref_logps, batch["chosen_safe"], batch["rejected_safe"], loss)
+            request = PairInputs(ref_logps, batch["chosen_safe"], batch["rejected_safe"], loss, denominators)
         out = self.adapter(self.model, inputs, batch["labels"], cu_seqlens=batch.get("cu_seqlens"), average=self.average,
                            loss=request)
         return out if loss is not None else out.result

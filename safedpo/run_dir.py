@@ -55,7 +55,7 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "tensorboard")
 # The configuration a checkpoint's training depends on: resuming under other values of these would not
 # continue that run (a changed max_steps changes the learning-rate schedule, a changed seed or batch size
 # the data order, ...). loss_input, backend, device, logging and saving settings may change.
-RESUME_KEYS = ("mode", "beta", "delta", "label_smoothing", "loss_type", "reduction", "average_logps",
+RESUME_KEYS = ("mode", "beta", "delta", "label_smoothing", "loss_type", "loss_weights", "reduction", "average_logps",
                "train_files", "train_dataset", "dataset_config", "data_dir", "train_split", "columns",
                "safety_label_noise", "skip_bad_rows", "max_prompt_length", "max_length", "model", "tokenizer",
                "tiny_model", "lora", "router_aux_loss_coef", "reference", "reference_model", "batch_size",

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from safedpo_kernels import available_backends
+from safedpo_kernels import available_backends, loss_denominators
 from safedpo_kernels.integrations.hf import compile_context, router_config
-from safedpo_kernels.loss import safety_transform
 from safedpo_kernels.options import LossOptions
 
 from .checkpoint import (
@@ -40,7 +39,7 @@ from .checkpoint import (
     seed_everything,
 )
 from .collate import batch_stream, make_batch
-from .config import TrainConfig, config_json
+from .config import TrainConfig, config_json, normalized
 from .data import data_sources, load_examples
 from .distributed import Dist, clip_grad_norm, full_model_state, rank_slice, wrap_distributed
 from .evaluate import evaluate_pairs, reward_stats
@@ -65,26 +64,31 @@ def cosine_schedule(optimizer, warmup: int, total: int):
 def train_step(wrapped, reference, micro: list, options: LossOptions, procs: Dist, aux_coef: float = 0.0) -> dict:
     """Forward and backward over one global batch's micro-batches; gradients left in the parameters.
 
-    Each micro-batch's loss is the sum over its kept pairs; with ``options.reduction`` "mean" it is
-    divided by the kept pairs of the whole global batch (known from the safety flags before any
-    forward), so the step's gradient is that of the global mean (or sum) however the batch is split.
-    A mixture-of-experts router's load-balancing loss is added with ``aux_coef`` (as TRL does), averaged
-    over the micro-batches, and logged as aux_loss. ``micro_losses``: this rank's loss of each micro-batch
-    (what was backpropagated); ``nonfinite_pairs``: the per-pair outputs of those that are not finite.
+    With ``options.reduction`` "mean" each micro-batch's loss divides by the divisors of the whole global
+    batch -- its kept pairs, and for an "sft" term the tokens of their preferred responses, known from the
+    safety flags and the labels before any forward (``loss_denominators``) -- so that the micro-batches'
+    losses add up to the global-batch loss, and the step's gradient is its gradient, however the batch
+    is split over micro-batches and ranks; with "sum" they are plain sums. A mixture-of-experts router's
+    load-balancing loss is added with ``aux_coef`` (as TRL does), averaged over the micro-batches, and
+    logged as aux_loss. ``micro_losses``: this rank's loss of each micro-batch (what was backpropagated);
+    ``nonfinite_pairs``: the per-pair outputs of those that are not finite. Each term of a loss_type
+    list is logged as ``loss/<name>``.
     """
-    kept_here = sum(int(safety_transform(b["chosen_safe"], b["rejected_safe"], options).kept.sum()) for b in micro)
-    (global_kept,) = procs.sum([kept_here])
-    # DDP and FSDP average gradients over the data-parallel ranks: data_world / global kept makes the step
-    # the global mean.
-    scale = procs.data_world / max(global_kept, 1.0) if options.reduction == "mean" else float(procs.data_world)
-    per_batch = options.replace(reduction="sum")
+    here = [loss_denominators(b["token_counts"], b["chosen_safe"], b["rejected_safe"], options) for b in micro]
+    global_kept, global_tokens = procs.sum([sum(float(k) for k, _ in here), sum(float(t) for _, t in here)])
+    # As tensors: a compiled forward then neither recompiles for new counts nor breaks its graph on them.
+    denominators = None
+    if options.reduction == "mean":
+        denominators = torch.tensor([global_kept, global_tokens], dtype=torch.float64, device=procs.device).unbind()
+    scale = float(procs.data_world)  # DDP and FSDP average the gradients over the data-parallel ranks
     loss_sum = correct = margin = tokens = aux_sum = 0.0
+    term_sums = [0.0] * len(options.terms)
     micro_losses, nonfinite_pairs = [], []
     on_cuda = procs.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
     for i, b in enumerate(micro):
         with autocast:
-            out, aux = wrapped(b, loss=per_batch, ref_logps=reference(b))
+            out, aux = wrapped(b, loss=options, ref_logps=reference(b), denominators=denominators)
         total = out.loss * scale
         if aux is not None:  # the router's load-balancing loss, averaged over the micro-batches
             total = total + aux_coef * aux / len(micro)
@@ -94,14 +98,17 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, procs: Dis
         if not math.isfinite(micro_losses[-1]):  # what the diagnosis of a non-finite step shows
             nonfinite_pairs.append(dict(micro_batch=i, **{k: getattr(out, k).tolist() for k in PAIR_FIELDS}))
         loss_sum += float(out.loss.detach())
+        term_sums = [s + float(t) for s, t in zip(term_sums, out.loss_terms)]
         c, m = reward_stats(out)
         correct += c
         margin += m
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-    loss_sum, correct, margin, tokens, aux_sum = procs.sum([loss_sum, correct, margin, tokens, aux_sum])
+    loss, correct, margin, tokens, aux_sum, *term_sums = procs.sum([loss_sum, correct, margin, tokens, aux_sum,
+                                                                     *term_sums])
     kept = max(global_kept, 1)
-    loss = loss_sum / kept if options.reduction == "mean" else loss_sum
     stats = dict(loss=loss, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
+    if len(options.terms) > 1:
+        stats.update({f"loss/{name}": value for name, value in zip(options.terms, term_sums)})
     if aux_coef:
         stats["aux_loss"] = aux_sum / procs.data_world
     stats.update(micro_losses=micro_losses, nonfinite_pairs=nonfinite_pairs)
@@ -238,7 +245,7 @@ class Run:
             if self.procs.main:
                 print(f"safedpo: warning: {ckpt} keeps no configuration to compare with this run's", file=sys.stderr)
             return
-        changes = config_changes(saved, self.run_config)
+        changes = config_changes(normalized(saved), self.run_config)
         if not changes:
             return
         listed = "; ".join(changes)

@@ -181,6 +181,38 @@ def check_pair_inputs(n_seq: int, device: torch.device, ref_logps, chosen_safe, 
     return B
 
 
+def check_token_counts(token_counts, n_seq: int, device) -> None:
+    """token_counts: a (2B,) integer tensor on the rows' device."""
+    _name_tensor(token_counts, "token_counts")
+    if token_counts.is_floating_point() or token_counts.is_complex() or token_counts.dtype == torch.bool:
+        raise TypeError(f"token_counts must be an integer tensor, got {token_counts.dtype}")
+    if tuple(token_counts.shape) != (n_seq,):
+        raise ValueError(f"token_counts must have shape ({n_seq},) = (2B,), got {tuple(token_counts.shape)}")
+    check_same_device(device, "policy_logps", token_counts=token_counts)
+
+
+def check_denominators(denominators, options, device):
+    """``denominators=(pairs, tokens)`` of reduction "mean": numbers or 0-dim tensors, finite and >= 0;
+    None stays None. Returns them as a (2,) float64 tensor on ``device``."""
+    if denominators is None:
+        return None
+    if options.reduction != "mean":
+        raise ValueError("denominators are the divisors of reduction='mean'; reduction='sum' divides by nothing")
+    if isinstance(denominators, (str, bytes)) or not hasattr(denominators, "__len__") or len(denominators) != 2:
+        raise ValueError(f"denominators must be (pairs, tokens): two numbers or 0-dim tensors, got {denominators!r}")
+    values = []
+    for name, d in zip(("pairs", "tokens"), denominators):
+        if isinstance(d, torch.Tensor):
+            if d.dim() != 0 or d.is_complex() or d.dtype == torch.bool:
+                raise ValueError(f"denominators' {name} must be a number or a 0-dim real tensor, got {d!r}")
+            values.append(d.detach().to(device=device, dtype=torch.float64))
+        else:
+            if isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d) or d < 0:
+                raise ValueError(f"denominators' {name} must be a finite number >= 0, got {d!r}")
+            values.append(torch.tensor(float(d), dtype=torch.float64, device=device))
+    return torch.stack(values)
+
+
 def check_logit_transform(logit_scale: float, softcap) -> None:
     """logit_scale > 0 and, when set, softcap > 0, both finite: ValueError naming the bad one."""
     inf = float("inf")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._checks import (
+    check_denominators,
     check_labels_in_range,
     check_linear_weight,
     check_logits_and_labels,
@@ -132,7 +133,8 @@ def safedpo_loss(
     rejected_safe: torch.Tensor, *, beta: float = 0.1, delta: float = 10.0, swap: bool = True,
     drop_both_unsafe: bool = True, label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
-    validate: bool = True, loss_type: str = "sigmoid", reduction: str = "mean", vocab_group=None, context_group=None,
+    validate: bool = True, loss_type="sigmoid", reduction: str = "mean", vocab_group=None, context_group=None,
+    loss_weights=None, denominators=None,
 ) -> SafeDPOOutput:
     """SafeDPO loss (arXiv 2505.20065, Eq. 12) from the policy's logits, fused with the log-prob pass.
 
@@ -149,28 +151,40 @@ def safedpo_loss(
             with the same ``average``, or None (reference-free: zeros). Carries no gradient.
         chosen_safe, rejected_safe: (B,) bool or 0/1 integers, True / 1 = safe.
         beta: > 0. delta: >= 0, the safety margin (not multiplied by beta). label_smoothing: in [0, 0.5].
-        loss_type: "sigmoid" (SafeDPO), "robust", "hinge" or "ipo" (see ``safedpo_loss_from_logps``).
-        reduction: "mean" over kept pairs, or "sum" over kept pairs (a trainer that accumulates
-            gradients divides by the kept-pair count of its whole global batch).
+        loss_type: "sigmoid" (SafeDPO), "robust", "hinge", "ipo" or "sft", or a list of distinct names
+            mixed by ``loss_weights`` (see ``safedpo_loss_from_logps``); the "sft" term's token counts come
+            from the same pass.
+        reduction: "mean" over kept pairs (the "sft" term: over their preferred responses' tokens), or
+            "sum". denominators: (pairs, tokens), the divisors of "mean" instead of this call's own (a
+            trainer's counts over its global batch; see ``loss_denominators``).
 
     Returns:
-        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped):
-        the scalar float32 loss (0 with zero gradients when no pair is kept) and (B,) metrics in the roles
-        after T, computed in the same pass.
+        SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
+        loss_terms, token_stats): the scalar float32 loss (0 with zero gradients when no pair is kept),
+        (B,) metrics in the roles after T, computed in the same pass, and each term's weighted share.
     """
     options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
-                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
+                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average,
+                          loss_weights=loss_weights)
     call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
                           context_group=context_group)
-    return loss_on_logits(logits, labels, Pairs(ref_logps, chosen_safe, rejected_safe), options, call, cu_seqlens)
+    return loss_on_logits(logits, labels, Pairs(ref_logps, chosen_safe, rejected_safe, denominators), options, call,
+                          cu_seqlens)
+
+
+def _checked_pairs(pairs: Pairs, n_seq: int, device, options: LossOptions, call: CallOptions) -> Pairs:
+    check_pair_inputs(n_seq, device, pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe, validate=call.validate)
+    return pairs._replace(denominators=check_denominators(pairs.denominators, options, device))
 
 
 def loss_on_logits(logits, labels, pairs: Pairs, options: LossOptions, call: CallOptions,
                    cu_seqlens=None) -> SafeDPOOutput:
     """``safedpo_loss`` with its keywords as two objects (what trainers pass on)."""
     p = _prepare_logits(logits, labels, cu_seqlens, call)
-    check_pair_inputs(p.layout.n_seq, p.x.device, *pairs, validate=call.validate)
-    return loss_from_logps(_logits_op(p, call, options.average)[0], *pairs, options)
+    pairs = _checked_pairs(pairs, p.layout.n_seq, p.x.device, options, call)
+    logps, _, counts = _logits_op(p, call, options.average)
+    return loss_from_logps(logps, pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe, options, counts,
+                           pairs.denominators)
 
 
 def linear_sequence_logps(
@@ -225,8 +239,8 @@ def linear_safedpo_loss(
     beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
     label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
-    validate: bool = True, logit_scale: float = 1.0, softcap: Optional[float] = None, loss_type: str = "sigmoid",
-    reduction: str = "mean", vocab_group=None, context_group=None,
+    validate: bool = True, logit_scale: float = 1.0, softcap: Optional[float] = None, loss_type="sigmoid",
+    reduction: str = "mean", vocab_group=None, context_group=None, loss_weights=None, denominators=None,
 ) -> SafeDPOOutput:
     """``safedpo_loss`` from hidden states (N = 2B rows) and the LM head, never materializing the logits.
 
@@ -242,27 +256,28 @@ def linear_safedpo_loss(
     passes (4 matmuls), so memory stays bounded at any length.
     """
     options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
-                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
+                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average,
+                          loss_weights=loss_weights)
     call = CallOptions.of(ignore_index, backend, validate, inplace_backward, logit_scale, softcap, vocab_group,
                           context_group)
-    return loss_on_hidden(hidden, weight, bias, labels, Pairs(ref_logps, chosen_safe, rejected_safe), options, call,
-                          cu_seqlens)
+    return loss_on_hidden(hidden, weight, bias, labels, Pairs(ref_logps, chosen_safe, rejected_safe, denominators),
+                          options, call, cu_seqlens)
 
 
 def loss_on_hidden(hidden, weight, bias, labels, pairs: Pairs, options: LossOptions, call: CallOptions,
                    cu_seqlens=None) -> SafeDPOOutput:
     """``linear_safedpo_loss`` with its keywords as two objects (what trainers pass on)."""
     p = _prepare_linear(hidden, weight, bias, labels, cu_seqlens, call)
-    check_pair_inputs(p.layout.n_seq, p.x.device, *pairs, validate=call.validate)
+    pairs = _checked_pairs(pairs, p.layout.n_seq, p.x.device, options, call)
     grad_on = torch.is_grad_enabled()
     wants = (grad_on and p.x.requires_grad, grad_on and p.weight.requires_grad,
              grad_on and p.bias is not None and p.bias.requires_grad)
     ref_logps = None if pairs.ref_logps is None else pairs.ref_logps.detach()
     out = linear_safedpo_loss_op(
         p.x, p.weight, p.bias, p.labels, ref_logps, pairs.chosen_safe, pairs.rejected_safe, p.layout.cu_seqlens,
-        call.ignore_index, call.transform.logit_scale, call.transform.softcap, *options.op_args(), p.backend, *wants,
-        *p.groups.names())
-    return SafeDPOOutput.of(*out[:7])
+        call.ignore_index, call.transform.logit_scale, call.transform.softcap, *options.op_args(), pairs.denominators,
+        p.backend, *wants, *p.groups.names())
+    return SafeDPOOutput(*out[:8])
 
 
 class SafeDPOLoss(nn.Module):
@@ -271,24 +286,27 @@ class SafeDPOLoss(nn.Module):
 
     ``SafeDPOLoss(beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
     ignore_index=-100, average=False, inplace_backward=False, backend="auto", validate=True,
-    loss_type="sigmoid", reduction="mean", vocab_group=None, context_group=None)``;
-    ``forward(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput``.
+    loss_type="sigmoid", reduction="mean", vocab_group=None, context_group=None, loss_weights=None)``;
+    ``forward(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None, denominators=None)
+    -> SafeDPOOutput``.
     """
 
     def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  inplace_backward: bool = False, backend: str = "auto", validate: bool = True,
-                 loss_type: str = "sigmoid", reduction: str = "mean", vocab_group=None, context_group=None):
+                 loss_type="sigmoid", reduction: str = "mean", vocab_group=None, context_group=None,
+                 loss_weights=None):
         super().__init__()
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
-                                   average=average)
+                                   average=average, loss_weights=loss_weights)
         self.call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
                                    context_group=context_group)
 
-    def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None) -> SafeDPOOutput:
-        return loss_on_logits(logits, labels, Pairs(ref_logps, chosen_safe, rejected_safe), self.options, self.call,
-                              cu_seqlens)
+    def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None,
+                denominators=None) -> SafeDPOOutput:
+        return loss_on_logits(logits, labels, Pairs(ref_logps, chosen_safe, rejected_safe, denominators), self.options,
+                              self.call, cu_seqlens)
 
     def extra_repr(self) -> str:
         return _repr(self.options, self.call, linear=False)
@@ -298,24 +316,25 @@ class LinearSafeDPOLoss(nn.Module):
     """nn.Module wrapper of ``linear_safedpo_loss``: SafeDPOLoss's constructor without inplace_backward,
     with the logit transform (``logit_scale=1.0, softcap=None``) and the parallel layouts (``vocab_group=None,
     context_group=None``). ``forward(hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None,
-    cu_seqlens=None) -> SafeDPOOutput``.
+    cu_seqlens=None, denominators=None) -> SafeDPOOutput``.
     """
 
     def __init__(self, beta: float = 0.1, delta: float = 10.0, swap: bool = True, drop_both_unsafe: bool = True,
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, loss_type: str = "sigmoid", reduction: str = "mean",
-                 vocab_group=None, context_group=None):
+                 softcap: Optional[float] = None, loss_type="sigmoid", reduction: str = "mean",
+                 vocab_group=None, context_group=None, loss_weights=None):
         super().__init__()
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
-                                   average=average)
+                                   average=average, loss_weights=loss_weights)
         self.call = CallOptions.of(ignore_index, backend, validate, False, logit_scale, softcap, vocab_group,
                                    context_group)
 
-    def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None):
-        return loss_on_hidden(hidden, weight, bias, labels, Pairs(ref_logps, chosen_safe, rejected_safe), self.options,
-                              self.call, cu_seqlens)
+    def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None,
+                denominators=None):
+        return loss_on_hidden(hidden, weight, bias, labels, Pairs(ref_logps, chosen_safe, rejected_safe, denominators),
+                              self.options, self.call, cu_seqlens)
 
     def extra_repr(self) -> str:
         return _repr(self.options, self.call, linear=True)

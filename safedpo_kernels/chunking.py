@@ -8,7 +8,6 @@ import torch
 
 from ._env import float32_rows, linear_chunk_bytes
 from ._layout import Layout
-from .parallel import all_reduce
 from .reductions import sequence_ids
 
 
@@ -37,20 +36,19 @@ class PairChunk(NamedTuple):
     sequences: torch.Tensor
 
 
-def plan_pair_chunks(labels: torch.Tensor, layout: Layout, ignore_index: int, budget_rows: int, context=None) -> list:
+def plan_pair_chunks(counts: torch.Tensor, layout: Layout, labels: torch.Tensor, ignore_index: int,
+                     budget_rows: int) -> list:
     """Split the pairs into chunks of at most ``budget_rows`` counted tokens (a pair larger than that is
-    a chunk alone). Reads the per-pair token counts on the host (one sync): the chunk sizes are Python
-    ints that size the chunks' buffers. With a ``context`` group the pairs' token counts are added up
-    over it first, so that every rank cuts the same chunks of pairs (each of its own tokens)."""
+    a chunk alone), from the (2B,) token counts of the sequences (``row_token_counts``: with a context
+    group, added up over it, so that every rank cuts the same chunks of pairs, each of its own tokens).
+    Reads the per-pair counts on the host (one sync): the chunk sizes are Python ints that size the
+    chunks' buffers."""
     device = labels.device
     B = layout.n_seq // 2
     idx = (labels != ignore_index).nonzero().squeeze(1)
     seq = sequence_ids(layout, device).index_select(0, idx)
     pair = seq % B
-    per_pair = torch.bincount(pair, minlength=B)
-    if context is not None:
-        per_pair = all_reduce(per_pair.clone(), context)
-    runs = pair_runs(per_pair.tolist(), budget_rows)
+    runs = pair_runs((counts[:B] + counts[B:]).tolist(), budget_rows)
     run_of_pair = torch.repeat_interleave(torch.arange(len(runs), device=device),
                                           torch.tensor([p1 - p0 for p0, p1 in runs], device=device))
     run_of_tok = run_of_pair.index_select(0, pair)

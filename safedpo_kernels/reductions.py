@@ -50,6 +50,13 @@ def token_grads(grad_seq: torch.Tensor, counted: torch.Tensor, count: torch.Tens
     return torch.where(counted, g_tok, torch.zeros_like(g_tok))
 
 
+def row_token_counts(labels: torch.Tensor, layout: Layout, ignore_index: int, context=None) -> torch.Tensor:
+    """(N,) int64 counted tokens of each sequence, added up over the ``context`` group when given."""
+    counted = (labels != ignore_index).nonzero().squeeze(1)
+    counts = torch.bincount(sequence_ids(layout, labels.device).index_select(0, counted), minlength=layout.n_seq)
+    return counts if context is None else all_reduce(counts, context)
+
+
 def layout_of(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> Layout:
     """The token layout of logits or hidden states: padded (N, T, ...) or packed (total, ...) with cu_seqlens."""
     if cu_seqlens is None:

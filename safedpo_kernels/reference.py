@@ -42,20 +42,34 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return total
 
 
+def token_counts(labels: torch.Tensor, ignore_index: int = -100, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N,) int64: the counted tokens of each sequence."""
+    counted = (labels != ignore_index).long()
+    if cu_seqlens is None:
+        return counted.sum(dim=-1)
+    bounds = cu_seqlens.tolist()
+    return torch.stack([counted[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+
+
 def safedpo_loss_from_logps(policy_logps: torch.Tensor, ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor,
-                            rejected_safe: torch.Tensor, **options) -> SafeDPOOutput:
-    """SafeDPO (paper Eq. 12) and the SafeDAA losses from sequence log-probs, one pair at a time.
+                            rejected_safe: torch.Tensor, token_counts: Optional[torch.Tensor] = None, denominators=None,
+                            **options) -> SafeDPOOutput:
+    """SafeDPO (paper Eq. 12), the SafeDAA losses and their mixtures from sequence log-probs, one pair at a
+    time.
 
     policy_logps, ref_logps: (2B,), chosen rows first (ref_logps None: zeros). chosen_safe, rejected_safe:
-    (B,), True = safe. ``options``: the keywords of ``LossOptions`` (beta, delta, swap, ...; ``average``
-    is the log-probs' business and unused here).
+    (B,), True = safe. token_counts: (2B,) counted tokens per row (the "sft" term's). ``options``: the
+    keywords of ``LossOptions`` (beta, delta, swap, ..., loss_type, loss_weights, average: with it the
+    log-probs are token means, and a response's log-likelihood is mean x count). denominators: (pairs,
+    tokens) instead of this call's own kept pairs and preferred tokens (reduction "mean").
     """
     o = LossOptions(**options)
     B = chosen_safe.shape[0]
     if ref_logps is None:
         ref_logps = torch.zeros_like(policy_logps)
     eps = o.label_smoothing
-    losses, rows = [], []
+    pair_losses = {name: [] for name in o.terms}
+    nll, tokens, rows = [], 0, []
     for i in range(B):
         w, l = i, B + i
         h_w, h_l = 1 - int(chosen_safe[i]), 1 - int(rejected_safe[i])
@@ -66,34 +80,49 @@ def safedpo_loss_from_logps(policy_logps: torch.Tensor, ref_logps: Optional[torc
         chosen_reward = o.beta * (policy_logps[w] - ref_logps[w])
         rejected_reward = o.beta * (policy_logps[l] - ref_logps[l])
         u = chosen_reward - rejected_reward - (h_l - h_w) * o.delta
-        if o.loss_type == "sigmoid":
-            loss_i = -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)
-        elif o.loss_type == "robust":
-            loss_i = (-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)
-        elif o.loss_type == "hinge":
-            loss_i = torch.clamp(1 - u, min=0)
-        else:  # ipo
-            loss_i = (u / o.beta - 1 / (2 * o.beta)) ** 2
-        if kept:
-            losses.append(loss_i)
         rows.append((policy_logps[w], policy_logps[l], chosen_reward, rejected_reward, kept, swapped))
-    if not losses:
-        loss = policy_logps.sum() * 0.0
-    else:
-        loss = torch.stack(losses).mean() if o.reduction == "mean" else torch.stack(losses).sum()
+        if not kept:
+            continue
+        for name in o.terms:
+            if name == "sigmoid":
+                pair_losses[name].append(-(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u))
+            elif name == "robust":
+                pair_losses[name].append((-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps))
+            elif name == "hinge":
+                pair_losses[name].append(torch.clamp(1 - u, min=0))
+            elif name == "ipo":
+                pair_losses[name].append((u / o.beta - 1 / (2 * o.beta)) ** 2)
+        if o.uses_sft:
+            n = int(token_counts[w])
+            nll.append(-policy_logps[w] * (n if o.average else 1))
+            tokens += n
+    n_pairs = sum(r[4] for r in rows)
+    if denominators is not None:
+        n_pairs, tokens = float(denominators[0]), float(denominators[1])
+    zero = policy_logps.sum() * 0.0
+    parts = []
+    for name, weight in zip(o.terms, o.weights):
+        values, divisor = (nll, tokens) if name == "sft" else (pair_losses[name], n_pairs)
+        total = torch.stack(values).sum() if values else zero
+        if o.reduction == "mean":
+            total = total / divisor if divisor > 0 else zero
+        parts.append(weight * total)
+    loss = sum(parts[1:], parts[0])
     cl, rl, cr, rr, kept, swapped = zip(*rows)
     flags = dict(dtype=torch.bool, device=policy_logps.device)
-    return SafeDPOOutput.of(loss, torch.stack(cl).detach(), torch.stack(rl).detach(), torch.stack(cr).detach(),
-                            torch.stack(rr).detach(), torch.tensor(kept, **flags), torch.tensor(swapped, **flags))
+    return SafeDPOOutput(loss, torch.stack(cl).detach(), torch.stack(rl).detach(), torch.stack(cr).detach(),
+                         torch.stack(rr).detach(), torch.tensor(kept, **flags), torch.tensor(swapped, **flags),
+                         torch.stack([p.detach().float() for p in parts]))
 
 
 def safedpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor,
                  rejected_safe: torch.Tensor, ignore_index: int = -100, cu_seqlens: Optional[torch.Tensor] = None,
-                 **options) -> SafeDPOOutput:
+                 denominators=None, **options) -> SafeDPOOutput:
     """Eager SafeDPO from logits: ``sequence_logps`` (with ``options``' average) then ``safedpo_loss_from_logps``."""
     policy = sequence_logps(logits, labels, ignore_index, options.get("average", False), cu_seqlens)
     ref = None if ref_logps is None else ref_logps.to(policy.dtype)
-    return safedpo_loss_from_logps(policy, ref, chosen_safe, rejected_safe, **options)
+    counts = token_counts(labels, ignore_index, cu_seqlens)
+    return safedpo_loss_from_logps(policy, ref, chosen_safe, rejected_safe, counts, denominators, **options)
 
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -49,6 +49,11 @@ EXPERIMENTS = {
     "delta-sweep": [(f"delta={d:g}", dict(mode="safedpo", delta=float(d))) for d in (0, 2, 5, 10, 20)],
     "noswap": [("SafeDPO", dict(mode="safedpo")), ("NoSwap", dict(mode="noswap"))],
     "label-noise": [(f"noise={p:g}", dict(mode="safedpo", safety_label_noise=p)) for p in (0.0, 0.1, 0.2)],
+    # An SFT term on the kept pairs' preferred responses against the likelihood displacement of a large
+    # margin: weight 0 is SafeDPO alone (the same run as delta-sweep's).
+    "sft-weight": [(f"delta={d:g} sft={w:g}", dict(mode="safedpo", delta=float(d), loss_type=["sigmoid", "sft"],
+                                                   loss_weights=[1.0, w]))
+                   for d in (10, 20) for w in (0.0, 0.05, 0.2, 1.0)],
 }
 
 
@@ -179,7 +184,7 @@ def run_experiment(name: str, seeds: List[int], out: str | Path = "runs/experime
             train_sft(paths, sft_dir, seed, sft_steps, progress)
         results.setdefault("SFT", []).append(generation_metrics(sft_dir, paths, seed, samples))
         for label, overrides in EXPERIMENTS[name]:
-            run_dir = root / name / label.replace("=", "")
+            run_dir = root / name / label.replace("=", "").replace(" ", "_")
             print(f"[seed {seed}] {label}: preference training ({pref_steps} steps)", flush=True)
             final = preference_run(paths, sft_dir, run_dir, seed, overrides, pref_steps, progress)
             results.setdefault(label, []).append(generation_metrics(final, paths, seed, samples))
@@ -229,12 +234,17 @@ def summarize(name: str, results: Dict[str, List[dict]], seeds: List[int]) -> st
         lines += ["", "Per seed (harmless / helpful): " + "; ".join(
             f"{label} " + ", ".join(f"{r['harmless_ratio']:.3f}/{r['helpfulness']:.3f}" for r in rows)
             for label, rows in results.items())]
-    if "SFT" in results and "SafeDPO" in results:
-        from .robustness import HARMLESS, KEEP, verdict
+    from .robustness import HARMLESS, KEEP, verdict
 
+    if "SFT" in results and "SafeDPO" in results:
         held = sum(verdict(s, d) for s, d in zip(results["SFT"], results["SafeDPO"]))
         lines += ["", f"SafeDPO harmless >= {HARMLESS} with >= {KEEP:.0%} of SFT's helpfulness on {held} of "
                       f"{len(seeds)} seed(s)."]
+    elif "SFT" in results:
+        held = {label: sum(verdict(s, r) for s, r in zip(results["SFT"], rows)) for label, rows in results.items()
+                if label != "SFT"}
+        lines += ["", f"Harmless >= {HARMLESS} with >= {KEEP:.0%} of SFT's helpfulness, seeds that hold: " +
+                  "; ".join(f"{label} {n} of {len(seeds)}" for label, n in held.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import reference
-from .._checks import check_pair_inputs
+from .._checks import check_denominators, check_pair_inputs
 from ..api import logps_on_hidden, logps_on_logits, loss_on_hidden, loss_on_logits
 from ..loss import Pairs, loss_from_logps
 from ..options import CallOptions, LossOptions
@@ -176,15 +176,17 @@ LOSS_INPUTS = ("logits", "linear", "eager")
 
 class PairInputs(NamedTuple):
     """What a batch needs besides the model's inputs to be a SafeDPO loss: the (2B,) reference log-probs
-    (or None), the (B,) safety flags, and the loss's options."""
+    (or None), the (B,) safety flags, the loss's options, and the divisors of its "mean" reduction when
+    the caller sets them (``denominators``: (pairs, tokens), e.g. over a trainer's global batch)."""
 
     ref_logps: Optional[torch.Tensor]
     chosen_safe: torch.Tensor
     rejected_safe: torch.Tensor
     options: LossOptions
+    denominators: Optional[object] = None
 
     def pairs(self) -> Pairs:
-        return Pairs(self.ref_logps, self.chosen_safe, self.rejected_safe)
+        return Pairs(self.ref_logps, self.chosen_safe, self.rejected_safe, self.denominators)
 
 
 class ModelLoss(NamedTuple):
@@ -258,7 +260,9 @@ class CausalLMLoss:
                 if loss is None:
                     return ModelLoss(logps, None)
                 check_pair_inputs(logps.shape[0], logps.device, *loss[:3], rows_name="the logits", validate=self.validate)
-                out = loss_from_logps(logps, *loss)
+                counts = reference.token_counts(labels, cu_seqlens=cu_seqlens) if loss.options.uses_sft else None
+                denominators = check_denominators(loss.denominators, loss.options, logps.device)
+                out = loss_from_logps(logps, *loss[:4], counts, denominators)
             else:
                 if loss is None:
                     return ModelLoss(logps_on_logits(logits, labels, average, call, cu_seqlens), None)

@@ -11,13 +11,16 @@
 What it adds to TRL's trainer: the safety flags (``chosen_safe``, ``rejected_safe`` columns, True = safe)
 travel through TRL's dataset preparation and collator to the loss; the loss is SafeDPO (the safety
 transformation T and the margin delta) or another loss of the family (``loss_type`` sigmoid, robust,
-hinge, ipo), computed by this package's fused kernels -- from the logits with an in-place backward
+hinge, ipo, sft, or TRL's list of them mixed by ``loss_weights``, e.g. ``["sigmoid", "sft"]`` for
+RPO-style regularisation), computed by this package's fused kernels -- from the logits with an in-place backward
 (``fused_loss_input="logits"``), or from the last hidden states and the LM head without any logits
 (``"linear"``, which forms its gradients in the forward); reference log-probs precomputed by TRL
 (``precompute_ref_log_probs``) or computed by the same kernels from the reference model (or the policy
 with its adapters disabled, or TRL's frozen "ref" copy of a pretrained adapter); a mixture-of-experts
-model's router loss, as TRL adds it; and SafeDPO's metrics: kept and swapped pairs. With ``delta=0.0,
-swap=False, drop_both_unsafe=False`` it trains exactly TRL's DPO.
+model's router loss, as TRL adds it; ``padding_free=True`` (each batch packed into one row, its
+sequences told apart by position ids and cu_seqlens: flash-attention's varlen path, or transformers'
+packed SDPA); and SafeDPO's metrics: kept and swapped pairs, each term of a loss list. With
+``delta=0.0, swap=False, drop_both_unsafe=False`` it trains exactly TRL's DPO.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 from ..dispatch import BACKENDS
 from ..labels import labels_from_completion_mask
 from ..loss import SafeDPOOutput
-from ..options import LOSS_TYPES, LossOptions
+from ..options import TERMS, LossOptions
 from .hf import CausalLMLoss, PairInputs, compile_context
 from .rows import preference_pair, safety_flag
 
@@ -53,7 +56,9 @@ NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", *
 
 @dataclass
 class SafeDPOConfig(DPOConfig):
-    """DPOConfig plus SafeDPO's settings. ``loss_type`` takes one of sigmoid (SafeDPO), robust, hinge, ipo."""
+    """DPOConfig plus SafeDPO's settings. ``loss_type`` takes sigmoid (SafeDPO), robust, hinge, ipo or sft, or
+    a list of them weighted by ``loss_weights`` (each term averaged over this batch's kept pairs, "sft"
+    over their preferred responses' tokens, as TRL averages each micro-batch)."""
 
     delta: float = field(default=10.0, metadata={"help": "SafeDPO's safety margin (not multiplied by beta); >= 0."})
     swap: bool = field(default=True, metadata={"help": "T: swap a pair whose preferred response is unsafe and the other safe."})
@@ -67,13 +72,19 @@ class SafeDPOConfig(DPOConfig):
 
     def loss_options(self) -> LossOptions:
         """The SafeDPO loss these arguments train (checked: a ValueError names a bad value). TRL's "ipo"
-        uses token-averaged log-ratios, so it takes average=True."""
-        loss_types = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
-        if len(loss_types) != 1 or loss_types[0] not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES} (one of them), got {self.loss_type!r}")
+        uses token-averaged log-ratios, so it takes average=True; TRL averages inside its "ipo" branch
+        only, so a list mixing "ipo" with another term could not equal TRL's loss and is refused."""
+        names = list(self.loss_type) if isinstance(self.loss_type, (list, tuple)) else [self.loss_type]
+        unknown = [n for n in names if n not in TERMS]
+        if unknown:
+            raise ValueError(f"SafeDPOTrainer supports loss_type names {TERMS}, got {unknown} in {self.loss_type!r}")
+        if "ipo" in names and len(names) > 1:
+            raise ValueError(f"loss_type {names}: TRL computes 'ipo' on token-averaged log-ratios and every other term "
+                             "on summed ones, so a list mixing 'ipo' with another term has no single average that "
+                             "equals TRL's loss; use 'ipo' alone")
         return LossOptions(beta=self.beta, delta=self.delta, swap=self.swap, drop_both_unsafe=self.drop_both_unsafe,
-                           label_smoothing=self.label_smoothing, loss_type=loss_types[0],
-                           average=loss_types[0] == "ipo")
+                           label_smoothing=self.label_smoothing, loss_type=names[0] if len(names) == 1 else tuple(names),
+                           loss_weights=self.loss_weights, average=names == ["ipo"])
 
 
 class SafetyPreferenceCollator(DataCollatorForPreference):
@@ -133,8 +144,8 @@ def _add_fused_linear_loss(model, adapter: CausalLMLoss) -> None:
             return original(*args, **kwargs)
         if args:
             raise TypeError("the fused-linear loss takes the model's inputs as keywords")
-        labels, request = safedpo_linear
-        out, aux = adapter(self, kwargs, labels, loss=request, forward=original)
+        labels, request, cu_seqlens = safedpo_linear
+        out, aux = adapter(self, kwargs, labels, cu_seqlens=cu_seqlens, loss=request, forward=original)
         return (*out, aux)
 
     model.forward = types.MethodType(forward, model)
@@ -154,7 +165,14 @@ class SafeDPOTrainer(DPOTrainer):
         datasets.update({k: kwargs[k] for k in ("train_dataset", "eval_dataset") if k in kwargs})
         for name, dataset in datasets.items():
             check_preference_columns(dataset, name)
-        super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
+        # TRL 1.16's DPOTrainer turns padding_free off (with a warning that it falls back to padding); here
+        # its collator pads and every batch is packed before the forward, so TRL sees it off.
+        self.pack = bool(args.padding_free)
+        args.padding_free = False
+        try:
+            super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
+        finally:
+            args.padding_free = self.pack
         if data_collator is None and isinstance(self.data_collator, DataCollatorForPreference):
             parent = self.data_collator
             self.data_collator = SafetyPreferenceCollator(
@@ -175,9 +193,8 @@ class SafeDPOTrainer(DPOTrainer):
     def _check_supported(args: SafeDPOConfig) -> None:
         args.loss_options()
         unsupported = dict(
-            ld_alpha=args.ld_alpha is not None, use_weighting=args.use_weighting, padding_free=args.padding_free,
+            ld_alpha=args.ld_alpha is not None, use_weighting=args.use_weighting,
             f_divergence_type=args.f_divergence_type != "reverse_kl",
-            loss_weights=args.loss_weights not in (None, [1.0]),
         )
         bad = [k for k, v in unsupported.items() if v]
         if bad:
@@ -191,14 +208,20 @@ class SafeDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *SAFETY_COLUMNS]))
 
-    def _model_kwargs(self, inputs: dict, policy: bool = True) -> dict:
-        """The model's inputs of a batch, as TRL's DPOTrainer passes them; the policy's forward of a
+    def _model_inputs(self, inputs: dict, policy: bool = True) -> tuple:
+        """(the model's keyword inputs, labels, cu_seqlens) of a batch: as TRL's DPOTrainer passes them, or
+        with padding_free packed into one row (cu_seqlens None when padded). The policy's forward of a
         mixture-of-experts model also returns its router's auxiliary loss (when TRL enabled it)."""
-        kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        if self.pack:
+            kwargs, labels, cu_seqlens = pack_batch(inputs)
+        else:
+            kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+            labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
+            cu_seqlens = None
         kwargs["use_cache"] = False
         if policy and getattr(self, "aux_loss_enabled", False):
             kwargs["output_router_logits"] = True
-        return kwargs
+        return kwargs, labels, cu_seqlens
 
     def _reference_adapter(self):
         """Without a ref_model, a PEFT policy is its own reference: TRL's frozen "ref" copy of a pretrained
@@ -222,10 +245,10 @@ class SafeDPOTrainer(DPOTrainer):
         """(2B,) summed reference log-probs of a batch, with the fused kernels on the logits (whatever the
         policy's fused_loss_input); ``model`` is the reference model, or the policy (then through its
         reference adapter)."""
-        labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
+        kwargs, labels, cu_seqlens = self._model_inputs(inputs, policy=False)
         with (self._reference_adapter(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self.accelerator.autocast() if autocast else contextlib.nullcontext()):
-            return self.reference_adapter(model, self._model_kwargs(inputs, policy=False), labels).result
+            return self.reference_adapter(model, kwargs, labels, cu_seqlens=cu_seqlens).result
 
     def compute_ref_log_probs(self, model, inputs):
         """(chosen, rejected) reference log-probs of a batch for TRL's precomputation (which runs before
@@ -236,7 +259,7 @@ class SafeDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         options = args.loss_options()
-        labels = labels_from_completion_mask(inputs["input_ids"], inputs["completion_mask"])
+        kwargs, labels, cu_seqlens = self._model_inputs(inputs)
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
         else:
@@ -245,14 +268,14 @@ class SafeDPOTrainer(DPOTrainer):
             reference = self.model if self.ref_model is None else self.ref_model
             ref = self._ref_logps(reference, inputs, autocast=False).float()
         if options.average:  # TRL's reference log-probs are sums
-            ref = ref / (labels != -100).sum(-1).clamp(min=1)
+            ref = ref / inputs["completion_mask"][:, 1:].sum(-1).clamp(min=1)
         request = PairInputs(ref, inputs["chosen_safe"], inputs["rejected_safe"], options)
         with self._compile_context:
             if args.fused_loss_input == "linear":
-                *fields, aux_loss = model(**self._model_kwargs(inputs), safedpo_linear=(labels, request))
+                *fields, aux_loss = model(**kwargs, safedpo_linear=(labels, request, cu_seqlens))
                 out = SafeDPOOutput(*fields)
             else:
-                out, aux_loss = self.loss_adapter(model, self._model_kwargs(inputs), labels, loss=request)
+                out, aux_loss = self.loss_adapter(model, kwargs, labels, cu_seqlens=cu_seqlens, loss=request)
         loss = out.loss
         if getattr(self, "aux_loss_enabled", False) and aux_loss is not None:  # as TRL's DPOTrainer adds it
             loss = loss + self.router_aux_loss_coef * aux_loss
@@ -262,7 +285,7 @@ class SafeDPOTrainer(DPOTrainer):
         self._log_metrics(mode, out)
         if return_outputs:
             with torch.no_grad():
-                return loss, model(**self._model_kwargs(inputs))
+                return loss, model(**self._model_inputs(inputs)[0])
         return loss
 
     def _refuse_nonfinite(self, loss: torch.Tensor, out: SafeDPOOutput, inputs: dict) -> None:
@@ -298,6 +321,28 @@ class SafeDPOTrainer(DPOTrainer):
             self._metrics[mode][name].append((gather((value * kept).sum()).sum() / n_kept).item())
         self._metrics[mode]["safedpo/kept_pairs"].append(gather(kept.float().mean()).mean().item())
         self._metrics[mode]["safedpo/swapped_pairs"].append(gather(out.swapped.float().mean()).mean().item())
+        terms = self.args.loss_options().terms
+        if len(terms) > 1:  # each term's weighted share of the loss, averaged over the processes as the loss is
+            for name, value in zip(terms, gather(out.loss_terms.detach()[None]).mean(0).tolist()):
+                self._metrics[mode][f"loss/{name}"].append(value)
 
 
-__all__ = ["SafeDPOConfig", "SafeDPOTrainer", "SafetyPreferenceCollator", "pku_to_preference", "check_preference_columns"]
+def pack_batch(inputs: dict) -> tuple:
+    """A padded preference batch (TRL's collator: input_ids, attention_mask, completion_mask (2B, L)) as one
+    packed row: (model inputs {input_ids, position_ids} (1, total), labels (total,), cu_seqlens (2B + 1,)
+    int32). Each row keeps its attended tokens in order (left or right padding alike); positions restart
+    at 0 for every sequence, which is how flash-attention's varlen path and transformers' packed SDPA
+    tell the sequences apart."""
+    mask = inputs["attention_mask"].bool()
+    lengths = mask.sum(-1)
+    ids = inputs["input_ids"][mask]  # row by row, each row's tokens in order
+    completion = inputs["completion_mask"][mask]
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    positions = torch.arange(ids.shape[0], device=ids.device) - torch.repeat_interleave(cu[:-1], lengths)
+    cu_seqlens = cu.to(torch.int32)
+    labels = labels_from_completion_mask(ids, completion, cu_seqlens=cu_seqlens)
+    return dict(input_ids=ids[None], position_ids=positions[None]), labels, cu_seqlens
+
+
+__all__ = ["SafeDPOConfig", "SafeDPOTrainer", "SafetyPreferenceCollator", "pku_to_preference", "check_preference_columns",
+           "pack_batch"]

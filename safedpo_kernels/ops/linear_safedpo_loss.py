@@ -11,10 +11,18 @@ import torch
 from .._layout import Layout
 from ..chunking import PairChunk, loss_chunk_rows, plan_pair_chunks
 from ..dispatch import backend_module
-from ..loss import Pairs, loss_and_logp_grad, loss_from_logps, safety_transform
+from ..loss import Pairs, loss_and_logp_grad, loss_denominators, loss_from_logps
 from ..options import LossOptions
 from ..parallel import Groups, resolve
-from ..reductions import combined_token_logps, kernel_labels, layout_of, n_seq, sequence_values, token_grads
+from ..reductions import (
+    combined_token_logps,
+    kernel_labels,
+    layout_of,
+    n_seq,
+    row_token_counts,
+    sequence_values,
+    token_grads,
+)
 from ..transform import LogitTransform
 from ._support import first_order_only, no_autocast, no_grad_slot, nones, specs
 from .grads import LinearGrads, LinearHead, fake_grads
@@ -25,7 +33,8 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
                            ref_logps: Optional[torch.Tensor], chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
                            cu_seqlens: Optional[torch.Tensor], ignore_index: int, logit_scale: float,
                            softcap: Optional[float], beta: float, delta: float, swap: bool, drop_both_unsafe: bool,
-                           label_smoothing: float, loss_type: str, reduction: str, average: bool, backend: str,
+                           label_smoothing: float, loss_type: str, reduction: str, average: bool,
+                           loss_weights: List[float], denominators: Optional[torch.Tensor], backend: str,
                            need_hidden: bool, need_weight: bool, need_bias: bool, vocab_group: str = "",
                            context_group: str = "") -> List[torch.Tensor]:
     """The SafeDPO loss from hidden states and the LM head, with its gradients formed in the forward.
@@ -40,14 +49,16 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     them (``need_*``). A pair whose logits alone exceed the chunk budget is computed in two passes
     (log-probs, then recomputed gradients), which keeps memory bounded at any sequence length.
 
-    The chunk plan reads the per-pair token counts, and a "mean" reduction the kept-pair count, on the
-    host: two synchronizations per call on a GPU (inside the op: a compiled step has no graph break).
+    A "mean" reduction's divisors (the kept pairs, the tokens of their preferred responses for "sft")
+    are the whole call's, or ``denominators``: every chunk's loss is its share, and so are its gradients.
+    The chunk plan reads the per-pair token counts on the host: one synchronization per call on a GPU
+    (inside the op: a compiled step has no graph break). ``loss_type`` is the names joined by commas.
 
     Returns [loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
-    d hidden, d weight, d bias] (empty gradients where not needed).
+    loss_terms, d hidden, d weight, d bias] (empty gradients where not needed).
     """
-    options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
-                          label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average)
+    options = LossOptions.from_op_args(beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction,
+                                       average, loss_weights)
     head = LinearHead(ignore_index, LogitTransform(logit_scale, softcap))
     layout = layout_of(hidden, cu_seqlens)
     kernels = backend_module(backend)
@@ -59,41 +70,45 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
         w, b = kernels.prepare_weight(weight, bias, hidden.dtype)
         flat = hidden.reshape(layout.rows, hidden.shape[-1])
         grads = LinearGrads(layout.rows, V, hidden.shape[-1], hidden, *wants, groups.vocab) if any(wants) else None
-        kept = safety_transform(chosen_safe, rejected_safe, options).kept
-        norm = max(int(kept.sum()), 1) if options.reduction == "mean" else 1
+        counts = row_token_counts(labels, layout, head.ignore_index, groups.context)
+        if options.reduction == "mean" and denominators is None:  # the whole call's divisors, for every chunk
+            denominators = torch.stack(loss_denominators(counts, chosen_safe, rejected_safe, options))
         ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.float()
-        chunks = _PairChunks(kernels, flat, w, b, labels, Pairs(ref, chosen_safe, rejected_safe),
-                             options.replace(reduction="sum"), head, loss_chunk_rows(V, device), norm, grads, groups)
+        chunks = _PairChunks(kernels, flat, w, b, labels, Pairs(ref, chosen_safe, rejected_safe, denominators), counts,
+                             options, head, loss_chunk_rows(V, device), grads, groups)
         total = torch.zeros((), dtype=torch.float64, device=device)
+        terms = torch.zeros(len(options.terms), dtype=torch.float64, device=device)
         metrics = []
-        for chunk in plan_pair_chunks(labels, layout, head.ignore_index, chunks.budget, groups.context):
+        for chunk in plan_pair_chunks(counts, layout, labels, head.ignore_index, chunks.budget):
             out = chunks.loss(chunk)
             total += out.loss.detach().double()
+            terms += out.loss_terms.double()
             metrics.append([m.detach() for m in out[1:7]])
-        loss = (total / norm).float()
+        loss = total.float()
         if grads is not None:
             grads.complete_hidden(groups.vocab)
         results = grads.results(specs(hidden, weight, bias)) if grads is not None else (None, None, None)
     metrics = [torch.cat(m) for m in zip(*metrics)]
-    return [loss, *metrics, *(no_grad_slot(hidden) if g is None else g for g in results)]
+    return [loss, *metrics, terms.float(), *(no_grad_slot(hidden) if g is None else g for g in results)]
 
 
 @linear_safedpo_loss_op.register_fake
 def _(hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens, ignore_index, logit_scale,
-      softcap, beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction, average, backend,
-      need_hidden, need_weight, need_bias, vocab_group="", context_group=""):
+      softcap, beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction, average, loss_weights,
+      denominators, backend, need_hidden, need_weight, need_bias, vocab_group="", context_group=""):
     B = n_seq(hidden, cu_seqlens) // 2
     f32 = dict(dtype=torch.float32, device=hidden.device)
     flags = dict(dtype=torch.bool, device=hidden.device)
     return [hidden.new_empty((), **f32), *(hidden.new_empty(B, **f32) for _ in range(4)), hidden.new_empty(B, **flags),
-            hidden.new_empty(B, **flags), *fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)]
+            hidden.new_empty(B, **flags), hidden.new_empty(len(loss_type.split(",")), **f32),
+            *fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)]
 
 
 def _linear_loss_setup(ctx, inputs, output):
     # Only the loss is differentiable: the metrics carry no gradient (the contract), and the formed
     # gradients are the backward's inputs.
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[7:])
+    ctx.save_for_backward(*output[8:])
     ctx.consumed = False
 
 
@@ -121,9 +136,9 @@ linear_safedpo_loss_op.register_autograd(_linear_loss_backward, setup_context=_l
 
 class _PairChunks(NamedTuple):
     """What every chunk of pairs of one call shares: the backend, the flat hidden states, the prepared head
-    (``w``, ``b``), the flat labels, the pairs' reference log-probs and flags, the options (reduction
-    "sum": a chunk's loss is its kept pairs' sum), how the head is read, the chunk budget in rows, the
-    divisor of the gradients (``norm``), the gradients being formed (None: the loss only) and the groups."""
+    (``w``, ``b``), the flat labels, the pairs' reference log-probs, flags and the whole call's divisors,
+    the (2B,) token counts, the options, how the head is read, the chunk budget in rows, the gradients
+    being formed (None: the loss only) and the groups."""
 
     kernels: object
     flat: torch.Tensor
@@ -131,16 +146,16 @@ class _PairChunks(NamedTuple):
     b: Optional[torch.Tensor]
     labels: torch.Tensor
     pairs: Pairs
+    counts: torch.Tensor
     options: LossOptions
     head: LinearHead
     budget: int
-    norm: int
     grads: Optional[LinearGrads]
     groups: Groups
 
     def loss(self, chunk: PairChunk):
-        """One chunk of pairs: its logits, log-probs and loss (summed over its kept pairs), and, when
-        gradients are being formed, its gradients folded in (scaled by 1 / norm). Vocabulary shards
+        """One chunk of pairs: its logits, log-probs and loss (its share of the call's loss: the call's
+        divisors), and, when gradients are being formed, its gradients folded in. Vocabulary shards
         combine their token statistics, context slices their sequences' sums; every rank gets the
         chunk's loss."""
         kernels, head, w, b = self.kernels, self.head, self.w, self.b
@@ -163,13 +178,14 @@ class _PairChunks(NamedTuple):
         every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
         logps, count = sequence_values(tok, every, chunk.layout, self.options.average, self.groups.context)
         pair = (self.pairs.ref_logps.index_select(0, chunk.sequences), self.pairs.chosen_safe[chunk.p0:chunk.p1],
-                self.pairs.rejected_safe[chunk.p0:chunk.p1])
+                self.pairs.rejected_safe[chunk.p0:chunk.p1], self.options, self.counts.index_select(0, chunk.sequences),
+                self.pairs.denominators)
         if self.grads is None:
-            return loss_from_logps(logps, *pair, self.options)
-        out, dlogp = loss_and_logp_grad(logps, *pair, self.options)  # inside an op autograd does not record
+            return loss_from_logps(logps, *pair)
+        out, dlogp = loss_and_logp_grad(logps, *pair)  # inside an op autograd does not record
         if rows == 0:
             return out
-        g = token_grads(dlogp.double() / self.norm, every, count, chunk.layout, self.options.average)
+        g = token_grads(dlogp.double(), every, count, chunk.layout, self.options.average)
         local = kernel_labels(lab, w.shape[0], head.ignore_index, self.groups.vocab)
         if two_pass:
             self.grads.recompute(kernels, h, w, b, local, lse, g, chunk.rows, head)

@@ -34,21 +34,23 @@ def our_trainer(stand_ins, tmp_path, make_model=None, peft_config=None, **safedp
                           train_dataset=data)
 
 
-def trainer_pair(stand_ins, tmp_path, make_model=None, peft_config=None, **safedpo_args):
+def trainer_pair(stand_ins, tmp_path, make_model=None, peft_config=None, shared=None, **safedpo_args):
     """A SafeDPOTrainer and TRL's own DPOTrainer on identical copies of a tiny model (``make_model()``,
-    default the stand-in Llama) and the same data. (Accelerate's state is per process: the trainer
-    built last decides, e.g., whether models prepared from then on are compiled.)"""
+    default the stand-in Llama) and the same data; ``shared``: DPOConfig arguments of both. (Accelerate's
+    state is per process: the trainer built last decides, e.g., whether models prepared from then on are
+    compiled.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from safedpo_kernels.integrations.trl import pku_to_preference
 
-    ours = our_trainer(stand_ins, tmp_path, make_model, peft_config, **safedpo_args)
+    shared = shared or {}
+    ours = our_trainer(stand_ins, tmp_path, make_model, peft_config, **shared, **safedpo_args)
     make_model = make_model or (lambda: AutoModelForCausalLM.from_pretrained(stand_ins["model"]))
     data = pku_to_preference(datasets.load_from_disk(stand_ins["data"])["train"])
     tok = AutoTokenizer.from_pretrained(stand_ins["model"])
     trl = DPOTrainer(model=make_model(), processing_class=tok, peft_config=peft_config,
-                     args=DPOConfig(output_dir=str(tmp_path / "trl"), **COMMON), train_dataset=data)
+                     args=DPOConfig(output_dir=str(tmp_path / "trl"), **COMMON, **shared), train_dataset=data)
     return ours, trl
 
 
@@ -77,16 +79,16 @@ def loss_and_grads(trainer, batch):
     return loss.detach(), grads
 
 
-def assert_same_as_trl(ours, trl, label=""):
+def assert_same_as_trl(ours, trl, label="", tol=1e-5):
     """One batch through both trainers: the same loss and gradients (TRL's batch has no safety flags)."""
     batch = next(iter(ours.get_train_dataloader()))
     trl_batch = {k: v for k, v in batch.items() if k not in ("chosen_safe", "rejected_safe")}
     assert "chosen_safe" in batch and batch["chosen_safe"].dtype == torch.bool  # the flags survived TRL's pipeline
     a_loss, a_grads = loss_and_grads(ours, batch)
     b_loss, b_grads = loss_and_grads(trl, trl_batch)
-    assert abs(a_loss.item() - b_loss.item()) <= 1e-5 * max(1.0, abs(b_loss.item())), (a_loss, b_loss)
+    assert abs(a_loss.item() - b_loss.item()) <= tol * max(1.0, abs(b_loss.item())), (a_loss, b_loss)
     assert a_grads.shape == b_grads.shape
-    assert (a_grads - b_grads).abs().max() <= 1e-5 * b_grads.abs().max()
+    assert (a_grads - b_grads).abs().max() <= tol * b_grads.abs().max()
     print(f"TRL {__import__('trl').__version__} {label}: |dloss| = {abs(a_loss.item() - b_loss.item()):.2e}, "
           f"max |dgrad| = {(a_grads - b_grads).abs().max().item():.2e} (max |grad| {b_grads.abs().max().item():.2e})")
 
@@ -114,6 +116,61 @@ def test_real_architectures_equal_trls_own_loss(stand_ins, tmp_path, arch, loss_
     assert_same_as_trl(ours, trl, f"{arch} {loss_input}")
     if arch == "mixtral":
         assert ours.aux_loss_enabled and ours._metrics["train"]["aux_loss"] == trl._metrics["train"]["aux_loss"]
+
+
+@pytest.mark.parametrize("arch, loss_input", [("llama", "logits"), ("llama", "linear"), ("cohere", "linear")])
+def test_loss_lists_with_an_sft_term_equal_trls_own_loss(stand_ins, tmp_path, arch, loss_input):
+    """TRL's loss mixing: loss_type ["sigmoid", "sft"] with loss_weights [1, w] (its RPO-style SFT term, one
+    token mean over the chosen responses) gives TRL's loss and gradients, within 1e-6 relative, float32,
+    one micro-batch on one process; and the trainer logs each term."""
+    make_model = None if arch == "llama" else tiny(stand_ins, tmp_path / arch, "CohereConfig", logit_scale=4.0)
+    shared = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7])
+    ours, trl = trainer_pair(stand_ins, tmp_path, make_model, shared=shared, **PLAIN_DPO, fused_loss_input=loss_input)
+    assert ours.args.loss_options().terms == ("sigmoid", "sft")
+    assert_same_as_trl(ours, trl, f"sigmoid+sft {arch} {loss_input}", tol=1e-6)
+    logged = ours._metrics["train"]
+    assert set(logged) >= {"loss/sigmoid", "loss/sft"} and logged["loss/sft"][-1] > 0
+
+
+def test_padding_free_packs_each_batch_and_equals_padding(stand_ins, tmp_path):
+    """padding_free=True: every batch goes through the model as one packed row (position ids restart per
+    sequence, cu_seqlens; transformers' packed SDPA here, flash-attention's varlen path on a GPU with it);
+    the loss and gradients equal the padded batch's, with a loss list and with the fused-linear path."""
+    from transformers import AutoModelForCausalLM
+
+    from safedpo_kernels.integrations.trl import pack_batch
+
+    args = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3], delta=2.0)
+    for loss_input in ("logits", "linear"):
+        padded = our_trainer(stand_ins, tmp_path / f"padded-{loss_input}", fused_loss_input=loss_input, **args)
+        packed = our_trainer(stand_ins, tmp_path / f"packed-{loss_input}", fused_loss_input=loss_input,
+                             padding_free=True, **args)
+        assert packed.pack and packed.args.padding_free and not padded.pack
+        batch = next(iter(padded.get_train_dataloader()))
+        a_loss, a_grads = loss_and_grads(padded, batch)
+        b_loss, b_grads = loss_and_grads(packed, batch)
+        assert abs(a_loss.item() - b_loss.item()) <= 1e-5 * max(1.0, abs(a_loss.item()))
+        assert (a_grads - b_grads).abs().max() <= 1e-5 * a_grads.abs().max()
+    kwargs, labels, cu = pack_batch(batch)
+    lengths = batch["attention_mask"].sum(-1)
+    assert kwargs["input_ids"].shape == (1, int(lengths.sum())) and cu.tolist()[-1] == int(lengths.sum())
+    assert kwargs["position_ids"][0, : int(lengths[0])].tolist() == list(range(int(lengths[0])))
+    assert int((labels != -100).sum()) == int(batch["completion_mask"][:, 1:].sum())
+    model = AutoModelForCausalLM.from_pretrained(stand_ins["model"])
+    with torch.no_grad():  # the packed row's logits are each sequence's own
+        whole = model(**kwargs, use_cache=False).logits[0]
+        first = model(input_ids=batch["input_ids"][1:2, : int(lengths[1])]).logits[0]
+    assert (whole[int(cu[1]):int(cu[2])] - first).abs().max() <= 1e-4
+
+
+def test_a_list_mixing_ipo_is_refused_with_the_reason(stand_ins, tmp_path):
+    from safedpo_kernels.integrations.trl import SafeDPOConfig
+
+    with pytest.raises(ValueError, match="mixing 'ipo' with another term"):
+        SafeDPOConfig(output_dir=str(tmp_path), loss_type=["ipo", "sft"], report_to="none", use_cpu=True).loss_options()
+    with pytest.raises(ValueError, match=r"supports loss_type names .*\['kto'\]"):
+        SafeDPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "kto"], report_to="none", use_cpu=True).loss_options()
+    assert SafeDPOConfig(output_dir=str(tmp_path), loss_type=["ipo"], report_to="none", use_cpu=True).loss_options().average
 
 
 @pytest.mark.parametrize("adapter,loss_input", [("new", "logits"), ("pretrained", "logits"), ("pretrained", "linear")])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import TOL, make_flags, make_labels, make_logits, max_scaled_err, pack, rel_err
-from safedpo_kernels import linear_safedpo_loss, safedpo_loss, safedpo_loss_from_logps, sequence_logps
+from safedpo_kernels import linear_safedpo_loss, reference, safedpo_loss, safedpo_loss_from_logps, sequence_logps
 from safedpo_kernels._env import major_minor
 from safedpo_kernels.dispatch import resolve_backend
 from safedpo_kernels.ops import (
@@ -47,7 +47,10 @@ def op_calls(backend, device):
                                          count2, None, -100, True, 0.5, 30.0, backend, True, True, True)),
         (linear_safedpo_loss_op, (hidden.detach().reshape(N * T, H).requires_grad_(), weight, None, labels,
                                   torch.randn(N, generator=gen).to(device), cs, rs, cu, -100, 1.0, None, 0.1, 2.0, True,
-                                  True, 0.1, "robust", "mean", False, backend, True, True, False)),
+                                  True, 0.1, "robust", "mean", False, [1.0], None, backend, True, True, False)),
+        (linear_safedpo_loss_op, (hidden.detach(), weight, bias, labels, None, cs, rs, None, -100, 1.0, None,
+                                  0.1, 2.0, True, True, 0.0, "sigmoid,sft", "mean", True, [1.0, 0.5],
+                                  torch.tensor([3.0, 17.0], dtype=torch.float64, device=device), backend, True, True, True)),
     ]
 
 
@@ -62,19 +65,28 @@ def test_every_op_passes_opcheck(case):
 
 
 def compiled_step(backend, loss_type, cu, labels, ref, cs, rs, inplace):
+    """A step through every entry point; a loss list also takes its divisors as tensors (as a trainer
+    passes its global batch's), and from_logps its token counts."""
+    mix = {} if isinstance(loss_type, str) else dict(loss_weights=[1.0, 0.5][: len(loss_type)])
+    counts = reference.token_counts(labels, cu_seqlens=cu)
+    divisors = None if isinstance(loss_type, str) else tuple(torch.tensor([2.0, 9.0], dtype=torch.float64,
+                                                                          device=labels.device).unbind())
+
     def step(logits, hidden, weight):
         kw = dict(backend=backend, validate=False, cu_seqlens=cu)
         a = sequence_logps(logits * 1.0, labels, **kw).sum()
-        b = safedpo_loss(logits * 2.0, labels, ref, cs, rs, loss_type=loss_type, inplace_backward=inplace, **kw).loss
-        c = linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, loss_type=loss_type, **kw).loss
-        d = safedpo_loss_from_logps(sequence_logps(logits * 0.5, labels, **kw), ref, cs, rs, loss_type=loss_type).loss
+        b = safedpo_loss(logits * 2.0, labels, ref, cs, rs, loss_type=loss_type, inplace_backward=inplace,
+                         denominators=divisors, **mix, **kw).loss
+        c = linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, loss_type=loss_type, **mix, **kw).loss
+        d = safedpo_loss_from_logps(sequence_logps(logits * 0.5, labels, **kw), ref, cs, rs, loss_type=loss_type,
+                                    token_counts=counts, **mix).loss
         return a + b + c + d
 
     return step
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", [*LOSS_TYPES, ("sigmoid", "sft")], ids=[*LOSS_TYPES, "sigmoid+sft"])
 def test_a_fullgraph_compiled_step_equals_eager(case, loss_type, packed):
     """aot_eager traces the whole step (dynamo + AOT autograd, as inductor does) without compiling C++,
     which keeps the matrix quick; test_inductor_step_equals_eager compiles one step for real."""

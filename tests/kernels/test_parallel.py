@@ -94,16 +94,16 @@ def full_case(seed, dtype, B=4, T=7, V=48, packed=False):
     return logits, labels, ref, cs, rs
 
 
-def linear_case_of(seed, T, H, V, B=4):
+def linear_case_of(seed, T, H, V, B=4, **kw):
     """Hidden states, a head weight, labels and flags (no reference: ref_logps None), and the float64
-    reference's output and leaves (hidden, weight) after its backward."""
+    reference's output (with the loss keywords ``kw``) and leaves (hidden, weight) after its backward."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2 * B, T, H, generator=gen)
     weight = torch.randn(V, H, generator=gen) / H**0.5
     labels = make_labels(2 * B, T, V, gen, "cpu")
     cs, rs = make_flags(B, gen, "cpu")
     leaves = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
-    want = reference.safedpo_loss(leaves[0] @ leaves[1].t(), labels, None, cs, rs)
+    want = reference.safedpo_loss(leaves[0] @ leaves[1].t(), labels, None, cs, rs, **kw)
     want.loss.backward()
     return hidden, weight, labels, cs, rs, want, leaves
 
@@ -120,6 +120,7 @@ def check_out(got, want, dtype):
     for field in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
         assert max_scaled_err(getattr(got, field), getattr(want, field)) <= tol, field
     assert torch.equal(got.kept, want.kept) and torch.equal(got.swapped, want.swapped)
+    assert max_scaled_err(got.loss_terms, want.loss_terms) <= tol
 
 
 # ------------------------------------------------------------------------------------------ the cases
@@ -194,13 +195,13 @@ def vocab_cases(world):
             cs, rs = make_flags(B, gen, "cpu")
             leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
             want = reference.safedpo_loss(reference.linear_logits(*leaves), labels, ref.double(), cs, rs,
-                                          loss_type="robust", label_smoothing=0.2)
+                                          loss_type=["robust", "sft"], loss_weights=[1.0, 0.5], label_smoothing=0.2)
             want.loss.backward()
             h = hidden.clone().requires_grad_()
             w = shard_cols(weight.t(), rank, p).t().clone().requires_grad_()
             b = shard_cols(bias, rank, p).clone().requires_grad_()
-            got = linear_safedpo_loss(h, w, labels, ref, cs, rs, bias=b, loss_type="robust", label_smoothing=0.2,
-                                      backend=backend, vocab_group=group)
+            got = linear_safedpo_loss(h, w, labels, ref, cs, rs, bias=b, loss_type=["robust", "sft"],
+                                      loss_weights=[1.0, 0.5], label_smoothing=0.2, backend=backend, vocab_group=group)
             got.loss.backward()
             check_out(got, want, torch.float32)
             assert rel_err(h.grad, leaves[0].grad) <= 1e-5  # complete on every rank
@@ -244,10 +245,10 @@ def context_cases(world):
         for dtype in (torch.float32, torch.bfloat16):
             def padded(backend=backend, dtype=dtype):
                 logits, labels, ref, cs, rs = full_case(6, dtype, T=9)
-                want, want_grad = want_loss(logits, labels, ref, cs, rs, loss_type="hinge", average=True)
+                want, want_grad = want_loss(logits, labels, ref, cs, rs, loss_type=["hinge", "sft"], average=True)
                 a, b = slice_positions(9, rank, p)
                 x = logits[:, a:b].clone().requires_grad_()
-                got = safedpo_loss(x, labels[:, a:b], ref, cs, rs, loss_type="hinge", average=True, backend=backend,
+                got = safedpo_loss(x, labels[:, a:b], ref, cs, rs, loss_type=["hinge", "sft"], average=True, backend=backend,
                                    context_group=group)
                 got.loss.backward()
                 check_out(got, want, dtype)
@@ -282,11 +283,12 @@ def context_cases(world):
 
         def linear(backend=backend):
             T = 7
-            hidden, weight, labels, cs, rs, want, leaves = linear_case_of(8, T=T, H=10, V=33)
+            mix = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])
+            hidden, weight, labels, cs, rs, want, leaves = linear_case_of(8, T=T, H=10, V=33, **mix)
             a, b = slice_positions(T, rank, p)
             h = hidden[:, a:b].clone().requires_grad_()
             w = weight.clone().requires_grad_()
-            got = linear_safedpo_loss(h, w, labels[:, a:b], None, cs, rs, backend=backend, context_group=group)
+            got = linear_safedpo_loss(h, w, labels[:, a:b], None, cs, rs, backend=backend, context_group=group, **mix)
             got.loss.backward()
             check_out(got, want, torch.float32)
             assert rel_err(h.grad, leaves[0].grad[:, a:b]) <= 1e-5
@@ -317,12 +319,13 @@ def mesh_cases(world):
 
         def both_linear(backend=backend):
             T = 6
-            hidden, weight, labels, cs, rs, want, leaves = linear_case_of(10, T=T, H=8, V=36)
+            mix = dict(loss_type=["sft", "sigmoid"], loss_weights=[0.2, 1.0])
+            hidden, weight, labels, cs, rs, want, leaves = linear_case_of(10, T=T, H=8, V=36, **mix)
             a, b = slice_positions(T, crank, 2)
             h = hidden[:, a:b].clone().requires_grad_()
             w = shard_cols(weight.t(), vrank, 2).t().clone().requires_grad_()
             got = linear_safedpo_loss(h, w, labels[:, a:b], None, cs, rs, backend=backend, vocab_group=vocab,
-                                      context_group=context)
+                                      context_group=context, **mix)
             got.loss.backward()
             check_out(got, want, torch.float32)
             assert rel_err(h.grad, leaves[0].grad[:, a:b]) <= 1e-5

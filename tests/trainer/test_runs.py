@@ -88,18 +88,21 @@ MODE_FLAGS = {"safedpo": (True, True), "noswap": (False, True), "dpo-helpful": (
     ("hinge", dict(mode="safedpo", reduction="sum")),
     ("ipo", dict(mode="safedpo", average_logps=True)),
     ("sigmoid", dict(mode="dpo-helpful", loss_input="linear")),
+    (["sigmoid", "sft"], dict(mode="safedpo", loss_weights=[1.0, 0.5])),
+    (["sft", "hinge"], dict(mode="noswap", average_logps=True, loss_weights=[0.3, 1.0], loss_input="linear")),
 ])
 def test_every_loss_option_reaches_the_loss(task, tmp_path, loss_type, options):
     """loss_type, beta, delta, label_smoothing, average_logps, the mode's swap/drop and reduction all reach
-    the loss in training (the first step's logged loss) and in evaluation (the final eval_loss): each equals
-    safedpo_loss_from_logps on float64 log-probs of the same models and batches."""
+    the loss in training (the first step's logged loss) and in evaluation (the final eval_loss), loss lists
+    with their weights too: each equals the float64 oracle on float64 log-probs of the same models and
+    batches (evaluation: the whole set's divisors, although it runs in batches)."""
     from transformers import AutoModelForCausalLM
 
     from safedpo.collate import batch_stream, make_batch
     from safedpo.data import data_sources, load_examples
     from safedpo.model import build_model, load_tokenizer
     from safedpo.train import train
-    from safedpo_kernels import reference, safedpo_loss_from_logps
+    from safedpo_kernels import reference
 
     # A reference model other than the initial policy, so that beta matters from the first step on.
     tok = load_tokenizer(task["tokenizer"])
@@ -122,9 +125,12 @@ def test_every_loss_option_reaches_the_loss(task, tmp_path, loss_type, options):
         with torch.no_grad():
             logps = [reference.sequence_logps(m(**inputs).logits.double(), batch["labels"], average=cfg.loss.average_logps)
                      for m in (policy_model, ref_model)]
-        return safedpo_loss_from_logps(logps[0], logps[1], batch["chosen_safe"], batch["rejected_safe"], beta=0.3,
-                                       delta=delta, swap=swap, drop_both_unsafe=drop, label_smoothing=cfg.loss.label_smoothing,
-                                       loss_type=loss_type, reduction=options.get("reduction", "mean")).loss.item()
+        counts = reference.token_counts(batch["labels"])
+        return reference.safedpo_loss_from_logps(
+            logps[0], logps[1], batch["chosen_safe"], batch["rejected_safe"], counts, beta=0.3, delta=delta, swap=swap,
+            drop_both_unsafe=drop, label_smoothing=cfg.loss.label_smoothing, loss_type=loss_type,
+            loss_weights=options.get("loss_weights"), reduction=options.get("reduction", "mean"),
+            average=cfg.loss.average_logps).loss.item()
 
     seed = cfg.optim.seed
     train_set, _ = load_examples(cfg.data, tok, data_sources(cfg.data, "train"), seed)

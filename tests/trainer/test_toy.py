@@ -142,3 +142,25 @@ def test_an_experiment_runs_as_another_cpu(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "default.md").read_text()
     assert "on AVX2, 1 thread(s); C++ kernels avx2; SAFEDPO_CPU_ISA=avx2" in table
+
+
+def test_the_sft_weight_experiment_trains_what_it_names_and_counts_the_seeds_that_hold():
+    """Each run of `safedpo experiment sft-weight` is a valid config whose loss is SafeDPO plus the named
+    SFT weight at the named delta; the table says, per run, how many seeds keep harmless >= 0.93 with
+    >= 88% of the SFT model's helpfulness."""
+    from safedpo.config import load_config
+    from safedpo.toy.pipeline import EXPERIMENTS, PREF, summarize
+
+    runs = EXPERIMENTS["sft-weight"]
+    assert [label for label, _ in runs] == [f"delta={d} sft={w}" for d in (10, 20) for w in (0, 0.05, 0.2, 1)]
+    for label, overrides in runs:
+        cfg = load_config(None, train_files=["x"], model="m", **{**PREF, **overrides}).validate()
+        options = cfg.loss_options()
+        assert options.terms == ("sigmoid", "sft") and options.delta == float(label.split()[0][6:])
+        assert options.weights == (1.0, float(label.split()[1][4:]))
+    sft = [dict(harmless_ratio=0.4, helpfulness=1.0)] * 2
+    results = {"SFT": sft, "delta=20 sft=0": [dict(harmless_ratio=0.95, helpfulness=0.9),
+                                              dict(harmless_ratio=0.6, helpfulness=0.9)],
+               "delta=20 sft=0.2": [dict(harmless_ratio=0.95, helpfulness=0.9)] * 2}
+    table = summarize("sft-weight", results, [0, 1])
+    assert "seeds that hold: delta=20 sft=0 1 of 2; delta=20 sft=0.2 2 of 2." in table
