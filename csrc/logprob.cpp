@@ -4,6 +4,9 @@
 //   lse[r] = log(sum_v exp(z_v))   two passes over the row (max, then sum of exp), float32 throughout
 //   tok[r] = z_y - lse[r]          0 when y == ignore_index (the row is not even read), NaN when y is
 //                                  outside [0, V) (possible only with validate=False; nothing is read)
+// With token statistics (logp_forward_stats), per counted row also stats[r, :] = (sum_v softmax(z)_v z_v,
+// sum_v z_v, max_v z_v, max of z_v over v < y, z_y or 0): the layout of STATS in torch_chunked.py; the
+// max pass is split at the label's column and the sum-of-exp pass carries two more accumulators.
 // Backward, per row: grad[r, v] = g[r] * (onehot(y)_v - exp(z_v - lse[r])), rows with g == 0 set to 0
 // without reading the logits. grad may alias the logits (in-place backward): each element is read
 // before it is written, by the same thread. With softcap c > 0 the logits are soft-capped values
@@ -37,6 +40,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kStats = 5;  // token statistics per row (STATS in torch_chunked.py)
 
 inline int64_t row_offset(int64_t r, int64_t seq_len, int64_t stride_seq, int64_t stride_tok) {
   return (r / seq_len) * stride_seq + (r % seq_len) * stride_tok;
@@ -54,16 +58,24 @@ inline const float* as_float(const scalar_t* src, int64_t V, std::vector<float>&
   }
 }
 
-// log(sum exp(x)) of one float32 row: a vectorized max pass, then a vectorized sum-of-exp pass.
-inline float row_lse(const float* x, int64_t V) {
+// The maximum of n floats (-inf for none), NaN when any is NaN.
+inline float row_max(const float* x, int64_t n) {
   Vec vmax(kNegInf);
   int64_t v = 0;
-  for (; v + Vec::size() <= V; v += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + v));
+  for (; v + Vec::size() <= n; v += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + v));
   float m = kNegInf;
   float lanes[Vec::size()];
   vmax.store(lanes);
   for (int i = 0; i < Vec::size(); ++i) m = std::isnan(lanes[i]) || lanes[i] > m ? lanes[i] : m;
-  for (; v < V; ++v) m = std::isnan(x[v]) || x[v] > m ? x[v] : m;
+  for (; v < n; ++v) m = std::isnan(x[v]) || x[v] > m ? x[v] : m;
+  return m;
+}
+
+inline float nan_max(float a, float b) { return std::isnan(a) || a > b ? a : b; }
+
+// log(sum exp(x)) of one float32 row: a vectorized max pass, then a vectorized sum-of-exp pass.
+inline float row_lse(const float* x, int64_t V) {
+  const float m = row_max(x, V);
   if (std::isnan(m)) return m;
   if (m == kNegInf) return kNegInf;  // every logit -inf: log(0)
   if (m == std::numeric_limits<float>::infinity()) return std::numeric_limits<float>::quiet_NaN();
@@ -71,7 +83,7 @@ inline float row_lse(const float* x, int64_t V) {
   // Four independent accumulators: one would make every vector wait for the previous add.
   constexpr int64_t W = 4 * Vec::size();
   Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
-  v = 0;
+  int64_t v = 0;
   for (; v + W <= V; v += W) {
     s0 = s0 + (Vec::loadu(x + v) - vm).exp_u20();
     s1 = s1 + (Vec::loadu(x + v + Vec::size()) - vm).exp_u20();
@@ -83,6 +95,43 @@ inline float row_lse(const float* x, int64_t V) {
   float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
   for (; v < V; ++v) s += std::exp(x[v] - m);
   return m + std::log(s);
+}
+
+// row_lse with the token statistics of the row for label y into st[0..4] (see the top of this file).
+inline float row_lse_stats(const float* x, int64_t V, int64_t y, float* st) {
+  const int64_t split = std::min<int64_t>(std::max<int64_t>(y, 0), V);
+  const float before = row_max(x, split);
+  const float m = nan_max(before, row_max(x + split, V - split));
+  st[2] = m;
+  st[3] = before;
+  st[4] = (y >= 0 && y < V) ? x[y] : 0.f;
+  if (std::isnan(m) || m == std::numeric_limits<float>::infinity()) {
+    st[0] = st[1] = std::numeric_limits<float>::quiet_NaN();
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  // exp(z - m) * z, with -inf clamped to the lowest float: exp(-inf) * -inf would be NaN, not 0.
+  const float shift = m == kNegInf ? 0.f : m;
+  const Vec vm(shift), lowest(std::numeric_limits<float>::lowest());
+  Vec s(0.f), s1(0.f), zs(0.f);
+  int64_t v = 0;
+  for (; v + Vec::size() <= V; v += Vec::size()) {
+    const Vec xv = Vec::loadu(x + v);
+    const Vec e = (xv - vm).exp_u20();
+    s = s + e;
+    s1 = s1 + e * at::vec::maximum(xv, lowest);
+    zs = zs + xv;
+  }
+  auto sum = [](Vec a) { return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, a); };
+  float fs = sum(s), fs1 = sum(s1), fzs = sum(zs);
+  for (; v < V; ++v) {
+    const float e = std::exp(x[v] - shift);
+    fs += e;
+    fs1 += e * std::max(x[v], std::numeric_limits<float>::lowest());
+    fzs += x[v];
+  }
+  st[0] = fs1 / fs;
+  st[1] = fzs;
+  return m == kNegInf ? kNegInf : m + std::log(fs);
 }
 
 template <typename scalar_t>
@@ -105,6 +154,35 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& labels, at::Tensor
       }
       const float* x = as_float(base + row_offset(r, seq_len, stride_seq, stride_tok), V, buf);
       const float l = row_lse(x, V);
+      out_lse[r] = l;
+      out_tok[r] = (y >= 0 && y < V) ? x[y] - l : std::numeric_limits<float>::quiet_NaN();
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_stats_impl(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& tok, at::Tensor& lse,
+                        at::Tensor& stats, int64_t rows, int64_t V, int64_t seq_len, int64_t stride_seq,
+                        int64_t stride_tok, int64_t ignore_index) {
+  const scalar_t* base = logits.data_ptr<scalar_t>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  float* out_tok = tok.data_ptr<float>();
+  float* out_lse = lse.data_ptr<float>();
+  float* out_st = stats.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = lab[r];
+      float* st = out_st + r * kStats;
+      if (y == ignore_index) {
+        out_tok[r] = 0.f;
+        out_lse[r] = 0.f;
+        std::fill(st, st + kStats, 0.f);
+        continue;
+      }
+      const float* x = as_float(base + row_offset(r, seq_len, stride_seq, stride_tok), V, buf);
+      const float l = row_lse_stats(x, V, y, st);
       out_lse[r] = l;
       out_tok[r] = (y >= 0 && y < V) ? x[y] - l : std::numeric_limits<float>::quiet_NaN();
     }
@@ -267,6 +345,24 @@ std::tuple<at::Tensor, at::Tensor> logp_forward(const at::Tensor& logits, const 
   return {tok, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logp_forward_stats(const at::Tensor& logits, const at::Tensor& labels,
+                                                                  int64_t seq_len, int64_t stride_seq,
+                                                                  int64_t stride_tok, int64_t ignore_index) {
+  check_common(logits, labels);
+  const int64_t rows = labels.numel();
+  const int64_t V = logits.size(-1);
+  auto tok = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto lse = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto stats = at::empty({rows, kStats}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {tok, lse, stats};
+  TORCH_CHECK(seq_len > 0, "seq_len must be positive");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "safedpo_logp_forward_stats", [&] {
+    forward_stats_impl<scalar_t>(logits, labels, tok, lse, stats, rows, V, seq_len, stride_seq, stride_tok,
+                                 ignore_index);
+  });
+  return {tok, lse, stats};
+}
+
 void logp_backward(const at::Tensor& logits, at::Tensor grad, const at::Tensor& labels, const at::Tensor& lse,
                    const at::Tensor& g, int64_t seq_len, int64_t stride_seq, int64_t stride_tok,
                    int64_t grad_stride_seq, int64_t grad_stride_tok, double softcap) {
@@ -289,6 +385,8 @@ void logp_backward(const at::Tensor& logits, at::Tensor grad, const at::Tensor& 
 TORCH_LIBRARY(safedpo_native, m) {
   m.def("logp_forward(Tensor logits, Tensor labels, int seq_len, int stride_seq, int stride_tok, int ignore_index)"
         " -> (Tensor, Tensor)");
+  m.def("logp_forward_stats(Tensor logits, Tensor labels, int seq_len, int stride_seq, int stride_tok,"
+        " int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def("logp_backward(Tensor logits, Tensor(a!) grad, Tensor labels, Tensor lse, Tensor g, int seq_len,"
         " int stride_seq, int stride_tok, int grad_stride_seq, int grad_stride_tok, float softcap) -> ()");
   m.def("grad_buffer(int[] sizes, ScalarType dtype) -> Tensor", &grad_buffer);
@@ -298,5 +396,6 @@ TORCH_LIBRARY(safedpo_native, m) {
 
 TORCH_LIBRARY_IMPL(safedpo_native, CPU, m) {
   m.impl("logp_forward", &logp_forward);
+  m.impl("logp_forward_stats", &logp_forward_stats);
   m.impl("logp_backward", &logp_backward);
 }

@@ -202,15 +202,16 @@ class PairScorer(nn.Module):
 
     ``router_aux``: also return a mixture-of-experts router's load-balancing loss. ``validate=False`` (a
     compiled forward): the kernels read no values on the host; the caller has checked the token ids
-    (``check_token_ids``).
+    (``check_token_ids``). ``token_stats``: the loss's output carries the rows' token statistics.
     """
 
     def __init__(self, model, loss_input: str = "logits", average: bool = False, backend: str = "auto",
-                 router_aux: bool = False, validate: bool = True):
+                 router_aux: bool = False, validate: bool = True, token_stats: bool = False):
         super().__init__()
         self.model = model
         self.average = average
-        self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, fallback="loss_input: logits", validate=validate)
+        self.adapter = CausalLMLoss(model, loss_input, backend, router_aux, fallback="loss_input: logits", validate=validate,
+                                    token_stats=token_stats)
 
     @property
     def loss_input(self) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from safedpo_kernels import available_backends, loss_denominators
-from safedpo_kernels.integrations.hf import compile_context, router_config
+from safedpo_kernels.integrations.hf import compile_context, router_config, token_metric_sums, token_metrics
 from safedpo_kernels.options import LossOptions
 
 from .checkpoint import (
@@ -72,7 +72,8 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, procs: Dis
     load-balancing loss is added with ``aux_coef`` (as TRL does), averaged over the micro-batches, and
     logged as aux_loss. ``micro_losses``: this rank's loss of each micro-batch (what was backpropagated);
     ``nonfinite_pairs``: the per-pair outputs of those that are not finite. Each term of a loss_type
-    list is logged as ``loss/<name>``.
+    list is logged as ``loss/<name>``, and when the policy computes token statistics, TRL's entropy,
+    logits/chosen, logits/rejected and mean_token_accuracy over the global batch.
     """
     here = [loss_denominators(b["token_counts"], b["chosen_safe"], b["rejected_safe"], options) for b in micro]
     global_kept, global_tokens = procs.sum([sum(float(k) for k, _ in here), sum(float(t) for _, t in here)])
@@ -83,6 +84,7 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, procs: Dis
     scale = float(procs.data_world)  # DDP and FSDP average the gradients over the data-parallel ranks
     loss_sum = correct = margin = tokens = aux_sum = 0.0
     term_sums = [0.0] * len(options.terms)
+    token_sums = torch.zeros(7, dtype=torch.float64)
     micro_losses, nonfinite_pairs = [], []
     on_cuda = procs.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
@@ -99,16 +101,21 @@ def train_step(wrapped, reference, micro: list, options: LossOptions, procs: Dis
             nonfinite_pairs.append(dict(micro_batch=i, **{k: getattr(out, k).tolist() for k in PAIR_FIELDS}))
         loss_sum += float(out.loss.detach())
         term_sums = [s + float(t) for s, t in zip(term_sums, out.loss_terms)]
+        if out.token_stats is not None:
+            token_sums += token_metric_sums(out.token_stats).cpu()
         c, m = reward_stats(out)
         correct += c
         margin += m
         tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-    loss, correct, margin, tokens, aux_sum, *term_sums = procs.sum([loss_sum, correct, margin, tokens, aux_sum,
-                                                                     *term_sums])
+    loss, correct, margin, tokens, aux_sum, *rest = procs.sum([loss_sum, correct, margin, tokens, aux_sum, *term_sums,
+                                                               *token_sums.tolist()])
+    term_sums, token_sums = rest[:len(term_sums)], rest[len(term_sums):]
     kept = max(global_kept, 1)
     stats = dict(loss=loss, reward_accuracy=correct / kept, margin=margin / kept, kept=int(global_kept), tokens=tokens)
     if len(options.terms) > 1:
         stats.update({f"loss/{name}": value for name, value in zip(options.terms, term_sums)})
+    if token_sums[1] > 0:
+        stats.update(token_metrics(token_sums))
     if aux_coef:
         stats["aux_loss"] = aux_sum / procs.data_world
     stats.update(micro_losses=micro_losses, nonfinite_pairs=nonfinite_pairs)
@@ -222,8 +229,9 @@ class Run:
         if router is not None:
             aux_coef = router["coef"] if section.router_aux_loss_coef is None else section.router_aux_loss_coef
         # Compiled: the kernels' value checks would break the graph every step; the token ids were checked above.
+        # Token statistics for the logged entropy, mean logits and token accuracy, from the loss's own pass.
         policy = PairScorer(model, loss.loss_input, loss.average_logps, loss.backend, router_aux=aux_coef > 0,
-                             validate=not self.cfg.run.compile)
+                            validate=not self.cfg.run.compile, token_stats=True)
         return policy, packed, aux_coef
 
     def _reference(self) -> ReferenceLogps:

@@ -11,7 +11,7 @@ See docs/loss.md, docs/api.md and docs/backends.md for the formula, the layouts 
 from .api import LinearSafeDPOLoss, SafeDPOLoss, linear_safedpo_loss, linear_sequence_logps, safedpo_loss, sequence_logps
 from .dispatch import BACKENDS, available_backends
 from .labels import labels_from_completion_mask
-from .loss import SafeDPOOutput, loss_denominators, safedpo_loss_from_logps
+from .loss import SafeDPOOutput, TokenStats, loss_denominators, safedpo_loss_from_logps
 from .options import LossOptions
 from .transform import LogitTransform
 
@@ -25,6 +25,7 @@ __all__ = [
     "SafeDPOOutput",
     "safedpo_loss_from_logps",
     "loss_denominators",
+    "TokenStats",
     "labels_from_completion_mask",
     "LossOptions",
     "LogitTransform",

@@ -79,7 +79,7 @@ def build_dir() -> Path:
 
 
 # What a usable build registers; a stale or foreign library that lacks one is not used.
-_OPS = ("logp_forward", "logp_backward", "grad_buffer", "set_cache_limit", "cache_info")
+_OPS = ("logp_forward", "logp_forward_stats", "logp_backward", "grad_buffer", "set_cache_limit", "cache_info")
 
 
 LOCK_TIMEOUT_S = 1800.0

@@ -22,7 +22,7 @@ from ._checks import (
     flat_labels,
 )
 from .dispatch import resolve_backend
-from .loss import Pairs, SafeDPOOutput, loss_from_logps
+from .loss import Pairs, SafeDPOOutput, TokenStats, loss_from_logps
 from .ops import autocast_operands, linear_safedpo_loss_op, linear_sequence_logps_op, sequence_logps_op
 from .options import CallOptions, LossOptions
 from .parallel import Groups, check_consistent, unwrap
@@ -85,13 +85,17 @@ def _checked_layout(x, labels, cu_seqlens, call: CallOptions, groups: Groups, wi
 
 def _logits_op(p: Prepared, call: CallOptions, average: bool) -> tuple:
     return sequence_logps_op(p.x, p.labels, p.layout.cu_seqlens, call.ignore_index, average, call.inplace_backward,
-                             p.backend, *p.groups.names())
+                             p.backend, call.token_stats, *p.groups.names())
+
+
+def _with_stats(logps: torch.Tensor, row_stats: torch.Tensor, call: CallOptions):
+    return (logps, TokenStats.of(row_stats)) if call.token_stats else logps
 
 
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
-    validate: bool = True, vocab_group=None, context_group=None,
+    validate: bool = True, vocab_group=None, context_group=None, token_stats: bool = False,
 ) -> torch.Tensor:
     """Per-sequence log-probability of the labels, fused: no (tokens x V) float32 intermediate.
 
@@ -114,18 +118,21 @@ def sequence_logps(
         context_group: a ProcessGroup over which every sequence's tokens are split (each rank a slice of
             every sequence: padded (N, T_r, V), or packed with this rank's own cu_seqlens); the sequence
             sums are all-reduced. With either, the result is the same on every rank of the group.
+        token_stats: also return, from the same pass, each sequence's ``TokenStats`` (summed entropy,
+            summed mean logit, top-1 count, tokens; no gradient): then the result is (logps, TokenStats).
 
     Returns:
-        (N,) float32, differentiable with respect to logits.
+        (N,) float32, differentiable with respect to logits (with token_stats: (that, TokenStats)).
     """
     call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
-                          context_group=context_group)
+                          context_group=context_group, token_stats=token_stats)
     return logps_on_logits(logits, labels, average, call, cu_seqlens)
 
 
-def logps_on_logits(logits, labels, average: bool, call: CallOptions, cu_seqlens=None) -> torch.Tensor:
+def logps_on_logits(logits, labels, average: bool, call: CallOptions, cu_seqlens=None):
     """``sequence_logps`` with its other keywords as one object (what trainers pass on)."""
-    return _logits_op(_prepare_logits(logits, labels, cu_seqlens, call), call, average)[0]
+    out = _logits_op(_prepare_logits(logits, labels, cu_seqlens, call), call, average)
+    return _with_stats(out[0], out[3], call)
 
 
 def safedpo_loss(
@@ -134,7 +141,7 @@ def safedpo_loss(
     drop_both_unsafe: bool = True, label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
     validate: bool = True, loss_type="sigmoid", reduction: str = "mean", vocab_group=None, context_group=None,
-    loss_weights=None, denominators=None,
+    loss_weights=None, denominators=None, token_stats: bool = False,
 ) -> SafeDPOOutput:
     """SafeDPO loss (arXiv 2505.20065, Eq. 12) from the policy's logits, fused with the log-prob pass.
 
@@ -157,6 +164,7 @@ def safedpo_loss(
         reduction: "mean" over kept pairs (the "sft" term: over their preferred responses' tokens), or
             "sum". denominators: (pairs, tokens), the divisors of "mean" instead of this call's own (a
             trainer's counts over its global batch; see ``loss_denominators``).
+        token_stats: also compute, in the same pass, the rows' ``TokenStats`` (the output's token_stats).
 
     Returns:
         SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
@@ -167,7 +175,7 @@ def safedpo_loss(
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average,
                           loss_weights=loss_weights)
     call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
-                          context_group=context_group)
+                          context_group=context_group, token_stats=token_stats)
     return loss_on_logits(logits, labels, Pairs(ref_logps, chosen_safe, rejected_safe, denominators), options, call,
                           cu_seqlens)
 
@@ -182,16 +190,17 @@ def loss_on_logits(logits, labels, pairs: Pairs, options: LossOptions, call: Cal
     """``safedpo_loss`` with its keywords as two objects (what trainers pass on)."""
     p = _prepare_logits(logits, labels, cu_seqlens, call)
     pairs = _checked_pairs(pairs, p.layout.n_seq, p.x.device, options, call)
-    logps, _, counts = _logits_op(p, call, options.average)
-    return loss_from_logps(logps, pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe, options, counts,
-                           pairs.denominators)
+    logps, _, counts, row_stats = _logits_op(p, call, options.average)
+    out = loss_from_logps(logps, pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe, options, counts,
+                          pairs.denominators)
+    return out._replace(token_stats=TokenStats.of(row_stats)) if call.token_stats else out
 
 
 def linear_sequence_logps(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100, average: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
     inplace_backward: bool = False, backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
-    softcap: Optional[float] = None, vocab_group=None, context_group=None,
+    softcap: Optional[float] = None, vocab_group=None, context_group=None, token_stats: bool = False,
 ) -> torch.Tensor:
     """``sequence_logps`` of the logits of hidden states and an LM head, without ever materializing them.
 
@@ -215,22 +224,26 @@ def linear_sequence_logps(
         vocab_group: the weight (and bias) are this rank's rows [r V/p, (r + 1) V/p) of the head, hidden
             the same on every rank (a DTensor weight sharded on dim 0 implies its mesh's group); d hidden
             comes back complete on every rank. context_group: as in ``sequence_logps``.
+        token_stats: as in ``sequence_logps``, of the transformed logits.
 
     Returns:
         (N,) float32, differentiable w.r.t. hidden, weight and bias (the logits are recomputed chunk by
-        chunk in backward, since the upstream gradient is unknown in forward). Under torch.no_grad()
-        this is the intended way to compute ref_logps from a reference model's hidden states.
+        chunk in backward, since the upstream gradient is unknown in forward); with token_stats, (that,
+        TokenStats). Under torch.no_grad() this is the intended way to compute ref_logps from a
+        reference model's hidden states.
     """
     call = CallOptions.of(ignore_index, backend, validate, inplace_backward, logit_scale, softcap, vocab_group,
-                          context_group)
+                          context_group, token_stats)
     return logps_on_hidden(hidden, weight, bias, labels, average, call, cu_seqlens)
 
 
-def logps_on_hidden(hidden, weight, bias, labels, average: bool, call: CallOptions, cu_seqlens=None) -> torch.Tensor:
+def logps_on_hidden(hidden, weight, bias, labels, average: bool, call: CallOptions, cu_seqlens=None):
     """``linear_sequence_logps`` with its other keywords as one object (what trainers pass on)."""
     p = _prepare_linear(hidden, weight, bias, labels, cu_seqlens, call)
-    return linear_sequence_logps_op(p.x, p.weight, p.bias, p.labels, p.layout.cu_seqlens, call.ignore_index, average,
-                                    call.transform.logit_scale, call.transform.softcap, p.backend, *p.groups.names())[0]
+    out = linear_sequence_logps_op(p.x, p.weight, p.bias, p.labels, p.layout.cu_seqlens, call.ignore_index, average,
+                                   call.transform.logit_scale, call.transform.softcap, p.backend, call.token_stats,
+                                   *p.groups.names())
+    return _with_stats(out[0], out[3], call)
 
 
 def linear_safedpo_loss(
@@ -241,6 +254,7 @@ def linear_safedpo_loss(
     cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False, backend: str = "auto",
     validate: bool = True, logit_scale: float = 1.0, softcap: Optional[float] = None, loss_type="sigmoid",
     reduction: str = "mean", vocab_group=None, context_group=None, loss_weights=None, denominators=None,
+    token_stats: bool = False,
 ) -> SafeDPOOutput:
     """``safedpo_loss`` from hidden states (N = 2B rows) and the LM head, never materializing the logits.
 
@@ -259,7 +273,7 @@ def linear_safedpo_loss(
                           label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction, average=average,
                           loss_weights=loss_weights)
     call = CallOptions.of(ignore_index, backend, validate, inplace_backward, logit_scale, softcap, vocab_group,
-                          context_group)
+                          context_group, token_stats)
     return loss_on_hidden(hidden, weight, bias, labels, Pairs(ref_logps, chosen_safe, rejected_safe, denominators),
                           options, call, cu_seqlens)
 
@@ -276,8 +290,8 @@ def loss_on_hidden(hidden, weight, bias, labels, pairs: Pairs, options: LossOpti
     out = linear_safedpo_loss_op(
         p.x, p.weight, p.bias, p.labels, ref_logps, pairs.chosen_safe, pairs.rejected_safe, p.layout.cu_seqlens,
         call.ignore_index, call.transform.logit_scale, call.transform.softcap, *options.op_args(), pairs.denominators,
-        p.backend, *wants, *p.groups.names())
-    return SafeDPOOutput(*out[:8])
+        call.token_stats, p.backend, *wants, *p.groups.names())
+    return SafeDPOOutput(*out[:8], token_stats=TokenStats.of(out[8]) if call.token_stats else None)
 
 
 class SafeDPOLoss(nn.Module):
@@ -286,7 +300,8 @@ class SafeDPOLoss(nn.Module):
 
     ``SafeDPOLoss(beta=0.1, delta=10.0, swap=True, drop_both_unsafe=True, label_smoothing=0.0,
     ignore_index=-100, average=False, inplace_backward=False, backend="auto", validate=True,
-    loss_type="sigmoid", reduction="mean", vocab_group=None, context_group=None, loss_weights=None)``;
+    loss_type="sigmoid", reduction="mean", vocab_group=None, context_group=None, loss_weights=None,
+    token_stats=False)``;
     ``forward(logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None, denominators=None)
     -> SafeDPOOutput``.
     """
@@ -295,13 +310,13 @@ class SafeDPOLoss(nn.Module):
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  inplace_backward: bool = False, backend: str = "auto", validate: bool = True,
                  loss_type="sigmoid", reduction: str = "mean", vocab_group=None, context_group=None,
-                 loss_weights=None):
+                 loss_weights=None, token_stats: bool = False):
         super().__init__()
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
                                    average=average, loss_weights=loss_weights)
         self.call = CallOptions.of(ignore_index, backend, validate, inplace_backward, vocab_group=vocab_group,
-                                   context_group=context_group)
+                                   context_group=context_group, token_stats=token_stats)
 
     def forward(self, logits, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens=None,
                 denominators=None) -> SafeDPOOutput:
@@ -323,13 +338,13 @@ class LinearSafeDPOLoss(nn.Module):
                  label_smoothing: float = 0.0, ignore_index: int = -100, average: bool = False,
                  backend: str = "auto", validate: bool = True, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, loss_type="sigmoid", reduction: str = "mean",
-                 vocab_group=None, context_group=None, loss_weights=None):
+                 vocab_group=None, context_group=None, loss_weights=None, token_stats: bool = False):
         super().__init__()
         self.options = LossOptions(beta=beta, delta=delta, swap=swap, drop_both_unsafe=drop_both_unsafe,
                                    label_smoothing=label_smoothing, loss_type=loss_type, reduction=reduction,
                                    average=average, loss_weights=loss_weights)
         self.call = CallOptions.of(ignore_index, backend, validate, False, logit_scale, softcap, vocab_group,
-                                   context_group)
+                                   context_group, token_stats)
 
     def forward(self, hidden, weight, labels, ref_logps, chosen_safe, rejected_safe, bias=None, cu_seqlens=None,
                 denominators=None):

@@ -27,7 +27,8 @@ class SafeDPOOutput(NamedTuple):
     swapped: bool, True for pairs T swapped (preferred response unsafe, the other safe; never with swap=False).
     loss_terms: (K,) float32, no gradient: each loss term's weighted contribution, in loss_type order (they
         add up to ``loss``); one term, the loss itself, for a single loss_type.
-    token_stats: None (SPEC's token statistics, when asked for; not computed by this version).
+    token_stats: a ``TokenStats`` of the (2B,) rows in the data's row order when the call asked for
+        token_stats=True, else None.
 
     Unpack it by name: positional unpacking of all its fields is not part of the contract.
     """
@@ -40,13 +41,31 @@ class SafeDPOOutput(NamedTuple):
     kept: torch.Tensor
     swapped: torch.Tensor
     loss_terms: Optional[torch.Tensor] = None
-    token_stats: Optional[tuple] = None
+    token_stats: Optional["TokenStats"] = None
+
+
+class TokenStats(NamedTuple):
+    """Per-sequence statistics of the predicted distributions at the counted tokens, from the same pass as
+    the log-probs (``token_stats=True``), (N,) each in the data's row order (before T; dropped pairs'
+    rows included), no gradient:
+
+    entropy: float32, the summed entropy of the predicted distribution (nats).
+    mean_logit: float32, the summed mean over the vocabulary of the logits (after any logit transform).
+    top1: int64, how many labels are the top-1 prediction (the lowest index of the maximum, as TRL counts).
+    tokens: int64, the counted tokens.
+
+    Divide by ``tokens`` (summed over whatever rows are pooled) for per-token means.
+    """
+
+    entropy: torch.Tensor
+    mean_logit: torch.Tensor
+    top1: torch.Tensor
+    tokens: torch.Tensor
 
     @staticmethod
-    def of(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped) -> "SafeDPOOutput":
-        """The output of one loss term: its ``loss_terms`` is the loss itself, detached, as (1,) float32."""
-        return SafeDPOOutput(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
-                             loss.detach().float().reshape(1))
+    def of(row_stats: torch.Tensor) -> "TokenStats":
+        """From an op's (N, 4) float32 columns (entropy, mean logit, top-1 count, tokens)."""
+        return TokenStats(row_stats[:, 0], row_stats[:, 1], row_stats[:, 2].round().long(), row_stats[:, 3].round().long())
 
 
 class Pairs(NamedTuple):

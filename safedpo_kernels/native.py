@@ -31,12 +31,12 @@ def grad_buffer(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     return torch.ops.safedpo_native.grad_buffer(list(shape), dtype)
 
 
-def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int):
-    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
+def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int, stats: bool = False):
+    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32; with
+    ``stats`` also the (rows, STATS) token statistics (torch_chunked.STATS)."""
     logits = rows_contiguous(logits)
-    return torch.ops.safedpo_native.logp_forward(
-        logits, labels.long().contiguous(), layout.seq_len, *layout.row_strides(logits), ignore_index
-    )
+    op = torch.ops.safedpo_native.logp_forward_stats if stats else torch.ops.safedpo_native.logp_forward
+    return op(logits, labels.long().contiguous(), layout.seq_len, *layout.row_strides(logits), ignore_index)
 
 
 def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index: int, softcap=None) -> None:
@@ -52,8 +52,8 @@ def logp_backward(logits, labels, lse, g_tok, grad, layout: Layout, ignore_index
         grad.copy_(dst)
 
 
-def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    return logp_forward(z, labels, Layout.single(z.shape[0]), ignore_index)
+def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, stats: bool = False):
+    return logp_forward(z, labels, Layout.single(z.shape[0]), ignore_index, stats)
 
 
 def _chunk_grad(z, labels, lse, g, ignore_index: int, overwrite: bool = True, softcap=None) -> torch.Tensor:
@@ -69,8 +69,9 @@ dlogits_chunk_rows = torch_chunked.dlogits_chunk_rows
 linear_logits = torch_chunked.linear_logits
 
 
-def linear_forward(hidden, weight, bias, labels, ignore_index: int, logit_scale: float = 1.0, softcap=None):
-    return torch_chunked.linear_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap,
+def linear_forward(hidden, weight, bias, labels, ignore_index: int, logit_scale: float = 1.0, softcap=None,
+                   stats: bool = False):
+    return torch_chunked.linear_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, stats,
                                         chunk_fn=_chunk_forward)
 
 

@@ -157,8 +157,9 @@ class CallOptions:
     """The non-loss keywords of a call: ignore_index, backend (a name of ``BACKENDS``, resolved for the
     tensors' device at each call), validate, inplace_backward (the logits path's; the fused-linear path has
     no logits to overwrite), the fused-linear path's logit ``transform`` and the parallel layout
-    (``groups``: the vocabulary and context process groups, None each when not parallel). Checked at
-    construction (the backend's name: ValueError)."""
+    (``groups``: the vocabulary and context process groups, None each when not parallel) and whether the
+    same pass computes token statistics (``token_stats``). Checked at construction (the backend's name:
+    ValueError)."""
 
     ignore_index: int = -100
     backend: str = "auto"
@@ -166,17 +167,20 @@ class CallOptions:
     inplace_backward: bool = False
     transform: LogitTransform = LogitTransform()
     groups: Groups = Groups(None, None)
+    token_stats: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        object.__setattr__(self, "token_stats", _flag("token_stats", self.token_stats))
 
     @staticmethod
     def of(ignore_index: int = -100, backend: str = "auto", validate: bool = True, inplace_backward: bool = False,
-           logit_scale: float = 1.0, softcap=None, vocab_group=None, context_group=None) -> "CallOptions":
+           logit_scale: float = 1.0, softcap=None, vocab_group=None, context_group=None,
+           token_stats: bool = False) -> "CallOptions":
         """From the public functions' keywords."""
         return CallOptions(ignore_index, backend, validate, inplace_backward, LogitTransform(logit_scale, softcap),
-                           Groups(vocab_group, context_group))
+                           Groups(vocab_group, context_group), token_stats)
 
     def replace(self, **changes) -> "CallOptions":
         return dataclasses.replace(self, **changes)
@@ -184,7 +188,7 @@ class CallOptions:
     def as_dict(self) -> dict:
         """The options as keywords of the public functions (the groups only where set)."""
         out = dict(ignore_index=self.ignore_index, backend=self.backend, validate=self.validate,
-                   inplace_backward=self.inplace_backward, **self.transform.kwargs())
+                   inplace_backward=self.inplace_backward, **self.transform.kwargs(), token_stats=self.token_stats)
         groups = dict(vocab_group=self.groups.vocab, context_group=self.groups.context)
         return {**out, **{k: v for k, v in groups.items() if v is not None}}
 

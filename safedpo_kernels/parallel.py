@@ -98,6 +98,21 @@ def combine_vocab(tok: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, in
     return torch.where(counted, tok_all, torch.zeros_like(tok_all)), lse_all
 
 
+def combine_vocab_stats(st: torch.Tensor, lse: torch.Tensor, lse_all: torch.Tensor, labels: torch.Tensor,
+                        in_shard: torch.Tensor, shard: VocabShard, group) -> torch.Tensor:
+    """The whole vocabulary's token statistics (rows, STATS) from this shard's (torch_chunked.STATS) and
+    the shard's and the global log-sum-exps: the softmax-weighted logit sums rescaled to the global
+    log-sum-exp and added up with the logit sums and the target logit (one SUM all-reduce of 3 floats per
+    token), the maxima and the maxima before the label (one MAX all-reduce of 2). A shard that lies past
+    the label has no column before it."""
+    weighted = st[:, 0] * torch.exp(lse - lse_all)
+    target = torch.where(in_shard, st[:, 4], torch.zeros_like(lse))
+    sums = all_reduce(torch.stack([weighted, st[:, 1], target]), group)
+    before = torch.where(labels < shard.offset, torch.full_like(lse, float("-inf")), st[:, 3])
+    maxima = all_reduce(torch.stack([st[:, 2], before]), group, "max")
+    return torch.stack([sums[0], sums[1], maxima[0], maxima[1], sums[2]], dim=1)
+
+
 class Groups(NamedTuple):
     """The process groups of a call (None: not parallel) and their names, as the ops take them."""
 

@@ -42,6 +42,26 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return total
 
 
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                cu_seqlens: Optional[torch.Tensor] = None) -> tuple:
+    """Per sequence, over its counted tokens: (summed entropy of softmax(logits), summed mean logit over
+    the vocabulary, how many labels are the first index of their row's maximum, counted tokens), computed
+    in float64 for float64 logits. The oracle of the kernels' token statistics."""
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(compute)
+    logp = z.log_softmax(dim=-1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    mean = z.mean(-1)
+    top1 = (z.argmax(-1) == labels).to(compute)
+    counted = labels != ignore_index
+    per_token = [torch.where(counted, x, torch.zeros_like(x)) for x in (entropy, mean, top1, counted.to(compute))]
+    if cu_seqlens is None:
+        return tuple(x.sum(-1) for x in per_token)
+    bounds = cu_seqlens.tolist()
+    return tuple(torch.stack([x[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]) for x in per_token)
+
+
 def token_counts(labels: torch.Tensor, ignore_index: int = -100, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N,) int64: the counted tokens of each sequence."""
     counted = (labels != ignore_index).long()

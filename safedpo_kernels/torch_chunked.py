@@ -65,8 +65,9 @@ def _target_mask(labels: torch.Tensor, vocab: int, ignore_index: int):
     return counted, valid, safe
 
 
-def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """(rows, V) float32 logits chunk -> (token log-prob with 0 at ignored tokens, lse), both (rows,)."""
+def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, stats: bool = False):
+    """(rows, V) float32 logits chunk -> (token log-prob with 0 at ignored tokens, lse), both (rows,), and
+    with ``stats`` the (rows, STATS) float32 token statistics (see ``token_stats_of``)."""
     lse = torch.logsumexp(x, dim=-1)
     # A +inf logit makes log-softmax NaN (inf - inf), as in the reference and the other backends;
     # logsumexp alone would give +inf and a -inf log-prob.
@@ -74,7 +75,37 @@ def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: 
     counted, valid, safe = _target_mask(labels, x.shape[-1], ignore_index)
     target = x.gather(1, safe.unsqueeze(1)).squeeze(1)
     tok = torch.where(valid, target - lse, torch.full_like(lse, float("nan")))
-    return torch.where(counted, tok, torch.zeros_like(tok)), lse
+    tok = torch.where(counted, tok, torch.zeros_like(tok))
+    if not stats:
+        return tok, lse
+    return tok, lse, token_stats_of(x, labels, lse, target, counted)
+
+
+# The per-token statistics a forward kernel returns when asked (columns of a (rows, STATS) float32 tensor),
+# all over this call's vocabulary (a shard's, with a vocab_group; reductions.py combines them):
+#   0  sum_v softmax(z)_v z_v, with this call's own log-sum-exp (the entropy is lse - this)
+#   1  sum_v z_v                  (the mean logit is this / V)
+#   2  max_v z_v
+#   3  max of z_v over the columns before the label's (v < label; -inf when there are none)
+#   4  z_label                    (0 when the label is not a column here)
+# The label is top-1 when z_label >= max and z_label > the maximum before it: the lowest index of the
+# maximum, as TRL counts it. Ignored rows are all 0.
+STATS = 5
+
+
+def token_stats_of(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
+                   counted: torch.Tensor) -> torch.Tensor:
+    """The (rows, STATS) statistics of a (rows, V) float32 logits chunk (see STATS)."""
+    V = x.shape[-1]
+    p = torch.exp(x - lse.unsqueeze(1))
+    # exp(-inf) * -inf is NaN: a -inf logit has probability 0 and adds nothing.
+    expected = torch.where(p > 0, p * x, torch.zeros_like(x)).sum(-1)
+    before = torch.arange(V, device=x.device)[None, :] < labels.unsqueeze(1)
+    in_range = (labels >= 0) & (labels < V)
+    out = torch.stack([expected, x.sum(-1), x.amax(-1) if V else torch.full_like(lse, float("-inf")),
+                       x.masked_fill(~before, float("-inf")).amax(-1) if V else torch.full_like(lse, float("-inf")),
+                       torch.where(in_range, target, torch.zeros_like(target))], dim=1)
+    return torch.where(counted.unsqueeze(1), out, torch.zeros_like(out))
 
 
 def grad_from_chunk(x, labels, lse, g, ignore_index: int, overwrite: bool = False, softcap=None) -> torch.Tensor:
@@ -95,14 +126,19 @@ def grad_from_chunk(x, labels, lse, g, ignore_index: int, overwrite: bool = Fals
     return grad.masked_fill_((g == 0).unsqueeze(1), 0.0)
 
 
-def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int):
-    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
+def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int, stats: bool = False):
+    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32; with
+    ``stats`` also the (rows, STATS) token statistics."""
     tok = torch.empty(layout.rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(tok)
+    st = torch.empty(layout.rows, STATS, dtype=torch.float32, device=logits.device) if stats else None
     chunk = chunk_rows_for(logits.shape[-1], device=logits.device)
     for r0, r1, (view,) in row_chunks(layout, chunk, logits):
-        tok[r0:r1], lse[r0:r1] = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index)
-    return tok, lse
+        out = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index, stats)
+        tok[r0:r1], lse[r0:r1] = out[0], out[1]
+        if stats:
+            st[r0:r1] = out[2]
+    return (tok, lse, st) if stats else (tok, lse)
 
 
 def grad_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -168,21 +204,26 @@ def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, 
 
 
 def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int,
-                   logit_scale: float = 1.0, softcap=None, chunk_fn=token_logps_from_chunk):
-    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32, chunked over rows.
+                   logit_scale: float = 1.0, softcap=None, stats: bool = False, chunk_fn=token_logps_from_chunk):
+    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32, chunked over rows, and
+    with ``stats`` the (rows, STATS) token statistics of the transformed logits.
 
-    ``chunk_fn(z, labels, ignore_index)`` reduces one float32 logits chunk (the native backend passes
-    its C++ kernel).
+    ``chunk_fn(z, labels, ignore_index, stats)`` reduces one float32 logits chunk (the native backend
+    passes its C++ kernel).
     """
     rows = hidden.shape[0]
     tok = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(tok)
+    st = torch.empty(rows, STATS, dtype=torch.float32, device=hidden.device) if stats else None
     chunk = chunk_rows_for(weight.shape[0], device=hidden.device)
     for r0 in range(0, rows, chunk):
         r1 = min(r0 + chunk, rows)
         z = linear_logits(hidden[r0:r1], weight, bias, logit_scale, softcap)
-        tok[r0:r1], lse[r0:r1] = chunk_fn(z, labels[r0:r1], ignore_index)
-    return tok, lse
+        out = chunk_fn(z, labels[r0:r1], ignore_index, stats)
+        tok[r0:r1], lse[r0:r1] = out[0], out[1]
+        if stats:
+            st[r0:r1] = out[2]
+    return (tok, lse, st) if stats else (tok, lse)
 
 
 def linear_dlogits(hidden, weight, bias, labels, lse, g, ignore_index: int, logit_scale: float = 1.0, softcap=None,

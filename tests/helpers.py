@@ -114,6 +114,47 @@ def locked_versions() -> dict:
     return pins
 
 
+def check_stats(got, want: tuple, dtype) -> None:
+    """A TokenStats against the float64 oracle's (reference.token_stats) within the contract's output
+    tolerance; counts exactly."""
+    from safedpo_kernels import TokenStats
+
+    assert isinstance(got, TokenStats)
+    assert got.entropy.dtype == got.mean_logit.dtype == torch.float32
+    assert got.top1.dtype == got.tokens.dtype == torch.int64
+    tol = TOL[dtype][0]
+    assert max_scaled_err(got.entropy, want[0]) <= tol
+    finite = torch.isfinite(want[1]).cpu()  # a -inf logit makes its row's mean logit -inf
+    assert torch.equal(got.mean_logit.cpu()[~finite], want[1].float().cpu()[~finite])
+    assert max_scaled_err(got.mean_logit.cpu()[finite], want[1].cpu()[finite]) <= tol
+    assert torch.equal(got.top1.cpu(), want[2].round().long().cpu())
+    assert torch.equal(got.tokens.cpu(), want[3].round().long().cpu())
+    assert not any(t.requires_grad for t in got)
+
+
+def tied_case(N, T, V, dtype, device, seed):
+    """Random logits with ties at the top: some labels share the row maximum with an earlier column (not
+    top-1), some with a later one (top-1); a -inf logit in one row."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = make_logits((N, T, V), torch.float32, "cpu", gen)
+    labels = make_labels(N, T, V, gen, "cpu")
+    for n in range(N):
+        for t in range(T):
+            y = int(labels[n, t])
+            if y < 0:
+                continue
+            kind = (n * T + t) % 4
+            top = float(logits[n, t].max()) + 1.0
+            if kind == 0:  # the label is the unique maximum
+                logits[n, t, y] = top
+            elif kind == 1 and y > 0:  # tied with an earlier column: argmax is that column
+                logits[n, t, y] = logits[n, t, y - 1] = top
+            elif kind == 2 and y < V - 1:  # tied with a later column: the label is the first maximum
+                logits[n, t, y] = logits[n, t, y + 1] = top
+    logits[0, -1, 3] = float("-inf")
+    return logits.to(dtype).to(device), labels.to(device)
+
+
 def same_outputs(a, b) -> bool:
     """Bitwise equality of two SafeDPOOutputs, field by field (fields that are None, such as token_stats
     when it is off, must be None in both)."""

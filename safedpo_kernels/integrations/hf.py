@@ -27,7 +27,7 @@ import torch
 from .. import reference
 from .._checks import check_denominators, check_pair_inputs
 from ..api import logps_on_hidden, logps_on_logits, loss_on_hidden, loss_on_logits
-from ..loss import Pairs, loss_from_logps
+from ..loss import Pairs, TokenStats, loss_from_logps
 from ..options import CallOptions, LossOptions
 from ..transform import LogitTransform
 
@@ -211,11 +211,13 @@ class CausalLMLoss:
     fused-linear path, for the error a model with an unknown logit transform gets. ``validate=False``: the
     kernels skip the checks that read values on the host (label range, 0/1 flags), so that a compiled
     forward has no graph break of ours; the caller then answers for labels in [0, V) (out-of-range
-    labels give wrong values, never out-of-bounds access).
+    labels give wrong values, never out-of-bounds access). ``token_stats``: a loss's output also carries
+    the rows' token statistics (entropy, mean logit, top-1 accuracy; see ``token_metrics``), from the
+    same pass.
     """
 
     def __init__(self, model, loss_input: str = "logits", backend: str = "auto", router_aux: bool = False,
-                 fallback: str = "loss_input: logits", validate: bool = True):
+                 fallback: str = "loss_input: logits", validate: bool = True, token_stats: bool = False):
         if loss_input not in LOSS_INPUTS:
             raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {loss_input!r}")
         self.loss_input = loss_input
@@ -225,10 +227,12 @@ class CausalLMLoss:
         self.router = router_config(model) if router_aux else None
         self.fallback = fallback
         self.validate = validate
+        self.token_stats = token_stats
         # Built once: a compiled forward then only reads them. The logits path writes its backward into the
         # logits (they are ours alone) when a backward will follow.
         call = CallOptions.of(backend=backend, validate=validate, **self.transform.kwargs())
         self.calls = {False: call, True: call.replace(inplace_backward=True)}
+        self.loss_calls = {k: c.replace(token_stats=token_stats) for k, c in self.calls.items()}
         if loss_input == "linear":
             check_linear_head(model, self.transform, fallback=fallback)
 
@@ -244,7 +248,7 @@ class CausalLMLoss:
         if self.router is not None and loss is not None:
             inputs["output_router_logits"] = True
         average = loss.options.average if loss is not None else average
-        call = self.calls[self.loss_input == "logits" and torch.is_grad_enabled()]
+        call = (self.calls if loss is None else self.loss_calls)[self.loss_input == "logits" and torch.is_grad_enabled()]
         if self.loss_input == "linear":
             outputs = model.get_decoder()(**inputs)
             hidden = outputs.last_hidden_state[0] if packed else outputs.last_hidden_state
@@ -263,6 +267,11 @@ class CausalLMLoss:
                 counts = reference.token_counts(labels, cu_seqlens=cu_seqlens) if loss.options.uses_sft else None
                 denominators = check_denominators(loss.denominators, loss.options, logps.device)
                 out = loss_from_logps(logps, *loss[:4], counts, denominators)
+                if self.token_stats:
+                    with torch.no_grad():
+                        stats = reference.token_stats(logits.detach(), labels, cu_seqlens=cu_seqlens)
+                    out = out._replace(token_stats=TokenStats(stats[0].float(), stats[1].float(), stats[2].long(),
+                                                              stats[3].long()))
             else:
                 if loss is None:
                     return ModelLoss(logps_on_logits(logits, labels, average, call, cu_seqlens), None)
@@ -271,6 +280,30 @@ class CausalLMLoss:
         return ModelLoss(out, aux)
 
 
+def token_metric_sums(stats: TokenStats) -> torch.Tensor:
+    """(7,) float64 sums of a batch's token statistics ((2B,) rows, chosen rows first) that add up over
+    micro-batches and ranks: entropy and tokens of all rows, mean logits and tokens of the chosen rows
+    and of the rejected rows, and the chosen rows' top-1 count (``token_metrics`` turns them into DPO
+    trainers' metrics)."""
+    B = stats.tokens.shape[0] // 2
+    e, m, t, n = (x.detach().double() for x in stats)
+    return torch.stack([e.sum(), n.sum(), m[:B].sum(), n[:B].sum(), m[B:].sum(), n[B:].sum(), t[:B].sum()])
+
+
+def token_metrics(sums) -> dict:
+    """TRL DPOTrainer's token metrics from ``token_metric_sums`` (added up): ``entropy`` (mean over every
+    completion token), ``logits/chosen`` and ``logits/rejected`` (the mean logit per token of each
+    role's rows, in the data's order), ``mean_token_accuracy`` (top-1 over the chosen rows' tokens); 0.0
+    where there is no token."""
+    e, n, mc, nc, mr, nr, tc = (float(x) for x in sums)
+
+    def mean(a, b):
+        return a / b if b > 0 else 0.0
+
+    return {"entropy": mean(e, n), "logits/chosen": mean(mc, nc), "logits/rejected": mean(mr, nr),
+            "mean_token_accuracy": mean(tc, nc)}
+
+
 __all__ = ["text_config", "logit_transform", "uses_hub_kernel_funcs", "compile_context", "lm_head", "check_linear_head",
            "router_config", "router_aux_loss",
-           "CausalLMLoss", "PairInputs", "ModelLoss", "LOSS_INPUTS"]
+           "CausalLMLoss", "PairInputs", "ModelLoss", "LOSS_INPUTS", "token_metric_sums", "token_metrics"]

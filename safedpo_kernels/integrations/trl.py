@@ -17,7 +17,8 @@ RPO-style regularisation), computed by this package's fused kernels -- from the 
 (``"linear"``, which forms its gradients in the forward); reference log-probs precomputed by TRL
 (``precompute_ref_log_probs``) or computed by the same kernels from the reference model (or the policy
 with its adapters disabled, or TRL's frozen "ref" copy of a pretrained adapter); a mixture-of-experts
-model's router loss, as TRL adds it; ``padding_free=True`` (each batch packed into one row, its
+model's router loss, as TRL adds it; DPOTrainer's token metrics (entropy, logits/chosen,
+logits/rejected, mean_token_accuracy) from the kernels' own pass; ``padding_free=True`` (each batch packed into one row, its
 sequences told apart by position ids and cu_seqlens: flash-attention's varlen path, or transformers'
 packed SDPA); and SafeDPO's metrics: kept and swapped pairs, each term of a loss list. With
 ``delta=0.0, swap=False, drop_both_unsafe=False`` it trains exactly TRL's DPO.
@@ -46,7 +47,7 @@ from ..dispatch import BACKENDS
 from ..labels import labels_from_completion_mask
 from ..loss import SafeDPOOutput
 from ..options import TERMS, LossOptions
-from .hf import CausalLMLoss, PairInputs, compile_context
+from .hf import CausalLMLoss, PairInputs, compile_context, token_metric_sums, token_metrics
 from .rows import preference_pair, safety_flag
 
 SAFETY_COLUMNS = ("chosen_safe", "rejected_safe")
@@ -184,7 +185,8 @@ class SafeDPOTrainer(DPOTrainer):
                                          router_aux=getattr(self, "aux_loss_enabled", False),
                                          fallback="fused_loss_input='logits'",
                                          # compiled: no value checks of ours that would break a graph
-                                         validate=not args.torch_compile)
+                                         validate=not args.torch_compile,
+                                         token_stats=True)  # DPOTrainer's entropy, logits and token accuracy
         if args.fused_loss_input == "linear":
             _add_fused_linear_loss(base, self.loss_adapter)
         self._compile_context = compile_context(base) if args.torch_compile else contextlib.nullcontext()
@@ -319,6 +321,10 @@ class SafeDPOTrainer(DPOTrainer):
         }
         for name, value in metrics.items():  # over the kept pairs
             self._metrics[mode][name].append((gather((value * kept).sum()).sum() / n_kept).item())
+        if out.token_stats is not None:  # as DPOTrainer aggregates them: token sums over all processes
+            sums = gather(token_metric_sums(out.token_stats)[None]).sum(0)
+            for name, value in token_metrics(sums).items():
+                self._metrics[mode][name].append(value)
         self._metrics[mode]["safedpo/kept_pairs"].append(gather(kept.float().mean()).mean().item())
         self._metrics[mode]["safedpo/swapped_pairs"].append(gather(out.swapped.float().mean()).mean().item())
         terms = self.args.loss_options().terms

@@ -20,6 +20,7 @@ from ..reductions import (
     layout_of,
     n_seq,
     row_token_counts,
+    sequence_statistics,
     sequence_values,
     token_grads,
 )
@@ -34,7 +35,7 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
                            cu_seqlens: Optional[torch.Tensor], ignore_index: int, logit_scale: float,
                            softcap: Optional[float], beta: float, delta: float, swap: bool, drop_both_unsafe: bool,
                            label_smoothing: float, loss_type: str, reduction: str, average: bool,
-                           loss_weights: List[float], denominators: Optional[torch.Tensor], backend: str,
+                           loss_weights: List[float], denominators: Optional[torch.Tensor], stats: bool, backend: str,
                            need_hidden: bool, need_weight: bool, need_bias: bool, vocab_group: str = "",
                            context_group: str = "") -> List[torch.Tensor]:
     """The SafeDPO loss from hidden states and the LM head, with its gradients formed in the forward.
@@ -54,8 +55,11 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     The chunk plan reads the per-pair token counts on the host: one synchronization per call on a GPU
     (inside the op: a compiled step has no graph break). ``loss_type`` is the names joined by commas.
 
+    With ``stats`` the same pass also sums each sequence's token statistics (see sequence_logps).
+
     Returns [loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, kept, swapped,
-    loss_terms, d hidden, d weight, d bias] (empty gradients where not needed).
+    loss_terms, token statistics (2B, 4) ((0, 4) unless ``stats``), d hidden, d weight, d bias] (empty
+    gradients where not needed).
     """
     options = LossOptions.from_op_args(beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction,
                                        average, loss_weights)
@@ -75,12 +79,15 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             denominators = torch.stack(loss_denominators(counts, chosen_safe, rejected_safe, options))
         ref = torch.zeros(2 * B, dtype=torch.float32, device=device) if ref_logps is None else ref_logps.float()
         chunks = _PairChunks(kernels, flat, w, b, labels, Pairs(ref, chosen_safe, rejected_safe, denominators), counts,
-                             options, head, loss_chunk_rows(V, device), grads, groups)
+                             options, head, loss_chunk_rows(V, device), grads, groups, stats)
         total = torch.zeros((), dtype=torch.float64, device=device)
         terms = torch.zeros(len(options.terms), dtype=torch.float64, device=device)
+        row_stats = torch.zeros(2 * B if stats else 0, 4, dtype=torch.float32, device=device)
         metrics = []
         for chunk in plan_pair_chunks(counts, layout, labels, head.ignore_index, chunks.budget):
-            out = chunks.loss(chunk)
+            out, chunk_stats = chunks.loss(chunk)
+            if stats:
+                row_stats.index_copy_(0, chunk.sequences, chunk_stats)
             total += out.loss.detach().double()
             terms += out.loss_terms.double()
             metrics.append([m.detach() for m in out[1:7]])
@@ -89,18 +96,19 @@ def linear_safedpo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             grads.complete_hidden(groups.vocab)
         results = grads.results(specs(hidden, weight, bias)) if grads is not None else (None, None, None)
     metrics = [torch.cat(m) for m in zip(*metrics)]
-    return [loss, *metrics, terms.float(), *(no_grad_slot(hidden) if g is None else g for g in results)]
+    return [loss, *metrics, terms.float(), row_stats, *(no_grad_slot(hidden) if g is None else g for g in results)]
 
 
 @linear_safedpo_loss_op.register_fake
 def _(hidden, weight, bias, labels, ref_logps, chosen_safe, rejected_safe, cu_seqlens, ignore_index, logit_scale,
       softcap, beta, delta, swap, drop_both_unsafe, label_smoothing, loss_type, reduction, average, loss_weights,
-      denominators, backend, need_hidden, need_weight, need_bias, vocab_group="", context_group=""):
+      denominators, stats, backend, need_hidden, need_weight, need_bias, vocab_group="", context_group=""):
     B = n_seq(hidden, cu_seqlens) // 2
     f32 = dict(dtype=torch.float32, device=hidden.device)
     flags = dict(dtype=torch.bool, device=hidden.device)
     return [hidden.new_empty((), **f32), *(hidden.new_empty(B, **f32) for _ in range(4)), hidden.new_empty(B, **flags),
             hidden.new_empty(B, **flags), hidden.new_empty(len(loss_type.split(",")), **f32),
+            hidden.new_empty(2 * B if stats else 0, 4, **f32),
             *fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)]
 
 
@@ -108,7 +116,7 @@ def _linear_loss_setup(ctx, inputs, output):
     # Only the loss is differentiable: the metrics carry no gradient (the contract), and the formed
     # gradients are the backward's inputs.
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[8:])
+    ctx.save_for_backward(*output[9:])
     ctx.consumed = False
 
 
@@ -138,7 +146,7 @@ class _PairChunks(NamedTuple):
     """What every chunk of pairs of one call shares: the backend, the flat hidden states, the prepared head
     (``w``, ``b``), the flat labels, the pairs' reference log-probs, flags and the whole call's divisors,
     the (2B,) token counts, the options, how the head is read, the chunk budget in rows, the gradients
-    being formed (None: the loss only) and the groups."""
+    being formed (None: the loss only), the groups, and whether token statistics are summed too."""
 
     kernels: object
     flat: torch.Tensor
@@ -152,12 +160,13 @@ class _PairChunks(NamedTuple):
     budget: int
     grads: Optional[LinearGrads]
     groups: Groups
+    stats: bool
 
     def loss(self, chunk: PairChunk):
         """One chunk of pairs: its logits, log-probs and loss (its share of the call's loss: the call's
         divisors), and, when gradients are being formed, its gradients folded in. Vocabulary shards
         combine their token statistics, context slices their sequences' sums; every rank gets the
-        chunk's loss."""
+        chunk's loss. Returns (SafeDPOOutput, the chunk's sequences' token statistics (2P, 4) or None)."""
         kernels, head, w, b = self.kernels, self.head, self.w, self.b
         h = self.flat.index_select(0, chunk.rows)
         lab = self.labels.index_select(0, chunk.rows)
@@ -167,31 +176,33 @@ class _PairChunks(NamedTuple):
         scale, cap = head.transform.logit_scale, head.transform.softcap
         z = None
 
-        def forward(local):
+        def forward(local, stats):
             nonlocal z
             if two_pass:
-                return kernels.linear_forward(h, w, b, local, head.ignore_index, scale, cap)
+                return kernels.linear_forward(h, w, b, local, head.ignore_index, scale, cap, stats)
             z = kernels.linear_logits(h, w, b, scale, cap)
-            return kernels.logp_forward(z, local, flat_layout, head.ignore_index)
+            return kernels.logp_forward(z, local, flat_layout, head.ignore_index, stats)
 
-        tok, lse = combined_token_logps(forward, lab, w.shape[0], head.ignore_index, self.groups.vocab)
+        tok, lse, *tstats = combined_token_logps(forward, lab, w.shape[0], head.ignore_index, self.groups.vocab,
+                                                 self.stats)
         every = torch.ones(rows, dtype=torch.bool, device=h.device)  # the chunk holds counted tokens only
         logps, count = sequence_values(tok, every, chunk.layout, self.options.average, self.groups.context)
+        chunk_stats = sequence_statistics(tstats[0], every, chunk.layout, self.groups.context) if self.stats else None
         pair = (self.pairs.ref_logps.index_select(0, chunk.sequences), self.pairs.chosen_safe[chunk.p0:chunk.p1],
                 self.pairs.rejected_safe[chunk.p0:chunk.p1], self.options, self.counts.index_select(0, chunk.sequences),
                 self.pairs.denominators)
         if self.grads is None:
-            return loss_from_logps(logps, *pair)
+            return loss_from_logps(logps, *pair), chunk_stats
         out, dlogp = loss_and_logp_grad(logps, *pair)  # inside an op autograd does not record
         if rows == 0:
-            return out
+            return out, chunk_stats
         g = token_grads(dlogp.double(), every, count, chunk.layout, self.options.average)
         local = kernel_labels(lab, w.shape[0], head.ignore_index, self.groups.vocab)
         if two_pass:
             self.grads.recompute(kernels, h, w, b, local, lse, g, chunk.rows, head)
-            return out
+            return out, chunk_stats
         # d loss / d z0 = scale * d loss / d z (times the softcap derivative, which the kernel applies).
         dz = z if w.dtype == z.dtype else torch.empty(z.shape, dtype=w.dtype, device=z.device)
         kernels.logp_backward(z, local, lse, g * scale, dz, flat_layout, head.ignore_index, cap)
         self.grads.add(dz, h.to(w.dtype), w, chunk.rows)
-        return out
+        return out, chunk_stats

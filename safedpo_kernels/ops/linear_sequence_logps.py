@@ -10,7 +10,15 @@ import torch
 
 from ..dispatch import backend_module
 from ..parallel import resolve
-from ..reductions import combined_token_logps, kernel_labels, layout_of, n_seq, sequence_values, token_grads
+from ..reductions import (
+    combined_token_logps,
+    kernel_labels,
+    layout_of,
+    n_seq,
+    sequence_statistics,
+    sequence_values,
+    token_grads,
+)
 from ..transform import LogitTransform
 from ._support import first_order_only, no_autocast, no_grad_slot, no_second_order, nones, specs
 from .grads import LinearGrads, LinearHead, fake_grads
@@ -19,9 +27,10 @@ from .grads import LinearGrads, LinearHead, fake_grads
 @torch.library.custom_op("safedpo::linear_sequence_logps", mutates_args=())
 def linear_sequence_logps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                              cu_seqlens: Optional[torch.Tensor], ignore_index: int, average: bool, logit_scale: float,
-                             softcap: Optional[float], backend: str, vocab_group: str = "",
-                             context_group: str = "") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(seq (N,), lse (rows,) float32 (0 at ignored tokens), count (N,) int64).
+                             softcap: Optional[float], backend: str, stats: bool, vocab_group: str = "",
+                             context_group: str = "") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq (N,), lse (rows,) float32 (0 at ignored tokens), count (N,) int64, token statistics (N, 4)
+    float32 of the transformed logits ((0, 4) unless ``stats``; see sequence_logps).
 
     Only the counted (response) tokens are computed at all: their hidden rows are gathered first (an
     O(tokens x H) copy), so prompt and padding tokens cost nothing. The logits stay on chip (Triton) or
@@ -36,21 +45,26 @@ def linear_sequence_logps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: O
         h = hidden.reshape(layout.rows, hidden.shape[-1]).index_select(0, idx)
         w, b = kernels.prepare_weight(weight, bias, hidden.dtype)
         lab = labels.index_select(0, idx)
-        tok_c, lse_c = combined_token_logps(
-            lambda local: kernels.linear_forward(h, w, b, local, ignore_index, logit_scale, softcap), lab, weight.shape[0],
-            ignore_index, vocab)
-        tok = torch.zeros(layout.rows, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, tok_c)
-        lse = torch.zeros_like(tok).index_copy_(0, idx, lse_c)
+        out = combined_token_logps(
+            lambda local, st: kernels.linear_forward(h, w, b, local, ignore_index, logit_scale, softcap, st), lab,
+            weight.shape[0], ignore_index, vocab, stats)
+        tok = torch.zeros(layout.rows, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, out[0])
+        lse = torch.zeros_like(tok).index_copy_(0, idx, out[1])
         seq, count = sequence_values(tok, counted, layout, average, context)
-    return seq, lse, count
+        row_stats = tok.new_zeros(0, 4)
+        if stats:
+            tstats = tok.new_zeros(layout.rows, 3).index_copy_(0, idx, out[2])
+            row_stats = sequence_statistics(tstats, counted, layout, context)
+    return seq, lse, count, row_stats
 
 
 @linear_sequence_logps_op.register_fake
-def _(hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend, vocab_group="",
-      context_group=""):
+def _(hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend, stats,
+      vocab_group="", context_group=""):
     n = n_seq(hidden, cu_seqlens)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    return hidden.new_empty(n, **f32), hidden.new_empty(labels.shape[0], **f32), labels.new_empty(n, dtype=torch.int64)
+    return (hidden.new_empty(n, **f32), hidden.new_empty(labels.shape[0], **f32), labels.new_empty(n, dtype=torch.int64),
+            hidden.new_empty(n if stats else 0, 4, **f32))
 
 
 @torch.library.custom_op("safedpo::linear_sequence_logps_grad", mutates_args=())
@@ -91,14 +105,15 @@ def _(grad_seq, hidden, weight, bias, labels, lse, count, cu_seqlens, ignore_ind
 
 
 def _linear_sequence_logps_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend, *groups = inputs
-    _, lse, count = output
+    hidden, weight, bias, labels, cu_seqlens, ignore_index, average, logit_scale, softcap, backend, _stats, *groups = inputs
+    _, lse, count, row_stats = output
+    ctx.mark_non_differentiable(count, row_stats)
     ctx.save_for_backward(hidden, weight, bias, labels, lse, count, cu_seqlens)
     ctx.meta = (ignore_index, average, logit_scale, softcap, backend, groups[0] if groups else "")
 
 
 @first_order_only
-def _linear_sequence_logps_backward(ctx, grad_seq, _grad_lse, _grad_count):
+def _linear_sequence_logps_backward(ctx, grad_seq, _grad_lse, _grad_count, _grad_stats):
     hidden, weight, bias, labels, lse, count, cu_seqlens = ctx.saved_tensors
     ignore_index, average, logit_scale, softcap, backend, vocab = ctx.meta
     need = ctx.needs_input_grad[:3]

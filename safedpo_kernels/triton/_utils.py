@@ -25,6 +25,23 @@ def online_lse_update(m, s, z):
     return m_new, s
 
 
+@triton.jit
+def online_stats_update(m, s, s1, zs, before, z, z_ok, before_label):
+    """``online_lse_update`` that also carries what the token statistics need (torch_chunked.STATS): the
+    running sum of exp(z - m) * z (rescaled with s), the sum of the valid logits (``z_ok``: the tile's
+    columns inside the vocabulary) and the maximum over the columns before each row's label (the tile's
+    ``before_label`` mask). A -inf logit adds 0 to the weighted sum, not exp(-inf) * -inf = NaN."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    e = tl.exp(z - shift[:, None])
+    s = s * alpha + tl.sum(e, axis=1)
+    s1 = s1 * alpha + tl.sum(e * tl.maximum(z, -3.4028234663852886e38), axis=1)
+    zs += tl.sum(tl.where(z_ok, z, 0.0), axis=1)
+    before = tl.maximum(before, tl.max(tl.where(before_label, z, float("-inf")), axis=1))
+    return m_new, s, s1, zs, before
+
+
 # Triton decides between compiling and interpreting when a kernel is defined (TRITON_INTERPRET=1).
 INTERPRETED = type(online_lse_update).__name__ == "InterpretedFunction"
 _EMULATE_RTNE = tl.constexpr(INTERPRETED)

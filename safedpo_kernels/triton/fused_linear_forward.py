@@ -4,8 +4,9 @@ Program (i, j) takes BLOCK_M token rows and the j-th of SPLITS contiguous slices
 each BLOCK_N-wide vocabulary tile it forms the logits tile with tl.dot over H in BLOCK_K steps (float32
 accumulation; IEEE precision for float32 inputs, so no TF32 rounding), then folds the tile into a running
 (max, sum of exp) per row and picks the target logit where the label falls in the tile. It writes one
-partial (max, sum, target) per row and slice; the slices are combined afterwards in a fixed order, so the
-result is deterministic (no atomics). Logits never leave the chip.
+partial (max, sum, target) per row and slice -- with STATS also the weighted sum of the logits, their sum
+and the maximum before the label (torch_chunked.STATS) -- and the slices are combined afterwards in a
+fixed order, so the result is deterministic (no atomics). Logits never leave the chip.
 
 Memory traffic: hidden rows are read once per vocabulary tile (from L2 in practice), the weight once per
 row block; 12 bytes per row and slice are written.
@@ -19,7 +20,8 @@ import triton.language as tl
 
 from .. import torch_chunked
 from .._env import env_choice, env_int, linear_splits
-from ._utils import INTERPRETED, Launch, online_lse_update
+from ..torch_chunked import STATS
+from ._utils import INTERPRETED, Launch, online_lse_update, online_stats_update
 
 
 @triton.jit
@@ -78,11 +80,13 @@ def linear_logits_kernel(
 
 @triton.jit
 def linear_forward_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, max_ptr, sum_ptr, tgt_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
     rows, V, H, stride_h, stride_w, cols_per_split, SPLITS, scale, softcap,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, STATS: tl.constexpr = False,
 ):
+    """Program (i, j): rows block i, vocabulary slice j; writes part[k, row, j] for k = max, sum of exp,
+    target logit (and with STATS: sum of exp * z, sum of z, maximum before the label)."""
     split = tl.program_id(1)
     r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = r < rows
@@ -93,18 +97,31 @@ def linear_forward_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     tgt = tl.zeros([BLOCK_M], tl.float32)
+    if STATS:
+        s1 = tl.zeros([BLOCK_M], tl.float32)
+        zs = tl.zeros([BLOCK_M], tl.float32)
+        before = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         col_ok = cols < v_end
         z = linear_logits_tile(h_ptr, w_ptr, b_ptr, r, row_ok, cols.to(tl.int64), col_ok, H, stride_h, stride_w,
                                scale, softcap, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        m, s = online_lse_update(m, s, z)
+        if STATS:
+            m, s, s1, zs, before = online_stats_update(m, s, s1, zs, before, z, col_ok[None, :],
+                                                       cols[None, :] < label[:, None])
+        else:
+            m, s = online_lse_update(m, s, z)
         tgt += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
     out = r * SPLITS + split
-    tl.store(max_ptr + out, m, mask=row_ok)
-    tl.store(sum_ptr + out, s, mask=row_ok)
-    tl.store(tgt_ptr + out, tgt, mask=row_ok)
+    plane = rows * SPLITS
+    tl.store(part_ptr + out, m, mask=row_ok)
+    tl.store(part_ptr + plane + out, s, mask=row_ok)
+    tl.store(part_ptr + 2 * plane + out, tgt, mask=row_ok)
+    if STATS:
+        tl.store(part_ptr + 3 * plane + out, s1, mask=row_ok)
+        tl.store(part_ptr + 4 * plane + out, zs, mask=row_ok)
+        tl.store(part_ptr + 5 * plane + out, before, mask=row_ok)
 
 
 def linear_tiles(rows: int, H: int, dtype: torch.dtype):
@@ -189,9 +206,11 @@ def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, 
     return z
 
 
-def forward_launch(hidden, weight, bias, labels, ignore_index: int, logit_scale: float = 1.0, softcap=None):
+def forward_launch(hidden, weight, bias, labels, ignore_index: int, logit_scale: float = 1.0, softcap=None,
+                   stats: bool = False):
     """(Launch, partials): the launch writing (max, sum of exp, target logit) per row and vocabulary
-    slice into ``partials`` (3, rows, splits) float32. hidden (rows, H) contiguous."""
+    slice into ``partials`` (3, rows, splits) float32 -- (6, rows, splits) with ``stats``, the weighted
+    logit sum, the logit sum and the maximum before the label after them. hidden (rows, H) contiguous."""
     rows, H = hidden.shape
     V = weight.shape[0]
     constexprs, num_warps = linear_tiles(rows, H, hidden.dtype)
@@ -199,35 +218,44 @@ def forward_launch(hidden, weight, bias, labels, ignore_index: int, logit_scale:
     splits = _splits(rows, V, block_m, block_n, hidden.device)
     cols_per_split = triton.cdiv(triton.cdiv(V, block_n), splits) * block_n
     splits = triton.cdiv(V, cols_per_split)
-    part = torch.empty(3, rows, splits, dtype=torch.float32, device=hidden.device)
+    part = torch.empty(6 if stats else 3, rows, splits, dtype=torch.float32, device=hidden.device)
     transform, has_cap = _transform_args(logit_scale, softcap)
     launch = Launch(
         linear_forward_kernel,
         (triton.cdiv(rows, block_m), splits),
-        (hidden, weight, bias if bias is not None else hidden, labels, part[0], part[1], part[2],
+        (hidden, weight, bias if bias is not None else hidden, labels, part,
          rows, V, H, hidden.stride(0), weight.stride(0), cols_per_split, splits, *transform),
-        dict(HAS_BIAS=bias is not None, SOFTCAP=has_cap, **constexprs),
+        dict(HAS_BIAS=bias is not None, SOFTCAP=has_cap, STATS=stats, **constexprs),
         num_warps,
     )
     return launch, part
 
 
 def linear_forward(hidden: torch.Tensor, weight, bias, labels: torch.Tensor, ignore_index: int,
-                   logit_scale: float = 1.0, softcap=None):
-    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32; logits stay on chip."""
+                   logit_scale: float = 1.0, softcap=None, stats: bool = False):
+    """hidden (rows, H) -> per-token log-probs and log-sum-exps (rows,) float32, and with ``stats`` the
+    (rows, STATS) token statistics of the transformed logits; logits stay on chip."""
     rows = hidden.shape[0]
     V = weight.shape[0]
     tok = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     if rows == 0:
-        return tok, tok.clone()
-    launch, part = forward_launch(hidden.contiguous(), weight, bias, labels, ignore_index, logit_scale, softcap)
+        return (tok, tok.clone(), tok.new_zeros(0, STATS)) if stats else (tok, tok.clone())
+    launch, part = forward_launch(hidden.contiguous(), weight, bias, labels, ignore_index, logit_scale, softcap, stats)
     launch()
     # Combine the slices' (max, sum) in a fixed order: deterministic, O(rows x splits).
-    mx, sm, tgt = part
+    mx, sm, tgt = part[:3]
     top = mx.max(dim=1).values
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
     lse = shift + torch.log((sm * torch.exp(mx - shift[:, None])).sum(dim=1))
     counted = labels != ignore_index
     valid = counted & (labels >= 0) & (labels < V)
-    tok = torch.where(valid, tgt.sum(dim=1) - lse, torch.full_like(lse, float("nan")))
-    return torch.where(counted, tok, torch.zeros_like(tok)), lse
+    target = tgt.sum(dim=1)
+    tok = torch.where(valid, target - lse, torch.full_like(lse, float("nan")))
+    tok = torch.where(counted, tok, torch.zeros_like(tok))
+    if not stats:
+        return tok, lse
+    s1, zs, before = part[3:]
+    # Each slice's weighted sum is relative to its own maximum: exp(max - lse) puts it on the row's scale.
+    expected = (s1 * torch.exp(mx - lse[:, None])).sum(dim=1)
+    st = torch.stack([expected, zs.sum(dim=1), top, before.max(dim=1).values, target], dim=1)
+    return tok, lse, torch.where(counted[:, None], st, torch.zeros_like(st))

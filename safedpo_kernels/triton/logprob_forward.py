@@ -5,6 +5,10 @@ For each token row r (BLOCK_R rows per program), with z = logits[r, :] and y = l
     lse[r] = log(sum_v exp(z_v))          online: running max m and running sum s, float32
     tok[r] = z_y - lse[r]                  0 where y == ignore_index, NaN where y is outside [0, V)
 
+With STATS (token statistics asked for) the same pass also writes stats[r, :] (torch_chunked.STATS):
+sum_v softmax(z)_v z_v, sum_v z_v, max_v z_v, the maximum over v < y, and z_y; without it the kernel is
+compiled without any of that (a constexpr), so statistics cost nothing when they are off.
+
 Memory traffic: each counted row's V logits are read once (ignored rows are not read at all); 8 bytes
 per row are written. No (rows x V) intermediate exists; the per-sequence sum is an O(rows) reduction
 done afterwards, in a fixed order.
@@ -19,7 +23,8 @@ import triton.language as tl
 from .._checks import rows_contiguous
 from .._env import env_int
 from .._layout import Layout
-from ._utils import INTERPRETED, Launch, online_lse_update
+from ..torch_chunked import STATS
+from ._utils import INTERPRETED, Launch, online_lse_update, online_stats_update
 
 
 @triton.jit
@@ -28,6 +33,7 @@ def logprob_forward_kernel(
     labels_ptr,
     tok_ptr,
     lse_ptr,
+    stats_ptr,
     rows,
     V,
     seq_len,
@@ -36,6 +42,7 @@ def logprob_forward_kernel(
     ignore_index,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STATS: tl.constexpr = False,
 ):
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = r < rows
@@ -47,6 +54,10 @@ def logprob_forward_kernel(
 
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
+    if STATS:
+        s1 = tl.zeros([BLOCK_R], tl.float32)
+        zs = tl.zeros([BLOCK_R], tl.float32)
+        before = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         x = tl.load(
@@ -54,7 +65,11 @@ def logprob_forward_kernel(
             mask=counted[:, None] & (cols[None, :] < V),
             other=float("-inf"),
         ).to(tl.float32)
-        m, s = online_lse_update(m, s, x)
+        if STATS:
+            m, s, s1, zs, before = online_stats_update(m, s, s1, zs, before, x, cols[None, :] < V,
+                                                       cols[None, :] < label[:, None])
+        else:
+            m, s = online_lse_update(m, s, x)
     # Ignored rows read nothing (s = 0); store lse = 0 for them rather than log(0).
     lse = tl.where(counted, m + tl.log(tl.where(counted, s, 1.0)), 0.0)
 
@@ -63,6 +78,13 @@ def logprob_forward_kernel(
     tok = tl.where(counted, tok, 0.0)
     tl.store(tok_ptr + r, tok, mask=row_ok)
     tl.store(lse_ptr + r, lse, mask=row_ok)
+    if STATS:
+        out = stats_ptr + r * 5
+        tl.store(out, tl.where(counted, s1 / tl.where(counted, s, 1.0), 0.0), mask=row_ok)
+        tl.store(out + 1, tl.where(counted, zs, 0.0), mask=row_ok)
+        tl.store(out + 2, tl.where(counted, m, 0.0), mask=row_ok)
+        tl.store(out + 3, tl.where(counted, before, 0.0), mask=row_ok)
+        tl.store(out + 4, target, mask=row_ok)
 
 
 def logprob_tiles(V: int, rows: int):
@@ -92,24 +114,28 @@ def logprob_tiles(V: int, rows: int):
     return block_r, block_v, num_warps
 
 
-def forward_launch(logits, labels, tok, lse, layout: Layout, ignore_index: int) -> Launch:
-    """The launch that fills tok and lse (rows,) float32 from logits whose token rows are contiguous."""
+def forward_launch(logits, labels, tok, lse, layout: Layout, ignore_index: int, stats=None) -> Launch:
+    """The launch that fills tok and lse (rows,) float32 from logits whose token rows are contiguous, and
+    ``stats`` (rows, STATS) float32 when given."""
     V = logits.shape[-1]
     block_r, block_v, num_warps = logprob_tiles(V, layout.rows)
     return Launch(
         logprob_forward_kernel,
         (triton.cdiv(layout.rows, block_r),),
-        (logits, labels, tok, lse, layout.rows, V, layout.seq_len, *layout.row_strides(logits), ignore_index),
-        dict(BLOCK_R=block_r, BLOCK_V=block_v),
+        (logits, labels, tok, lse, tok if stats is None else stats, layout.rows, V, layout.seq_len,
+         *layout.row_strides(logits), ignore_index),
+        dict(BLOCK_R=block_r, BLOCK_V=block_v, STATS=stats is not None),
         num_warps,
     )
 
 
-def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int):
-    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32."""
+def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ignore_index: int, stats: bool = False):
+    """Per-token log-probs (rows,) float32 (0 where ignored) and log-sum-exp (rows,) float32; with
+    ``stats`` also the (rows, STATS) token statistics (torch_chunked.STATS)."""
     logits = rows_contiguous(logits)
     tok = torch.empty(layout.rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(tok)
+    st = torch.empty(layout.rows, STATS, dtype=torch.float32, device=logits.device) if stats else None
     if layout.rows:
-        forward_launch(logits, labels, tok, lse, layout, ignore_index)()
-    return tok, lse
+        forward_launch(logits, labels, tok, lse, layout, ignore_index, st)()
+    return (tok, lse, st) if stats else (tok, lse)

@@ -89,6 +89,10 @@ def assert_same_as_trl(ours, trl, label="", tol=1e-5):
     assert abs(a_loss.item() - b_loss.item()) <= tol * max(1.0, abs(b_loss.item())), (a_loss, b_loss)
     assert a_grads.shape == b_grads.shape
     assert (a_grads - b_grads).abs().max() <= tol * b_grads.abs().max()
+    # DPOTrainer's token metrics, which ours take from the kernels' own pass
+    for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+        mine, theirs = ours._metrics["train"][name][-1], trl._metrics["train"][name][-1]
+        assert abs(mine - theirs) <= 1e-5 * max(1.0, abs(theirs)), (name, mine, theirs)
     print(f"TRL {__import__('trl').__version__} {label}: |dloss| = {abs(a_loss.item() - b_loss.item()):.2e}, "
           f"max |dgrad| = {(a_grads - b_grads).abs().max().item():.2e} (max |grad| {b_grads.abs().max().item():.2e})")
 

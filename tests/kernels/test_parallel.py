@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import TOL, make_flags, make_labels, make_logits, max_scaled_err, rel_err
+from helpers import TOL, check_stats, make_flags, make_labels, make_logits, max_scaled_err, rel_err, tied_case
 from safedpo_kernels import (
     available_backends,
     linear_safedpo_loss,
@@ -184,6 +184,28 @@ def vocab_cases(world):
 
         cases.append((f"vocab lonely shard {backend}", lonely_shard))
 
+        def stats_case(backend=backend):
+            """Token statistics over the whole vocabulary: ties at the top across the shard boundary (a
+            label in the second shard tied with a column of the first is not top-1, the reverse is), a
+            -inf logit; the logits path and the fused-linear loss."""
+            logits, labels = tied_case(6, 5, 40, torch.float32, "cpu", seed=11)
+            labels[1, 0], labels[2, 0] = 25, 5
+            logits[1, 0, 25] = logits[1, 0, 3] = logits[1, 0].max() + 1.0  # tied with an earlier shard
+            logits[2, 0, 5] = logits[2, 0, 30] = logits[2, 0].max() + 1.0  # tied with a later shard
+            want = reference.token_stats(logits.double(), labels)
+            _, stats = sequence_logps(shard_cols(logits, rank, p), labels, backend=backend, vocab_group=group,
+                                      token_stats=True)
+            check_stats(stats, want, torch.float32)
+            assert want[2][2] >= 1  # the label tied with a later shard's column is a top-1 prediction
+            hidden, weight, labels2, cs, rs, _, leaves = linear_case_of(12, T=5, H=8, V=40)
+            want2 = reference.token_stats(leaves[0].detach() @ leaves[1].detach().t(), labels2)
+            w = shard_cols(weight.t(), rank, p).t().contiguous()
+            got = linear_safedpo_loss(hidden, w, labels2, None, cs, rs, backend=backend, vocab_group=group,
+                                      token_stats=True)
+            check_stats(got.token_stats, want2, torch.float32)
+
+        cases.append((f"vocab token statistics {backend}", stats_case))
+
         def linear_case(backend=backend):
             gen = torch.Generator().manual_seed(4)
             B, T, H, V = 4, 6, 12, 40
@@ -249,9 +271,10 @@ def context_cases(world):
                 a, b = slice_positions(9, rank, p)
                 x = logits[:, a:b].clone().requires_grad_()
                 got = safedpo_loss(x, labels[:, a:b], ref, cs, rs, loss_type=["hinge", "sft"], average=True, backend=backend,
-                                   context_group=group)
+                                   context_group=group, token_stats=True)
                 got.loss.backward()
                 check_out(got, want, dtype)
+                check_stats(got.token_stats, reference.token_stats(logits.double(), labels), dtype)
                 assert rel_err(x.grad, want_grad[:, a:b]) <= TOL[dtype][1]
 
             cases.append((f"context padded {backend} {dtype}", padded))
@@ -312,9 +335,10 @@ def mesh_cases(world):
             a, b = slice_positions(8, crank, 2)
             x = shard_cols(logits[:, a:b], vrank, 2).clone().requires_grad_()
             got = safedpo_loss(x, labels[:, a:b], ref, cs, rs, delta=3.0, backend=backend, vocab_group=vocab,
-                               context_group=context)
+                               context_group=context, token_stats=True)
             got.loss.backward()
             check_out(got, want, torch.float32)
+            check_stats(got.token_stats, reference.token_stats(logits.double(), labels), torch.float32)
             assert rel_err(x.grad, shard_cols(want_grad[:, a:b], vrank, 2)) <= 1e-5
 
         def both_linear(backend=backend):

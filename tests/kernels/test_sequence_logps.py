@@ -14,7 +14,7 @@ from helpers import (
     random_case,
     rel_err,
 )
-from safedpo_kernels import sequence_logps
+from safedpo_kernels import reference, sequence_logps
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -190,3 +190,19 @@ def test_unvalidated_bad_label_gives_nan_not_a_crash(case):
     assert torch.isnan(out[0]) and torch.isnan(out[2])
     assert max_scaled_err(out[[1, 3]], want[0][[1, 3]]) <= 1e-5
     assert rel_err(grad[[1, 3]], want[1][[1, 3]]) <= 1e-5
+
+
+def test_a_non_finite_packed_sequence_leaves_the_others_alone(case):
+    """Packed rows are summed by a prefix scan: a -inf token log-prob (a label whose logit is -inf) or a
+    NaN in one sequence stays in that sequence, and the sequences after it keep their values."""
+    backend, device = case
+    gen = torch.Generator().manual_seed(10)
+    logits = make_logits((13, 17), torch.float32, device, gen)
+    labels = torch.randint(0, 17, (13,), generator=gen).to(device)
+    cu = torch.tensor([0, 3, 6, 9, 13], dtype=torch.int32, device=device)
+    want = reference.sequence_logps(logits.double(), labels, cu_seqlens=cu)
+    logits[1, labels[1]] = float("-inf")  # sequence 0's log-prob is -inf
+    logits[7, 2] = float("nan")  # sequence 2's is NaN
+    out = sequence_logps(logits, labels, cu_seqlens=cu, backend=backend)
+    assert out[0] == float("-inf") and torch.isnan(out[2])
+    assert max_scaled_err(out[[1, 3]], want[[1, 3]]) <= 1e-5

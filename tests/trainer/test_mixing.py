@@ -22,8 +22,9 @@ def task(tmp_path_factory):
 
 def test_micro_batches_add_up_to_the_global_batch(task, tmp_path):
     """train_step on one batch of 6 pairs and on the same pairs as micro-batches of 2 and 4 (uneven: the
-    "sft" term's token divisor differs from any one micro-batch's): the same loss, terms and gradients,
-    equal to the float64 oracle on the whole batch."""
+    "sft" term's token divisor differs from any one micro-batch's): the same loss, terms, gradients and
+    token metrics (TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy), equal to the
+    float64 oracle on the whole batch."""
     from safedpo.collate import make_batch
     from safedpo.data import data_sources, load_examples
     from safedpo.distributed import Dist
@@ -35,7 +36,7 @@ def test_micro_batches_add_up_to_the_global_batch(task, tmp_path):
     tok = load_tokenizer(task["tokenizer"])
     examples, _ = load_examples(cfg.data, tok, data_sources(cfg.data, "train"), 0)
     model = build_model(cfg.model, len(tok), torch.device("cpu"), seed=3)
-    policy = PairScorer(model, "logits", backend="torch")
+    policy = PairScorer(model, "logits", backend="torch", token_stats=True)
     options = cfg.loss_options()
     procs = Dist("cpu")
     indices = list(range(6))
@@ -62,6 +63,13 @@ def test_micro_batches_add_up_to_the_global_batch(task, tmp_path):
     want = reference.safedpo_loss(logits, batch["labels"], None, batch["chosen_safe"], batch["rejected_safe"],
                                   **options.as_dict())
     assert abs(whole["loss"] - want.loss.item()) <= 1e-5 * max(1.0, abs(want.loss.item()))
+    entropy, mean_logit, top1, tokens = reference.token_stats(logits, batch["labels"])
+    expected = {"entropy": entropy.sum() / tokens.sum(), "logits/chosen": mean_logit[:6].sum() / tokens[:6].sum(),
+                "logits/rejected": mean_logit[6:].sum() / tokens[6:].sum(),
+                "mean_token_accuracy": top1[:6].sum() / tokens[:6].sum()}
+    for name, value in expected.items():
+        assert abs(whole[name] - float(value)) <= 1e-5 * max(1.0, abs(float(value))), name
+        assert abs(split[name] - whole[name]) <= 1e-6 * max(1.0, abs(whole[name])), name
 
 
 def test_each_term_is_logged_and_a_single_name_resumes_as_a_list(task, tmp_path):
@@ -74,6 +82,7 @@ def test_each_term_is_logged_and_a_single_name_resumes_as_a_list(task, tmp_path)
     steps = [r for r in records if "event" not in r]
     for r in steps:
         assert abs(r["loss/sigmoid"] + r["loss/sft"] - r["loss"]) <= 1e-6 and r["loss/sft"] > 0
+        assert r["entropy"] > 0 and 0.0 <= r["mean_token_accuracy"] <= 1.0 and "logits/chosen" in r
     assert abs(steps[-1]["eval_loss/sigmoid"] + steps[-1]["eval_loss/sft"] - steps[-1]["eval_loss"]) <= 1e-6
     start = next(r for r in records if r.get("event") == "start")
     assert start["config"]["loss_type"] == ["sigmoid", "sft"] and start["config"]["loss_weights"] == [1.0, 0.5]
