@@ -76,10 +76,13 @@ def variants(op: str, device: str) -> list:
     backends = [b for b in available_backends(device) if not (b == "triton" and device == "cpu")]
     ours = [v for b in backends for v in (b, f"{b}-inplace")]
     if op == "sequence_logps":
-        return ["eager", "compile", "trl"] + ours
+        return ["eager", "compile", "eager-gather"] + ours
     if op == "safedpo_loss":
         return ["eager"] + [v for v in ours if v.endswith("inplace")]
     linear = ["eager"] + [f"ours-{v}" for v in ours if not v.endswith("inplace")]
+    linear += [f"ours-{b}-stats" for b in backends]
+    if _has("trl"):
+        linear.append("trl-head")
     if _has("liger_kernel"):
         linear.append("liger")
     if _has("cut_cross_entropy"):
@@ -87,14 +90,15 @@ def variants(op: str, device: str) -> list:
     return linear
 
 
-# Variants with no packed (cu_seqlens) form: the TRL-style loop and Liger's DPO loss take (N, T) batches;
-# torch.compile of the reference would recompile on every cu_seqlens.
-PADDED_ONLY = ("trl", "liger", "compile")
+# Variants with no packed (cu_seqlens) form: the eager gather loop, TRL's head (as DPOTrainer calls it) and
+# Liger's DPO loss take (N, T) batches; torch.compile of the reference would recompile on every cu_seqlens.
+PADDED_ONLY = ("eager-gather", "trl-head", "liger", "compile")
 
 
-def trl_style_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The memory-saving eager idiom of TRL-style trainers: gather the target logits, then take each
-    sequence's log-sum-exp one sequence at a time, so only one sequence's float32 temporaries exist."""
+def eager_gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The memory-saving eager idiom of TRL's trainers before their fused head (variant "eager-gather"):
+    gather the target logits, then take each sequence's log-sum-exp one sequence at a time, so only one
+    sequence's float32 temporaries exist."""
     counted = labels != -100
     index = labels.clamp(min=0).unsqueeze(-1)
     per_token = []
@@ -163,9 +167,9 @@ def _seq_logps_step(variant: str):
 
         def fn(logits, labels, cu):
             return compiled(logits, labels)
-    elif variant == "trl":
+    elif variant == "eager-gather":
         def fn(logits, labels, cu):
-            return trl_style_logps(logits, labels)
+            return eager_gather_logps(logits, labels)
     else:
         backend, inplace = _fused_variant(variant)
 
@@ -240,6 +244,29 @@ def _dpo(seq: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(BETA * (d[:B] - d[B:])).mean()
 
 
+# What DPOTrainer (TRL 1.16) asks of its fused head for every batch: the log-probs and the statistics of
+# its entropy, logits/* and mean_token_accuracy metrics.
+TRL_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+TRL_HEAD_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
+
+
+def _trl_head_token_logps(hidden, weight, bias, labels) -> torch.Tensor:
+    """Per-token log-probs (0 where ignored) from TRL's fused LM head, called as DPOTrainer's patched
+    forward calls it (trl/trainer/utils.py, add_fused_lm_head): the counted positions only on a GPU with
+    Triton, every position elsewhere; TRL's 32768-column vocabulary chunks; its statistics computed too."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+
+    mask = labels != -100
+    compact = _use_triton(hidden.device)
+    flat = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+    targets = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
+    log_probs = ChunkedLogProbFunction.apply(flat, weight, bias, targets, 1.0, TRL_HEAD_CHUNK, None, 1.0,
+                                             TRL_HEAD_OUTPUTS)[0]
+    if compact:
+        return log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)
+    return log_probs.view(mask.shape).masked_fill(~mask, 0)
+
+
 def _cce_token_logps(hidden, weight, bias, labels, impl: str) -> torch.Tensor:
     """Per-token log-probs from Cut Cross-Entropy (exact gradients: filter_eps=None; its default skips
     small softmax entries). CCE has no bias: a bias enters as one more hidden column of ones against a
@@ -268,13 +295,15 @@ def _linear_variant(variant: str, cfg: Config):
         def ref_logps(labels, cu, ref_hidden, ref_weight, ref_bias):
             return reference.sequence_logps(F.linear(ref_hidden, ref_weight, ref_bias), labels, cu_seqlens=cu)
     elif variant.startswith("ours-"):
-        backend, inplace = _fused_variant(variant[len("ours-"):])
+        # "ours-<backend>", or "ours-<backend>-stats": with token statistics, as TRL's head computes them
+        stats = variant.endswith("-stats")
+        backend, inplace = _fused_variant(variant[len("ours-"):len(variant) - 6 * stats])
         if inplace:
             raise ValueError(f"unknown variant {variant!r}: the linear path has no in-place backward")
 
         def loss(hidden, weight, bias, labels, cu, ref):
             return linear_safedpo_loss(hidden, weight, labels, ref, cs, rs, bias=bias, beta=BETA, cu_seqlens=cu,
-                                       backend=backend).loss
+                                       backend=backend, token_stats=stats).loss
 
         def ref_logps(labels, cu, ref_hidden, ref_weight, ref_bias):
             return linear_sequence_logps(ref_hidden, ref_weight, labels, bias=ref_bias, cu_seqlens=cu, backend=backend)
@@ -304,6 +333,12 @@ def _linear_variant(variant: str, cfg: Config):
             return out[0] if isinstance(out, tuple) else out
 
         return loss, None
+    elif variant == "trl-head":
+        def loss(hidden, weight, bias, labels, cu, ref):
+            return _dpo(_trl_head_token_logps(hidden, weight, bias, labels).sum(-1), ref)
+
+        def ref_logps(labels, cu, ref_hidden, ref_weight, ref_bias):
+            return _trl_head_token_logps(ref_hidden, ref_weight, ref_bias, labels).sum(-1)
     elif variant == "cce":
         impl = "cce" if cfg.device == "cuda" else "torch_compile"
 

@@ -120,7 +120,10 @@ def tolerance(cfg: cases.Config) -> float:
     return 1e-4 if cfg.dtype == "float32" else 5e-2
 
 
-LINEAR_VARIANTS = ["eager", "ours-triton", "ours-torch", "logits-triton-inplace", "liger", "cce"]
+# trl-head: TRL 1.16's fused LM head as its DPOTrainer calls it (log-probs with entropy, mean logits and top-1
+# flags), the baseline every TRL user has; ours-triton-stats: ours computing the same statistics.
+LINEAR_VARIANTS = ["eager", "ours-triton", "ours-torch", "ours-triton-stats", "logits-triton-inplace", "trl-head",
+                   "liger", "cce"]
 # Liger-Kernel's published H100 numbers for their DPO case (B=32, T=512, H=1024, V=128256, bf16, with a
 # reference model, forward + backward), from the README of their benchmark: time, peak memory.
 LIGER_PUBLISHED = {"liger": (56.6e-3, 2.92e9), "torch": (66.9e-3, 25.4e9)}
@@ -162,8 +165,9 @@ def plan(dry: bool) -> list:
                 ("linear_safedpo_loss", cfg, ["ours-triton"], {"SAFEDPO_LINEAR_BLOCK_N": "256"}),
                 ("linear_safedpo_loss", cfg, ["ours-triton", "ours-torch"], {"SAFEDPO_LINEAR_CHUNK_BYTES": str(1 << 30)})]
     # The PKU-SafeRLHF shapes (Liger recompiles for each).
-    out += [("sequence_logps", cfg, ["eager", "trl", "triton", "triton-inplace"], {}) for cfg in c["short"]]
-    out += [("linear_safedpo_loss", cfg, ["eager", "ours-triton", "ours-torch", "liger", "cce"], {}) for cfg in c["short"]]
+    out += [("sequence_logps", cfg, ["eager", "eager-gather", "triton", "triton-inplace"], {}) for cfg in c["short"]]
+    out += [("linear_safedpo_loss", cfg, ["eager", "ours-triton", "ours-torch", "trl-head", "liger", "cce"], {})
+            for cfg in c["short"]]
     # torch.compile recompiles for every shape (about a minute each): the long case only.
     out.append(("sequence_logps", long, ["compile"], {}))
     return out
@@ -305,6 +309,14 @@ def targets(rows: list, dry: bool) -> list:
             if o:
                 lines.append(f"- fused-linear ({name}): {best['median_s'] * 1e3:.1f} ms vs {other} {o['median_s'] * 1e3:.1f} ms "
                              f"(target: faster): {verdict(best['median_s'] < o['median_s'])}")
+        trl = _find(rows, "linear_safedpo_loss", cfg, "trl-head")
+        stats = _find(rows, "linear_safedpo_loss", cfg, "ours-triton-stats")
+        if trl and stats:  # the same work: log-probs and DPOTrainer's token statistics
+            x = trl["median_s"] / stats["median_s"]
+            lines.append(f"- fused-linear ({name}), with token statistics: {stats['median_s'] * 1e3:.1f} ms vs TRL's head "
+                         f"{trl['median_s'] * 1e3:.1f} ms, {x:.2f}x (target >= 1.3x): {verdict(x >= 1.3)}; peak "
+                         f"{stats['peak_mb']:.0f} MB vs {trl['peak_mb']:.0f} MB (target: not more): "
+                         f"{verdict(stats['peak_mb'] <= trl['peak_mb'])}")
         cce = _find(rows, "linear_safedpo_loss", cfg, "cce")
         if cce:
             grad_w_mb = cfg.V * cfg.H * torch.finfo(getattr(torch, cfg.dtype)).bits // 8 / 2**20
@@ -352,7 +364,9 @@ def write(rows: list, meta: dict, ceil: dict, out: Path, dry: bool) -> None:
         "over the logits / copy bandwidth (logits path) or 3 matmuls over the response tokens (4 with a reference",
         "model) / bf16 matmul rate (linear path). Short cases: 64 pairs of 64-128 tokens per side, padded (N x T with",
         "the tail ignored) or packed (cu_seqlens, no padding). logits-triton-inplace: the head's logits materialized",
-        "by F.linear, then safedpo_loss with inplace_backward=True. settings: launcher environment overrides.",
+        "by F.linear, then safedpo_loss with inplace_backward=True. trl-head: TRL's fused LM head as DPOTrainer calls",
+        "it (with its token statistics); ours-triton-stats: ours with token_stats=True, the same work. settings:",
+        "launcher environment overrides.",
         "",
         markdown_table(columns, cells),
         "",

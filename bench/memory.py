@@ -78,16 +78,37 @@ def run_isolated(module: str, *args: str, timeout: int = 900) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def profiled_peak_bytes(fn) -> int:
-    """Peak of live CPU tensor bytes allocated while fn() runs, from torch.profiler allocation events.
+class AllocationPeak:
+    """Context manager; ``.bytes`` is the peak of live CPU tensor bytes allocated while it is open (above
+    what was live at entry), from torch.profiler's allocation events.
 
     Deterministic: it adds up the byte counts of every allocation and free PyTorch's CPU allocator
-    reports (including temporaries inside ops), in order, and returns the highest running total.
+    reports (including temporaries inside ops), in order, and keeps the highest running total -- what a
+    resident-set measure cannot give when the C library keeps freed memory for reuse or hands it back,
+    depending on the history of the process.
     """
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def __enter__(self) -> "AllocationPeak":
+        from torch.profiler import ProfilerActivity, profile
+
+        self.bytes = 0
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        self.bytes = _allocation_peak(self._prof)
+
+
+def profiled_peak_bytes(fn) -> int:
+    """Peak of live CPU tensor bytes allocated while fn() runs (see AllocationPeak)."""
+    with AllocationPeak() as peak:
         fn()
+    return peak.bytes
+
+
+def _allocation_peak(prof) -> int:
     sizes = []
 
     def walk(node):

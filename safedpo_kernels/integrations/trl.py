@@ -284,7 +284,7 @@ class SafeDPOTrainer(DPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         if mode == "train":
             self._refuse_nonfinite(loss, out, inputs)
-        self._log_metrics(mode, out)
+        self._log_metrics(mode, out, inputs)
         if return_outputs:
             with torch.no_grad():
                 return loss, model(**self._model_inputs(inputs)[0])
@@ -309,8 +309,12 @@ class SafeDPOTrainer(DPOTrainer):
             f"{self.accelerator.num_processes} processes{here}. Not training on it: lower learning_rate, keep max_grad_norm "
             "on, check the batch's data, and resume from the last checkpoint (resume_from_checkpoint)")
 
-    def _log_metrics(self, mode: str, out: SafeDPOOutput) -> None:
+    def _log_metrics(self, mode: str, out: SafeDPOOutput, inputs: dict) -> None:
         gather = self.accelerator.gather_for_metrics
+        if mode == "train":  # DPOTrainer's running count of the attended tokens trained on
+            batch_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += batch_tokens // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         kept = out.kept
         n_kept = gather(kept.sum()).sum().clamp(min=1)
         metrics = {

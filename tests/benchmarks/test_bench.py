@@ -34,9 +34,11 @@ def test_gpu_check_dry_run(tmp_path):
     # Liger's DPO case (bias, a reference model) and the cuBLAS-GEMM setting ran.
     assert any(r["ref_model"] == "True" and r["bias"] == "True" and r["status"] == "ok" for r in rows)
     assert any(r["settings"] == "LINEAR_GEMM=cublas" and r["status"] == "ok" for r in rows)
-    # Liger-Kernel and Cut Cross-Entropy (test extras) run on the CPU here, with and without a reference
-    # model, so that a wrong call into them is found before a GPU run's minutes are spent on it.
-    for variant, count in (("liger", 3), ("cce", 4)):  # Liger takes padded batches only
+    # Liger-Kernel, Cut Cross-Entropy and TRL's fused head (test extras) run on the CPU here, with and
+    # without a reference model, so that a wrong call into them is found before a GPU run's minutes are
+    # spent on it; ours with token statistics too.
+    assert ("linear_safedpo_loss", "ours-triton-stats") in ok
+    for variant, count in (("liger", 3), ("cce", 4), ("trl-head", 3)):  # Liger and TRL's head: padded only
         others = [r for r in rows if r["variant"] == variant and r["status"] != "padded batches only"]
         assert len(others) == count and all(r["status"] == "ok" for r in others), others
         assert {r["ref_model"] for r in others} == {"True", "False"}

@@ -90,6 +90,7 @@ def assert_same_as_trl(ours, trl, label="", tol=1e-5):
     assert a_grads.shape == b_grads.shape
     assert (a_grads - b_grads).abs().max() <= tol * b_grads.abs().max()
     # DPOTrainer's token metrics, which ours take from the kernels' own pass
+    assert ours._metrics["train"]["num_tokens"] == trl._metrics["train"]["num_tokens"]
     for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
         mine, theirs = ours._metrics["train"][name][-1], trl._metrics["train"][name][-1]
         assert abs(mine - theirs) <= 1e-5 * max(1.0, abs(theirs)), (name, mine, theirs)

@@ -27,18 +27,19 @@ def op_calls(backend, device):
     logits = make_logits((N, T, V), torch.float32, device, gen).requires_grad_()
     labels = make_labels(N, T, V, gen, device).reshape(-1)
     cu = torch.tensor([0, 3, 10, 10, 20], device=device)
-    seq_args = (logits, labels, None, -100, False, False, backend)
-    _, lse, count = sequence_logps_op(*seq_args)
+    seq_args = (logits, labels, None, -100, False, False, backend, False)
+    _, lse, count, _ = sequence_logps_op(*seq_args)
     upstream = torch.randn(N, generator=gen).to(device)
     hidden = torch.randn(N, T, H, generator=gen).to(device).requires_grad_()
     weight = torch.randn(V, H, generator=gen).to(device).requires_grad_()
     bias = torch.randn(V, generator=gen).to(device).requires_grad_()
-    lin_args = (hidden, weight, bias, labels, None, -100, True, 0.5, 30.0, backend)
-    _, lse2, count2 = linear_sequence_logps_op(*lin_args)
+    lin_args = (hidden, weight, bias, labels, None, -100, True, 0.5, 30.0, backend, True)
+    _, lse2, count2, _ = linear_sequence_logps_op(*lin_args)
     cs, rs = make_flags(N // 2, gen, device)
     return [
         (sequence_logps_op, seq_args),
-        (sequence_logps_op, (logits.detach().reshape(N * T, V).requires_grad_(), labels, cu, -100, True, True, backend)),
+        (sequence_logps_op, (logits.detach().reshape(N * T, V).requires_grad_(), labels, cu, -100, True, True, backend,
+                             True)),
         (sequence_logps_grad_op, (upstream, logits.detach(), labels, lse.detach(), count, None, -100, False, backend)),
         (sequence_logps_grad_inplace_op, (upstream, logits.detach().clone(), labels, lse.detach(), count, None, -100,
                                           False, backend)),
@@ -47,10 +48,11 @@ def op_calls(backend, device):
                                          count2, None, -100, True, 0.5, 30.0, backend, True, True, True)),
         (linear_safedpo_loss_op, (hidden.detach().reshape(N * T, H).requires_grad_(), weight, None, labels,
                                   torch.randn(N, generator=gen).to(device), cs, rs, cu, -100, 1.0, None, 0.1, 2.0, True,
-                                  True, 0.1, "robust", "mean", False, [1.0], None, backend, True, True, False)),
+                                  True, 0.1, "robust", "mean", False, [1.0], None, False, backend, True, True, False)),
         (linear_safedpo_loss_op, (hidden.detach(), weight, bias, labels, None, cs, rs, None, -100, 1.0, None,
                                   0.1, 2.0, True, True, 0.0, "sigmoid,sft", "mean", True, [1.0, 0.5],
-                                  torch.tensor([3.0, 17.0], dtype=torch.float64, device=device), backend, True, True, True)),
+                                  torch.tensor([3.0, 17.0], dtype=torch.float64, device=device), True, backend, True,
+                                  True, True)),
     ]
 
 

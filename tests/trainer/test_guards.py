@@ -111,8 +111,8 @@ def poison_batches(monkeypatch, which):
     original = PairScorer.forward
     calls = [0]
 
-    def poisoned(self, batch, loss=None, ref_logps=None):
-        out = original(self, batch, loss, ref_logps)
+    def poisoned(self, batch, loss=None, ref_logps=None, denominators=None):
+        out = original(self, batch, loss, ref_logps, denominators)
         if loss is not None and torch.is_grad_enabled():
             calls[0] += 1
             if calls[0] in which:

@@ -79,7 +79,7 @@ def test_resume_refuses_another_configuration_unless_told(stand_ins, tmp_path, c
     train(run_cfg(stand_ins, out, max_steps=4, stop_at_step=2))
     with pytest.raises(ValueError, match=r"max_steps: 4 -> 6.*resume_check: false"):
         train(run_cfg(stand_ins, out, max_steps=6))
-    with pytest.raises(ValueError, match=r"mode: 'safedpo' -> 'noswap'; loss_type: 'sigmoid' -> 'hinge'"):
+    with pytest.raises(ValueError, match=r"mode: 'safedpo' -> 'noswap'; loss_type: \['sigmoid'\] -> \['hinge'\]"):
         train(run_cfg(stand_ins, out, max_steps=4, mode="noswap", loss_type="hinge"))
     assert steps_in(out) == [1, 2]  # nothing was written by the refused runs
     train(run_cfg(stand_ins, out, max_steps=6, resume_check=False))

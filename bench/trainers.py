@@ -1,0 +1,375 @@
+"""Trainers side by side on the same model and data: our trainer, SafeDPOTrainer and TRL's own DPOTrainer
+(which always computes its log-probs with its fused LM head), each in a fresh process, rounds interleaved.
+
+    python -m bench.trainers [--rounds 5 --steps 6 --pairs 4 --words 120]   # throughput table
+    python -m bench.trainers --curve [--budget-gib 8]                       # peak memory against length
+
+The model is a tiny Llama (2 layers, hidden 256) whose vocabulary is padded to 32000, so that the LM head
+and the loss over the vocabulary dominate as they do in real models; the data is the toy task's pairs
+with responses of about ``--words`` words; a live reference model (another tiny Llama, so that the first
+loss is not log 2 for every trainer); float32 on the CPU. The loss is plain DPO (delta 0, no swap, no
+drop), so every trainer computes the same loss: the first step's, before any update, must agree across
+all of them (later steps differ by each trainer's learning-rate schedule, and Adam's first update,
+about lr * sign(g), turns rounding-level gradient differences into visible ones).
+
+Throughput: per variant, the median over rounds of its median step time over steps 3 to the one before
+last; tokens/s counts the batch's attended tokens (DPOTrainer's num_tokens). Memory, two ways: the peak
+of live tensor bytes allocated during the last step (torch.profiler's allocation events, deterministic;
+bench.memory.AllocationPeak), and the resident-set high-water mark above what was resident when step 3
+began (which also moves with what the C library keeps of freed memory). "Faster" needs >= 1.05x on the
+median of the rounds: anything less is reported as a tie.
+
+Curve: for each variant and length, 2 pairs whose responses have about T tokens, one warm-up step and
+one measured step; the peak above the start of the measured step, and the longest T under the budget.
+Writes bench/results/trainers-<machine>-<date>.md/.json (and -curve .md/.json/.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    # name: (trainer, loss input, compiled)
+    "ours-eager": ("ours", "eager", False),
+    "ours-logits": ("ours", "logits", False),
+    "ours-linear": ("ours", "linear", False),
+    "ours-linear-compiled": ("ours", "linear", True),
+    "safedpo-trainer-logits": ("safedpo-trainer", "logits", False),
+    "safedpo-trainer-linear": ("safedpo-trainer", "linear", False),
+    "trl-dpo": ("trl", None, False),
+}
+CURVE_VARIANTS = ("ours-linear", "ours-logits", "safedpo-trainer-linear", "trl-dpo")
+MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=16384)
+LR = 1e-4
+
+
+# ------------------------------------------------------------------------------ the shared inputs
+
+
+def make_inputs(root: Path, pairs: int, words: int) -> dict:
+    """The toy task's first ``pairs`` pairs with responses of about ``words`` words (the toy's own words,
+    repeated), the toy tokenizer, and the tiny Llama policy and reference saved once: every variant loads
+    the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safedpo.model import load_tokenizer
+    from safedpo.toy import make_task, vocabulary
+    from safedpo.toy.tokenizer import build_tokenizer
+
+    rows = make_task(seed=0, pairs_per_prompt=1)["train"][:pairs]
+
+    def long(text: str) -> str:
+        base = text.split()
+        return " ".join((base * (words // max(len(base), 1) + 1))[:words])
+
+    for r in rows:
+        r["response_0"], r["response_1"] = long(r["response_0"]), long(r["response_1"])
+        r["is_response_0_safe"] = r["is_response_1_safe"] = True  # T does nothing: plain DPO for every trainer
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_tokenizer(vocabulary(), root / "model")
+    tok = load_tokenizer(str(root / "model"))
+    config = LlamaConfig(**MODEL, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    for seed, name in ((0, "model"), (1, "reference")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(root / name)
+    tok.save_pretrained(root / "reference")
+    return dict(data=str(data), model=str(root / "model"), reference=str(root / "reference"), pairs=pairs, words=words)
+
+
+# ------------------------------------------------------------------------------ one variant, one process
+
+
+class StepClock:
+    """Step times; the resident-set peak above what was resident when step ``from_step`` began; the
+    allocation peak of step ``profile_step`` (profiled, so its time is not one of the timed ones)."""
+
+    def __init__(self, from_step: int, profile_step: int):
+        self.from_step, self.profile_step = from_step, profile_step
+        self.times, self.rss, self.alloc, self._t, self._step = [], None, None, None, 0
+
+    def begin(self, step: int) -> None:  # 1-based
+        from bench.memory import AllocationPeak, PeakMemory
+
+        self._step = step
+        if step == self.from_step:
+            self.rss = PeakMemory("cpu").__enter__()
+        if step == self.profile_step:
+            self.alloc = AllocationPeak().__enter__()
+        self._t = time.perf_counter()
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter() - self._t)
+        if self._step == self.profile_step:
+            self.alloc.__exit__(None, None, None)
+
+    def peaks(self) -> dict:
+        rss = 0
+        if self.rss is not None:
+            self.rss.__exit__(None, None, None)
+            rss = self.rss.peak_bytes
+        return dict(peak_bytes=rss, alloc_bytes=self.alloc.bytes if self.alloc is not None else 0)
+
+
+def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: StepClock) -> dict:
+    from safedpo.config import load_config
+    from safedpo.train import Run
+
+    out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
+    cfg = load_config(None, train_files=[inputs["data"]], model=inputs["model"], output_dir=str(out / "run"),
+                      mode="dpo-helpful", beta=0.1, batch_size=inputs["pairs"], max_steps=steps, lr=LR,
+                      loss_input=loss_input, compile=compiled, reference="live", reference_model=inputs["reference"],
+                      progress=False, resume="none",
+                      max_prompt_length=64, max_length=16384, save_every=0, clip_grad_norm=1.0)
+    run = Run(cfg)
+    run.policy.train()
+    losses, tokens = [], []
+    for step in range(1, steps + 1):
+        clock.begin(step)
+        run.step()
+        clock.end()
+        losses.append(run.last["loss"])
+        tokens.append(run.last["tokens_per_s"] * clock.times[-1])
+    run.close()
+    return dict(losses=losses, tokens=tokens)
+
+
+def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from safedpo.data import prompt_text
+    from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(inputs["model"])
+    rows = [json.loads(line) for line in open(inputs["data"])]
+    # The prompt as our trainer formats it, so that both tokenize the same text into the same ids.
+    data = datasets.Dataset.from_list([
+        dict(prompt=prompt_text(tok, r["prompt"]), chosen=r[f"response_{r['better_response_id']}"],
+             rejected=r[f"response_{1 - r['better_response_id']}"], chosen_safe=True, rejected_safe=True)
+        for r in rows])
+    common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), beta=0.1, per_device_train_batch_size=len(rows),
+                  max_steps=steps, learning_rate=LR, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                  logging_steps=1, max_length=None, dataloader_num_workers=0, precompute_ref_log_probs=False,
+                  disable_tqdm=True, bf16=False, fp16=False)  # float32, as our trainer on the CPU (TRL asks for bf16)
+    if trainer == "trl":
+        args = DPOConfig(**common)
+        cls = DPOTrainer
+    else:
+        args = SafeDPOConfig(**common, delta=0.0, swap=False, drop_both_unsafe=False, fused_loss_input=loss_input)
+        cls = SafeDPOTrainer
+    model = AutoModelForCausalLM.from_pretrained(inputs["model"], torch_dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(inputs["reference"], torch_dtype=torch.float32)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            clock.begin(state.global_step + 1)
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.end()
+
+    t = cls(model=model, ref_model=reference, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h and "train_runtime" not in h]
+    totals = [h["num_tokens"] for h in logs]
+    return dict(losses=[h["loss"] for h in logs], tokens=[b - a for a, b in zip([0] + totals[:-1], totals)])
+
+
+def child(spec: dict) -> dict:
+    """One variant in this process: its step times, losses, tokens and peak."""
+    import torch
+
+    from safedpo.model import quiet_libraries
+
+    torch.manual_seed(0)
+    quiet_libraries()
+    trainer, loss_input, compiled = VARIANTS[spec["variant"]]
+    clock = StepClock(spec["peak_from_step"], spec["steps"])
+    if trainer == "ours":
+        out = run_ours(spec["inputs"], loss_input, compiled, spec["steps"], clock)
+    else:
+        out = run_trl(spec["inputs"], trainer, loss_input, spec["steps"], clock)
+    return dict(out, times=clock.times, **clock.peaks(), variant=spec["variant"])
+
+
+def isolated(spec: dict, timeout: int = 3600) -> dict:
+    """``child(spec)`` in a fresh Python process (its own allocator and caches); the error on failure."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "bench.trainers", "--child", json.dumps(spec)], capture_output=True,
+                         text=True, env=env, timeout=timeout, cwd=root)
+    if res.returncode != 0:
+        return dict(variant=spec["variant"], error=(res.stderr.strip().splitlines() or ["failed"])[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ the two reports
+
+
+def machine() -> str:
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+
+
+def throughput(a) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-trainers-"))
+    inputs = make_inputs(root, a.pairs, a.words)
+    names = a.variants.split(",") if a.variants else list(VARIANTS)
+    runs = {n: [] for n in names}
+    for r in range(a.rounds):  # interleaved: a slow spell of a shared machine hits every variant alike
+        for n in names:
+            out = isolated(dict(variant=n, inputs=inputs, steps=a.steps, peak_from_step=3))
+            runs[n].append(out)
+            shown = out.get("error") or f"{statistics.median(out['times'][2:-1]):.3f} s/step"
+            print(f"round {r + 1} {n}: {shown}", flush=True)
+    rows = []
+    for n, outs in runs.items():
+        good = [o for o in outs if "error" not in o]
+        if not good:
+            rows.append(dict(variant=n, error=outs[0]["error"]))
+            continue
+        step_s = statistics.median(statistics.median(o["times"][2:-1]) for o in good)
+        tokens = statistics.median(statistics.median(o["tokens"][2:-1]) for o in good)
+        rows.append(dict(variant=n, step_s=step_s, tokens_per_s=tokens / step_s,
+                         alloc_mb=max(o["alloc_bytes"] for o in good) / 2**20,
+                         peak_mb=max(o["peak_bytes"] for o in good) / 2**20, first_loss=good[0]["losses"][0],
+                         losses=good[0]["losses"], rounds=len(good)))
+    report(rows, a, inputs)
+
+
+def verdict(x: float) -> str:
+    """A throughput ratio, read as the issue reads it: faster at >= 1.05x, slower below 1 / 1.05."""
+    return f"{x:.2f}x " + ("(faster)" if x >= 1.05 else "(slower)" if x <= 1 / 1.05 else "(a tie)")
+
+
+def report(rows: list, a, inputs: dict) -> None:
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    losses = [r["first_loss"] for r in ok.values()]
+    spread = max(losses) - min(losses) if losses else float("nan")
+    lines = [f"# Trainers on the same model and data ({machine()}, {datetime.date.today()})", "",
+             f"Tiny Llama (2 layers, hidden 256, vocabulary 32000), {inputs['pairs']} pairs per step with responses of "
+             f"~{inputs['words']} words, live reference model, plain DPO, float32; median of {a.rounds} interleaved "
+             f"rounds (fresh processes) of the median step after the first two. `python -m bench.trainers "
+             f"--rounds {a.rounds} --steps {a.steps} --pairs {a.pairs} --words {a.words}`.", "",
+             "| trainer | s/step | tokens/s | peak tensor MB in a step | peak RSS MB above step 3 | step-1 loss |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | |")
+        else:
+            lines.append(f"| {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['alloc_mb']:.0f} | "
+                         f"{r['peak_mb']:.0f} | {r['first_loss']:.6f} |")
+    lines += ["", f"Step-1 losses (before any update) agree to {spread:.1e} across the trainers."]
+    pairs = [("safedpo-trainer-logits", "trl-dpo"), ("safedpo-trainer-linear", "trl-dpo"),
+             ("ours-linear", "safedpo-trainer-linear"), ("ours-logits", "safedpo-trainer-logits"),
+             ("ours-linear", "trl-dpo")]
+    for mine, theirs in pairs:
+        if mine in ok and theirs in ok:
+            x = ok[theirs]["step_s"] / ok[mine]["step_s"]
+            lines.append(f"- {mine} vs {theirs}: {verdict(x)}, peak tensor memory {ok[mine]['alloc_mb']:.0f} vs "
+                         f"{ok[theirs]['alloc_mb']:.0f} MB")
+    write(lines, rows, a.out, "trainers")
+
+
+def curve(a) -> None:
+    """Peak memory against the response length; the longest length under the budget per variant."""
+    lengths = [int(t) for t in a.lengths.split(",")]
+    names = a.variants.split(",") if a.variants else list(CURVE_VARIANTS)
+    budget = a.budget_gib * 2**30
+    points = {n: [] for n in names}
+    for n in names:
+        for T in lengths:
+            root = Path(tempfile.mkdtemp(prefix=f"bench-curve-{T}-"))
+            inputs = make_inputs(root, 2, T)
+            out = isolated(dict(variant=n, inputs=inputs, steps=2, peak_from_step=2))
+            if "error" in out:
+                print(f"{n} T~{T}: {out['error']}", flush=True)
+                points[n].append(dict(T=T, error=out["error"]))
+                break
+            peak = out["alloc_bytes"]
+            points[n].append(dict(T=T, peak_mb=peak / 2**20, step_s=out["times"][-1]))
+            print(f"{n} T~{T}: peak {peak / 2**30:.2f} GiB, {out['times'][-1]:.1f} s", flush=True)
+            if peak > budget:
+                break
+    lines = [f"# Peak memory against response length ({machine()}, {datetime.date.today()})", "",
+             f"2 pairs, responses of about T words (toy tokens: about one token per word), one training step "
+             f"after a warm-up: the peak of live tensor bytes allocated during it; budget {a.budget_gib} GiB. "
+             f"`python -m bench.trainers --curve --lengths {a.lengths}`.", "",
+             "| trainer | " + " | ".join(f"T~{T}" for T in lengths) + " | longest T under the budget |",
+             "|---|" + "---|" * (len(lengths) + 1)]
+    for n, pts in points.items():
+        cells = {p["T"]: ("failed" if "error" in p else f"{p['peak_mb'] / 1024:.2f} GiB") for p in pts}
+        fit = [p["T"] for p in pts if "error" not in p and p["peak_mb"] * 2**20 <= budget]
+        lines.append(f"| {n} | " + " | ".join(cells.get(T, "-") for T in lengths) + f" | {max(fit) if fit else '-'} |")
+    write(lines, points, a.out, "trainers-curve")
+    plot_curve(points, budget, Path(a.out) / f"trainers-curve-{machine()}-{datetime.date.today()}.png")
+
+
+def plot_curve(points: dict, budget: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, pts in points.items():
+        good = [p for p in pts if "error" not in p]
+        ax.plot([p["T"] for p in good], [p["peak_mb"] / 1024 for p in good], "o-", label=n)
+    ax.axhline(budget / 2**30, color="gray", linestyle="--", label="budget")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("response length T (tokens)")
+    ax.set_ylabel("peak tensor memory of a training step (GiB)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def write(lines: list, data, out: str, name: str) -> None:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{name}-{machine()}-{datetime.date.today()}"
+    text = "\n".join(lines) + "\n"
+    Path(f"{stem}.md").write_text(text)
+    Path(f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+    print(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--words", type=int, default=120)
+    p.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--curve", action="store_true", help="peak memory against the response length instead")
+    p.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
+    p.add_argument("--budget-gib", type=float, default=8.0)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    curve(a) if a.curve else throughput(a)
+
+
+if __name__ == "__main__":
+    main()
