@@ -73,13 +73,30 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
-        """End the process group this run started. Left to the interpreter's exit, its threads can be
-        torn down while still running (gloo aborted a rank with "terminate called without an active
-        exception" after an FSDP2 run)."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
+    def close(self, wrapped=None) -> None:
+        """End the process group this run started (``wrapped``: the model as wrap_distributed returned
+        it, possibly compiled, which is no longer usable afterwards). Left to the interpreter's exit,
+        its threads can be torn down while still running (gloo aborted a rank with "terminate called
+        without an active exception" after an FSDP2 run).
+
+        The group's C++ destructor joins gloo's worker threads, and a worker may still be releasing the
+        last collective's tensors, which takes the GIL. DDP's reducer holds the group from C++, and its
+        Python binding destroys it with the GIL held: when the reducer went last, a rank hung forever
+        after its final barrier (about once in a loaded test suite). So the reducer lets go first, while
+        this method still holds the group from Python, and the last reference goes through the group's
+        own binding, which releases the GIL while the workers are joined."""
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        held = dist.group.WORLD
+        ddp = getattr(wrapped, "_orig_mod", wrapped)  # torch.compile's wrapper keeps the module here
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(ddp, DistributedDataParallel):
+            for name in ("logger", "reducer"):  # the logger holds the reducer too
+                ddp.__dict__.pop(name, None)
+        dist.destroy_process_group()
+        self.owns_group = False
+        del held
 
 
 def rank_slice(indices, rank: int, world: int):

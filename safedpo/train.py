@@ -417,7 +417,7 @@ class Run:
     def close(self) -> None:
         self.bar.close()
         self.log.close()
-        self.procs.close()
+        self.procs.close(self.wrapped)
 
     def finish(self) -> dict:
         """A last evaluation (unless the last step had one), the final checkpoint and model (with LoRA: the
