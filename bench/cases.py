@@ -78,7 +78,7 @@ def variants(op: str, device: str) -> list:
     if op == "sequence_logps":
         return ["eager", "compile", "eager-gather"] + ours
     if op == "safedpo_loss":
-        return ["eager"] + [v for v in ours if v.endswith("inplace")]
+        return ["eager"] + [v for v in ours if v.endswith("inplace")] + [f"{b}-inplace-stats" for b in backends]
     linear = ["eager"] + [f"ours-{v}" for v in ours if not v.endswith("inplace")]
     linear += [f"ours-{b}-stats" for b in backends]
     if _has("trl"):
@@ -108,13 +108,17 @@ def eager_gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return (torch.stack(per_token) * counted).sum(-1)
 
 
-def _fused_variant(variant: str):
-    """"torch", "native-inplace", ... -> (backend, inplace_backward); anything else is an error (a typo
-    such as "torch-compile" must not silently run another variant)."""
+def _fused_variant(variant: str, stats: bool = False):
+    """"torch", "native-inplace", ... -> (backend, inplace_backward), and with ``stats`` also whether it
+    asks for token statistics ("native-inplace-stats"); anything else is an error (a typo such as
+    "torch-compile" must not silently run another variant)."""
     backend, _, suffix = variant.partition("-")
-    if suffix not in ("", "inplace"):
+    flags = suffix.split("-") if suffix else []
+    allowed = ("inplace", "stats") if stats else ("inplace",)
+    if any(f not in allowed for f in flags) or len(set(flags)) != len(flags) or flags != sorted(flags, key=allowed.index):
         raise ValueError(f"unknown variant {variant!r}")
-    return backend, suffix == "inplace"
+    out = (backend, "inplace" in flags)
+    return (*out, "stats" in flags) if stats else out
 
 
 def _labels(cfg: Config, g: torch.Generator):
@@ -189,14 +193,14 @@ def _loss_step(variant: str, cfg: Config):
     from safedpo_kernels import reference, safedpo_loss
 
     ref, cs, rs = _pair_extras(cfg)
-    backend, inplace = (None, False) if variant == "eager" else _fused_variant(variant)
+    backend, inplace, stats = (None, False, False) if variant == "eager" else _fused_variant(variant, stats=True)
 
     def step(logits, labels, cu):
         if variant == "eager":
             loss = reference.safedpo_loss(logits, labels, ref, cs, rs, beta=BETA, cu_seqlens=cu).loss
         else:
             loss = safedpo_loss(logits, labels, ref, cs, rs, beta=BETA, cu_seqlens=cu, backend=backend,
-                                inplace_backward=inplace).loss
+                                inplace_backward=inplace, token_stats=stats).loss
         (grad,) = torch.autograd.grad(loss, logits)
         del grad
         return loss.detach()
@@ -296,8 +300,7 @@ def _linear_variant(variant: str, cfg: Config):
             return reference.sequence_logps(F.linear(ref_hidden, ref_weight, ref_bias), labels, cu_seqlens=cu)
     elif variant.startswith("ours-"):
         # "ours-<backend>", or "ours-<backend>-stats": with token statistics, as TRL's head computes them
-        stats = variant.endswith("-stats")
-        backend, inplace = _fused_variant(variant[len("ours-"):len(variant) - 6 * stats])
+        backend, inplace, stats = _fused_variant(variant[len("ours-"):], stats=True)
         if inplace:
             raise ValueError(f"unknown variant {variant!r}: the linear path has no in-place backward")
 

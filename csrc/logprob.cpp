@@ -97,7 +97,9 @@ inline float row_lse(const float* x, int64_t V) {
   return m + std::log(s);
 }
 
-// row_lse with the token statistics of the row for label y into st[0..4] (see the top of this file).
+// row_lse with the token statistics of the row for label y into st[0..4] (see the top of this file). Its
+// sum of exponentials is formed exactly as row_lse's (the same accumulators in the same order), so that
+// asking for statistics never changes a log-prob.
 inline float row_lse_stats(const float* x, int64_t V, int64_t y, float* st) {
   const int64_t split = std::min<int64_t>(std::max<int64_t>(y, 0), V);
   const float before = row_max(x, split);
@@ -105,33 +107,48 @@ inline float row_lse_stats(const float* x, int64_t V, int64_t y, float* st) {
   st[2] = m;
   st[3] = before;
   st[4] = (y >= 0 && y < V) ? x[y] : 0.f;
-  if (std::isnan(m) || m == std::numeric_limits<float>::infinity()) {
-    st[0] = st[1] = std::numeric_limits<float>::quiet_NaN();
-    return std::numeric_limits<float>::quiet_NaN();
+  if (std::isnan(m) || m == std::numeric_limits<float>::infinity() || m == kNegInf) {
+    st[0] = std::numeric_limits<float>::quiet_NaN();  // no distribution to take an expectation over
+    st[1] = std::isnan(m) ? m : (m == kNegInf ? kNegInf : std::numeric_limits<float>::quiet_NaN());
+    return m == kNegInf ? kNegInf : std::numeric_limits<float>::quiet_NaN();
   }
-  // exp(z - m) * z, with -inf clamped to the lowest float: exp(-inf) * -inf would be NaN, not 0.
-  const float shift = m == kNegInf ? 0.f : m;
-  const Vec vm(shift), lowest(std::numeric_limits<float>::lowest());
-  Vec s(0.f), s1(0.f), zs(0.f);
+  const Vec vm(m), lowest(std::numeric_limits<float>::lowest());
+  // exp(z - m) * z with -inf clamped to the lowest float: exp(-inf) * -inf would be NaN, not 0.
+  constexpr int64_t W = 4 * Vec::size();
+  Vec s[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  Vec s1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  Vec zs[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
   int64_t v = 0;
+  for (; v + W <= V; v += W) {
+    for (int k = 0; k < 4; ++k) {
+      const Vec xv = Vec::loadu(x + v + k * Vec::size());
+      const Vec e = (xv - vm).exp_u20();
+      s[k] = s[k] + e;
+      s1[k] = s1[k] + e * at::vec::maximum(xv, lowest);
+      zs[k] = zs[k] + xv;
+    }
+  }
   for (; v + Vec::size() <= V; v += Vec::size()) {
     const Vec xv = Vec::loadu(x + v);
     const Vec e = (xv - vm).exp_u20();
-    s = s + e;
-    s1 = s1 + e * at::vec::maximum(xv, lowest);
-    zs = zs + xv;
+    s[0] = s[0] + e;
+    s1[0] = s1[0] + e * at::vec::maximum(xv, lowest);
+    zs[0] = zs[0] + xv;
   }
-  auto sum = [](Vec a) { return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, a); };
-  float fs = sum(s), fs1 = sum(s1), fzs = sum(zs);
+  auto total = [](const Vec* a) {
+    Vec both = (a[0] + a[1]) + (a[2] + a[3]);
+    return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, both);
+  };
+  float fs = total(s), fs1 = total(s1), fzs = total(zs);
   for (; v < V; ++v) {
-    const float e = std::exp(x[v] - shift);
+    const float e = std::exp(x[v] - m);
     fs += e;
     fs1 += e * std::max(x[v], std::numeric_limits<float>::lowest());
     fzs += x[v];
   }
   st[0] = fs1 / fs;
   st[1] = fzs;
-  return m == kNegInf ? kNegInf : m + std::log(fs);
+  return m + std::log(fs);
 }
 
 template <typename scalar_t>
