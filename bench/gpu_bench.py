@@ -31,6 +31,8 @@ import gc
 import json
 import os
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -334,6 +336,40 @@ def targets(rows: list, dry: bool) -> list:
     return lines
 
 
+def model_lines(rows: list, meta: dict, ceil: dict, dry: bool) -> list:
+    """The issue model's prediction for the logits path in place (bench.issue_model, from the SASS of the
+    kernels compiled for this card by this machine's triton) beside the time measured: its issue, MUFU
+    and memory times (memory at the measured copy bandwidth) of the forward and the in-place backward, bf16,
+    N=8, T=4096, V=128256. The dry run reads H100's SASS and has no measurement to compare."""
+    from bench.issue_model import CARDS, SHAPE
+
+    card = "H100" if dry else next((c for c in CARDS if c in meta["card"]), None)
+    if card is None:
+        return [f"- issue model: no figures for {meta['card']} (bench/issue_model.py CARDS)"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.json"
+        res = subprocess.run([sys.executable, "-m", "bench.gpu_compile", "--model-card", card, "--json", str(path)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        if not path.exists():
+            return ["- issue model: failed: " + (res.stderr.strip().splitlines() or ["no output"])[-1][:200]]
+        data = json.loads(path.read_text())
+    elements = SHAPE["N"] * SHAPE["T"] * SHAPE["V"]
+    parts, predicted = [], 0.0
+    for kernel in ("forward", "backward, in place"):
+        m = next(m for m in data["model"] if (m["kernel"], m["dtype"]) == (kernel, "bfloat16"))
+        memory = elements * (2 if kernel == "forward" else 4) / ceil["bandwidth_Bps"]
+        predicted += max(m["issue_s"], m["mufu_s"], memory)
+        parts.append(f"{kernel}: issue {m['issue_s'] * 1e3:.2f} ms, MUFU {m['mufu_s'] * 1e3:.2f} ms, "
+                     f"memory {memory * 1e3:.2f} ms")
+    line = (f"- issue model (triton {data['triton']}, {card} SASS), logits path in place, bf16, N=8, T=4096, "
+            f"V=128256: {'; '.join(parts)}; at least {predicted * 1e3:.2f} ms")
+    measured = _find(rows, "sequence_logps", configs(dry)["long"], "triton-inplace")
+    if measured and not dry:
+        line += f"; measured {measured['median_s'] * 1e3:.2f} ms ({measured['median_s'] / predicted:.2f}x the prediction)"
+    return [line]
+
+
 def write(rows: list, meta: dict, ceil: dict, out: Path, dry: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     card = meta["card"].replace(" ", "-").replace("(", "").replace(")", "")
@@ -373,6 +409,7 @@ def write(rows: list, meta: dict, ceil: dict, out: Path, dry: bool) -> None:
         "## Targets",
         "",
         *targets(rows, dry),
+        *model_lines(rows, meta, ceil, dry),
     ]
     table = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(table)

@@ -44,6 +44,9 @@ def test_gpu_check_dry_run(tmp_path):
         assert {r["ref_model"] for r in others} == {"True", "False"}
     # The targets follow the table; the accuracy stage checked every backend; everything is in the log.
     assert "## Targets" in text and "- logits path, in place:" in text
+    # The issue model's prediction (read from H100's SASS in the dry run) follows the targets.
+    model = next(line for line in text.splitlines() if line.startswith("- issue model"))
+    assert "H100 SASS" in model and "forward: issue" in model and "at least" in model, model
     accuracy = next(tmp_path.glob("gpu-accuracy-*.txt")).read_text()
     assert accuracy.count("-> ok") == 12 and "FAILED" not in accuracy
     assert res.stdout.rstrip().splitlines()[-1] == "== gpu_check status: 0 =="
