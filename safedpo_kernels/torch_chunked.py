@@ -12,7 +12,7 @@ exact as a float32 matmul's, at the half-precision rate. Elsewhere the operands 
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -65,20 +65,37 @@ def _target_mask(labels: torch.Tensor, vocab: int, ignore_index: int):
     return counted, valid, safe
 
 
-def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, stats: bool = False):
+def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, stats: bool = False,
+                           work: Optional[torch.Tensor] = None):
     """(rows, V) float32 logits chunk -> (token log-prob with 0 at ignored tokens, lse), both (rows,), and
-    with ``stats`` the (rows, STATS) float32 token statistics (see ``token_stats_of``)."""
-    lse = torch.logsumexp(x, dim=-1)
-    # A +inf logit makes log-softmax NaN (inf - inf), as in the reference and the other backends;
-    # logsumexp alone would give +inf and a -inf log-prob.
+    with ``stats`` the (rows, STATS) float32 token statistics (see STATS).
+
+    ``work``: a (rows, V) float32 scratch for exp(x - max), if the caller keeps one across chunks (a
+    fresh chunk-sized allocation is page-faulted in on every call). The statistics reuse that
+    exponential, so they cost a product and three row sums, and never change the log-probs."""
+    V = x.shape[-1]
+    counted, valid, safe = _target_mask(labels, V, ignore_index)
+    target = x.gather(1, safe.unsqueeze(1)).squeeze(1) if V else torch.zeros_like(labels, dtype=torch.float32)
+    top = x.amax(-1) if V else torch.full(labels.shape, float("-inf"), device=x.device)
+    # While a row is all -inf (a masked vocabulary) the shift is 0, not -inf: -inf - -inf is NaN.
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    e = torch.sub(x, shift.unsqueeze(1), out=work).exp_()
+    s = e.sum(-1)
+    lse = shift + torch.log(s)
+    # A +inf logit makes log-softmax NaN (inf - inf), as in the reference and the other backends.
     lse = torch.where(lse == float("inf"), torch.full_like(lse, float("nan")), lse)
-    counted, valid, safe = _target_mask(labels, x.shape[-1], ignore_index)
-    target = x.gather(1, safe.unsqueeze(1)).squeeze(1)
     tok = torch.where(valid, target - lse, torch.full_like(lse, float("nan")))
     tok = torch.where(counted, tok, torch.zeros_like(tok))
     if not stats:
         return tok, lse
-    return tok, lse, token_stats_of(x, labels, lse, target, counted)
+    in_range = (labels >= 0) & (labels < V)
+    columns = [x.sum(-1), top, _max_before_label(x, labels, target, top), torch.where(in_range, target, torch.zeros_like(target))]
+    # sum_v p_v x_v = sum_v e_v x_v / s. A -inf logit has e = 0, and 0 * -inf is NaN: nansum leaves it out;
+    # a row whose sum is 0 or NaN (all -inf, or a NaN / +inf logit) gets 0.
+    expected = torch.nansum(e.mul_(x), dim=-1) / s
+    expected = torch.where(s > 0, expected, torch.zeros_like(expected))
+    out = torch.stack([expected, *columns], dim=1)
+    return tok, lse, torch.where(counted.unsqueeze(1), out, torch.zeros_like(out))
 
 
 # The per-token statistics a forward kernel returns when asked (columns of a (rows, STATS) float32 tensor),
@@ -86,26 +103,30 @@ def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: 
 #   0  sum_v softmax(z)_v z_v, with this call's own log-sum-exp (the entropy is lse - this)
 #   1  sum_v z_v                  (the mean logit is this / V)
 #   2  max_v z_v
-#   3  max of z_v over the columns before the label's (v < label; -inf when there are none)
+#   3  max of z_v over the columns before the label's (v < label; -inf when there are none); a backend
+#      may give the row's maximum instead where z_label is below it (the label is not top-1 either way)
 #   4  z_label                    (0 when the label is not a column here)
 # The label is top-1 when z_label >= max and z_label > the maximum before it: the lowest index of the
 # maximum, as TRL counts it. Ignored rows are all 0.
 STATS = 5
 
 
-def token_stats_of(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
-                   counted: torch.Tensor) -> torch.Tensor:
-    """The (rows, STATS) statistics of a (rows, V) float32 logits chunk (see STATS)."""
-    V = x.shape[-1]
-    p = torch.exp(x - lse.unsqueeze(1))
-    # exp(-inf) * -inf is NaN: a -inf logit has probability 0 and adds nothing.
-    expected = torch.where(p > 0, p * x, torch.zeros_like(x)).sum(-1)
-    before = torch.arange(V, device=x.device)[None, :] < labels.unsqueeze(1)
-    in_range = (labels >= 0) & (labels < V)
-    out = torch.stack([expected, x.sum(-1), x.amax(-1) if V else torch.full_like(lse, float("-inf")),
-                       x.masked_fill(~before, float("-inf")).amax(-1) if V else torch.full_like(lse, float("-inf")),
-                       torch.where(in_range, target, torch.zeros_like(target))], dim=1)
-    return torch.where(counted.unsqueeze(1), out, torch.zeros_like(out))
+def _max_before_label(x: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Column 3 of STATS: each row's maximum over the columns before its label (all of them for a label
+    past V, as a vocabulary shard before the label's sees it)."""
+    rows, V = x.shape
+    if x.device.type != "cpu":
+        after = torch.arange(V, device=x.device)[None, :] >= labels.unsqueeze(1)
+        return x.masked_fill(after, float("-inf")).amax(-1)
+    # Only a label that reaches its row's maximum can be top-1, and only then does the maximum before it
+    # matter: a slice of each such row, up to its label (nothing allocated); the row's maximum elsewhere.
+    out = torch.where(labels >= V, top, torch.full_like(top, float("-inf")))
+    candidates = ((labels > 0) & (labels < V) & (target >= top)).nonzero().flatten().tolist()
+    ends = labels.tolist()
+    for r in candidates:
+        out[r] = x[r, : ends[r]].amax()
+    out = torch.where((labels > 0) & (labels < V) & (target < top), top, out)
+    return out
 
 
 def grad_from_chunk(x, labels, lse, g, ignore_index: int, overwrite: bool = False, softcap=None) -> torch.Tensor:
@@ -133,8 +154,9 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
     lse = torch.empty_like(tok)
     st = torch.empty(layout.rows, STATS, dtype=torch.float32, device=logits.device) if stats else None
     chunk = chunk_rows_for(logits.shape[-1], device=logits.device)
+    work = torch.empty(min(chunk, layout.rows), logits.shape[-1], device=logits.device)
     for r0, r1, (view,) in row_chunks(layout, chunk, logits):
-        out = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index, stats)
+        out = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index, stats, work[: r1 - r0])
         tok[r0:r1], lse[r0:r1] = out[0], out[1]
         if stats:
             st[r0:r1] = out[2]

@@ -75,3 +75,24 @@ def test_misspelled_variant_is_refused(op, variant):
 
     with pytest.raises(ValueError, match="unknown variant"):
         cases.build(op, variant, cases.Config(N=2, T=4, V=8))
+
+
+def test_variant_table_interleaves_rounds_and_calls_ties(tmp_path):
+    """Two rounds of two variants, each case in a fresh process: every round's time is kept, the median
+    is reported, the values agree; and a ratio under 1.05x is a tie, not "faster"."""
+    from bench.variant_table import verdict
+
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.linear_cpu", "--N", "2", "--T", "9", "--V", "97", "--H", "16", "--repeats", "1",
+         "--rounds", "2", "--variants", "eager,ours-torch", "--device", "cpu"],
+        env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round ")] == [
+        "round 1/2 eager", "round 1/2 ours-torch", "round 2/2 eager", "round 2/2 ours-torch"]
+    row = next(line.split() for line in out.splitlines() if line.startswith("ours-torch "))
+    assert float(row[6]) < 1e-5  # the loss's deviation from eager's
+    assert len(row) == 9  # variant, 6 figures, then both rounds' times
+    assert verdict(1.0, 1.04).startswith("tie") and verdict(1.0, 1.06) == "1.06x faster"
+    assert verdict(1.06, 1.0) == "1.06x slower"

@@ -103,3 +103,15 @@ def test_statistics_are_deterministic_and_leave_inputs_alone(case):
     two = sequence_logps(logits, labels, backend=backend, token_stats=True)[1]
     assert all(torch.equal(a, b) for a, b in zip(one, two)) and torch.equal(logits, before)
     assert rel_err(one.tokens.double(), (labels != -100).sum(-1).double()) == 0.0
+
+
+def test_statistics_of_a_large_vocabulary_match_float64(case):
+    """V = 8209 (odd, past 8192: the torch backend's CPU path slices each row up to its label instead of
+    masking the chunk), with ties, a -inf logit, ignored tokens, labels 0 and V - 1."""
+    backend, device = case
+    logits, labels = tied_case(2, 6, 8209, torch.float32, device, seed=7)
+    labels[0, 0], labels[1, 1] = 0, 8208
+    logits[1, 1, 8208] = logits[1, 1].max() + 1  # the last column is the maximum: top-1
+    logps, stats = sequence_logps(logits, labels, backend=backend, token_stats=True)
+    check_stats(stats, reference.token_stats(logits.double(), labels), torch.float32)
+    assert torch.equal(logps, sequence_logps(logits, labels, backend=backend))
