@@ -10,7 +10,9 @@ with responses of about ``--words`` words; a live reference model (another tiny 
 loss is not log 2 for every trainer); float32 on the CPU. The loss is plain DPO (delta 0, no swap, no
 drop), so every trainer computes the same loss: the first step's, before any update, must agree across
 all of them (later steps differ by each trainer's learning-rate schedule, and Adam's first update,
-about lr * sign(g), turns rounding-level gradient differences into visible ones).
+about lr * sign(g), turns rounding-level gradient differences into visible ones). Every trainer keeps
+its activations the same way: TRL's configs recompute them in the backward by default and our trainer
+does not, so the benchmark sets it for all (--checkpointing: recompute; off by default).
 
 Throughput: per variant, the median over rounds of its median step time over steps 3 to the one before
 last; tokens/s counts the batch's attended tokens (DPOTrainer's num_tokens). Memory, two ways: the peak
@@ -56,7 +58,7 @@ LR = 1e-4
 # ------------------------------------------------------------------------------ the shared inputs
 
 
-def make_inputs(root: Path, pairs: int, words: int) -> dict:
+def make_inputs(root: Path, pairs: int, words: int, checkpointing: bool = False) -> dict:
     """The toy task's first ``pairs`` pairs with responses of about ``words`` words (the toy's own words,
     repeated), the toy tokenizer, and the tiny Llama policy and reference saved once: every variant loads
     the same weights."""
@@ -87,7 +89,8 @@ def make_inputs(root: Path, pairs: int, words: int) -> dict:
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(root / name)
     tok.save_pretrained(root / "reference")
-    return dict(data=str(data), model=str(root / "model"), reference=str(root / "reference"), pairs=pairs, words=words)
+    return dict(data=str(data), model=str(root / "model"), reference=str(root / "reference"), pairs=pairs, words=words,
+                checkpointing=checkpointing)
 
 
 # ------------------------------------------------------------------------------ one variant, one process
@@ -133,7 +136,8 @@ def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: S
                       mode="dpo-helpful", beta=0.1, batch_size=inputs["pairs"], max_steps=steps, lr=LR,
                       loss_input=loss_input, compile=compiled, reference="live", reference_model=inputs["reference"],
                       progress=False, resume="none",
-                      max_prompt_length=64, max_length=16384, save_every=0, clip_grad_norm=1.0)
+                      max_prompt_length=64, max_length=16384, save_every=0, clip_grad_norm=1.0,
+                      gradient_checkpointing=inputs["checkpointing"])
     run = Run(cfg)
     run.policy.train()
     losses, tokens = [], []
@@ -166,7 +170,9 @@ def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), beta=0.1, per_device_train_batch_size=len(rows),
                   max_steps=steps, learning_rate=LR, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                   logging_steps=1, max_length=None, dataloader_num_workers=0, precompute_ref_log_probs=False,
-                  disable_tqdm=True, bf16=False, fp16=False)  # float32, as our trainer on the CPU (TRL asks for bf16)
+                  disable_tqdm=True, bf16=False, fp16=False,  # float32, as our trainer on the CPU (TRL asks for bf16)
+                  # TRL's configs recompute the activations by default, our trainer does not: the same for all
+                  gradient_checkpointing=inputs["checkpointing"])
     if trainer == "trl":
         args = DPOConfig(**common)
         cls = DPOTrainer
@@ -229,7 +235,7 @@ def machine() -> str:
 
 def throughput(a) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-trainers-"))
-    inputs = make_inputs(root, a.pairs, a.words)
+    inputs = make_inputs(root, a.pairs, a.words, a.checkpointing)
     names = a.variants.split(",") if a.variants else list(VARIANTS)
     runs = {n: [] for n in names}
     for r in range(a.rounds):  # interleaved: a slow spell of a shared machine hits every variant alike
@@ -264,9 +270,11 @@ def report(rows: list, a, inputs: dict) -> None:
     spread = max(losses) - min(losses) if losses else float("nan")
     lines = [f"# Trainers on the same model and data ({machine()}, {datetime.date.today()})", "",
              f"Tiny Llama (2 layers, hidden 256, vocabulary 32000), {inputs['pairs']} pairs per step with responses of "
-             f"~{inputs['words']} words, live reference model, plain DPO, float32; median of {a.rounds} interleaved "
+             f"~{inputs['words']} words, live reference model, plain DPO, float32, activation checkpointing "
+             f"{'on' if a.checkpointing else 'off'} in every trainer; median of {a.rounds} interleaved "
              f"rounds (fresh processes) of the median step after the first two. `python -m bench.trainers "
-             f"--rounds {a.rounds} --steps {a.steps} --pairs {a.pairs} --words {a.words}`.", "",
+             f"--rounds {a.rounds} --steps {a.steps} --pairs {a.pairs} --words {a.words}"
+             f"{' --checkpointing' if a.checkpointing else ''}`.", "",
              "| trainer | s/step | tokens/s | peak tensor MB in a step | peak RSS MB above step 3 | step-1 loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -296,7 +304,7 @@ def curve(a) -> None:
     for n in names:
         for T in lengths:
             root = Path(tempfile.mkdtemp(prefix=f"bench-curve-{T}-"))
-            inputs = make_inputs(root, 2, T)
+            inputs = make_inputs(root, 2, T, a.checkpointing)
             out = isolated(dict(variant=n, inputs=inputs, steps=2, peak_from_step=2))
             if "error" in out:
                 print(f"{n} T~{T}: {out['error']}", flush=True)
@@ -309,8 +317,9 @@ def curve(a) -> None:
                 break
     lines = [f"# Peak memory against response length ({machine()}, {datetime.date.today()})", "",
              f"2 pairs, responses of about T words (toy tokens: about one token per word), one training step "
-             f"after a warm-up: the peak of live tensor bytes allocated during it; budget {a.budget_gib} GiB. "
-             f"`python -m bench.trainers --curve --lengths {a.lengths}`.", "",
+             f"after a warm-up: the peak of live tensor bytes allocated during it; budget {a.budget_gib} GiB; "
+             f"activation checkpointing {'on' if a.checkpointing else 'off'} in every trainer. "
+             f"`python -m bench.trainers --curve --lengths {a.lengths}{' --checkpointing' if a.checkpointing else ''}`.", "",
              "| trainer | " + " | ".join(f"T~{T}" for T in lengths) + " | longest T under the budget |",
              "|---|" + "---|" * (len(lengths) + 1)]
     for n, pts in points.items():
@@ -362,6 +371,8 @@ def main(argv=None):
     p.add_argument("--curve", action="store_true", help="peak memory against the response length instead")
     p.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
     p.add_argument("--budget-gib", type=float, default=8.0)
+    p.add_argument("--checkpointing", action="store_true",
+                   help="every trainer recomputes its activations in the backward (TRL's configs' default; ours: off)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
