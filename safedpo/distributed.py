@@ -4,6 +4,7 @@ splits the data)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -73,30 +74,41 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    def close(self, wrapped=None) -> None:
-        """End the process group this run started (``wrapped``: the model as wrap_distributed returned
-        it, possibly compiled, which is no longer usable afterwards). Left to the interpreter's exit,
-        its threads can be torn down while still running (gloo aborted a rank with "terminate called
-        without an active exception" after an FSDP2 run).
+    def close(self) -> None:
+        """End the process group this run started. Call it after the models, optimizers and DDP / FSDP2
+        wrappers that used the group are gone (``gc.collect()`` included: FSDP2's modules hold it in
+        reference cycles), so that the group's last reference is this method's.
 
-        The group's C++ destructor joins gloo's worker threads, and a worker may still be releasing the
-        last collective's tensors, which takes the GIL. DDP's reducer holds the group from C++, and its
-        Python binding destroys it with the GIL held: when the reducer went last, a rank hung forever
-        after its final barrier (about once in a loaded test suite). So the reducer lets go first, while
-        this method still holds the group from Python, and the last reference goes through the group's
-        own binding, which releases the GIL while the workers are joined."""
+        The group's C++ destructor joins gloo's worker threads, and a worker may still be releasing
+        the last collective's tensors, which takes the GIL. Through the group's own binding the GIL is
+        released while they are joined; from DDP's reducer it is not (a rank hung after its final
+        barrier), and during the interpreter's exit a worker can no longer take it (a rank aborted with
+        "terminate called without an active exception" after an FSDP2 run). Left holders are logged."""
         if not (self.owns_group and dist.is_initialized()):
             return
-        held = dist.group.WORLD
-        ddp = getattr(wrapped, "_orig_mod", wrapped)  # torch.compile's wrapper keeps the module here
-        from torch.nn.parallel import DistributedDataParallel
-
-        if isinstance(ddp, DistributedDataParallel):
-            for name in ("logger", "reducer"):  # the logger holds the reducer too
-                ddp.__dict__.pop(name, None)
+        held = [g for g in (dist.group.WORLD, self._data_group) if g is not None]
+        self.tp_mesh = self.dp_mesh = self._data_group = None
+        release_device_meshes()
         dist.destroy_process_group()
         self.owns_group = False
+        others = [sys.getrefcount(g) - 3 for g in held]  # less the list's, the loop's and the call's own
+        if any(others):
+            logging.getLogger(__name__).warning(
+                "the process group is still held by %d other objects after the run closed; it is destroyed "
+                "when they are, possibly during the interpreter's exit", sum(others))
         del held
+
+
+def release_device_meshes() -> None:
+    """Empties every device mesh's registry of process groups: DTensor's sharding caches keep the meshes
+    FSDP2 and tensor parallelism made for as long as the process lives, and with them the groups."""
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # a torch built without distributed
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 def rank_slice(indices, rank: int, world: int):

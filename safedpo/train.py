@@ -12,6 +12,7 @@ steps, stop signals), evaluate.py.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import signal
@@ -430,9 +431,15 @@ class Run:
                           asked, self.step_count, str(ckpt))
 
     def close(self) -> None:
+        """Ends the run's output and its process group. The models, optimizer and wrappers go first,
+        with the reference cycles FSDP2's modules form, while the group is still registered: none of
+        them may be the group's last holder (see Dist.close). The run cannot step afterwards."""
         self.bar.close()
         self.log.close()
-        self.procs.close(self.wrapped)
+        for name in ("wrapped", "policy", "reference", "optimizer", "scheduler", "evaluator", "step_context"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        self.procs.close()
 
     def finish(self) -> dict:
         """A last evaluation (unless the last step had one), the final checkpoint and model (with LoRA: the

@@ -89,4 +89,6 @@ def safedpo_train(cfg, fault: Optional[dict] = None, timeout: int = 600, check: 
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if check:
         assert res.returncode == 0, res.stderr[-4000:]
+        # a group left to the interpreter's exit can abort a rank there (Dist.close)
+        assert "the process group is still held" not in res.stderr, res.stderr[-4000:]
     return res
