@@ -8,12 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import config, losses, task_files  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
+from tiny_runs import config, losses  # noqa: E402
 
 
 @pytest.mark.parametrize("compile_backend, loss_input, checkpointing",

@@ -8,12 +8,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import SHARDED_OK, config, losses, needs_sharded_torch, task_files, torchrun  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
+from tiny_runs import SHARDED_OK, config, losses, needs_sharded_torch, torchrun  # noqa: E402
 
 
 @pytest.mark.xdist_group("processes")

@@ -15,12 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import ROOT, config, losses, safedpo_train, task_files, torchrun  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
+from tiny_runs import ROOT, config, losses, safedpo_train, torchrun  # noqa: E402
 
 
 def strict_records(out) -> list:

@@ -10,14 +10,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import config, losses, task_files, torchrun  # noqa: E402
+from tiny_runs import config, losses, torchrun  # noqa: E402
 
 MIX = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
 
 
 def test_micro_batches_add_up_to_the_global_batch(task, tmp_path):

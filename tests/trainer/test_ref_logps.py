@@ -10,12 +10,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import config, task_files  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
+from tiny_runs import config  # noqa: E402
 
 
 def _parts(task, tmp_path):

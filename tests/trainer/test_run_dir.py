@@ -14,14 +14,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import ROOT, task_files, write_jsonl  # noqa: E402
+from tiny_runs import ROOT, write_jsonl  # noqa: E402
 
 from safedpo.config import load_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
 
 
 def run_cfg(stand_ins, out, **kw):

@@ -12,12 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import ROOT, config, losses, task_files  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
+from tiny_runs import ROOT, config, losses  # noqa: E402
 
 
 def test_cli_full_run_writes_metrics_and_loadable_model(task, tmp_path):

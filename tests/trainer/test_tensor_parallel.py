@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import TINY, config, losses, needs_sharded_torch, task_files, torchrun  # noqa: E402
+from tiny_runs import TINY, config, losses, needs_sharded_torch, torchrun  # noqa: E402
 
 # several CPU processes per test: one such test at a time (make test runs xdist with --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("processes")
@@ -17,11 +17,6 @@ pytestmark = pytest.mark.xdist_group("processes")
 # Four heads, two of them key/value, and an even vocabulary (the toy tokenizer's 121 ids and one spare):
 # both halves of every sharded layer are equal in size.
 TP_MODEL = dict(TINY, num_attention_heads=4, num_key_value_heads=2, vocab_size=122)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return task_files(tmp_path_factory.mktemp("task"))
 
 
 def final_weights(out):
