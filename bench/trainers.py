@@ -47,9 +47,11 @@ VARIANTS = {
     "ours-linear-compiled": ("ours", "linear", True),
     "safedpo-trainer-logits": ("safedpo-trainer", "logits", False),
     "safedpo-trainer-linear": ("safedpo-trainer", "linear", False),
+    # its reference's log-probs from the hidden states too (ref_fused_loss_input="linear")
+    "safedpo-trainer-linear-ref": ("safedpo-trainer", "linear", False),
     "trl-dpo": ("trl", None, False),
 }
-CURVE_VARIANTS = ("ours-linear", "ours-logits", "safedpo-trainer-linear", "trl-dpo")
+CURVE_VARIANTS = ("ours-linear", "ours-logits", "safedpo-trainer-linear", "safedpo-trainer-linear-ref", "trl-dpo")
 MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=16384)
 LR = 1e-4
@@ -151,7 +153,7 @@ def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: S
     return dict(losses=losses, tokens=tokens)
 
 
-def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock) -> dict:
+def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock, ref_loss_input: str = "logits") -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -177,7 +179,8 @@ def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock
         args = DPOConfig(**common)
         cls = DPOTrainer
     else:
-        args = SafeDPOConfig(**common, delta=0.0, swap=False, drop_both_unsafe=False, fused_loss_input=loss_input)
+        args = SafeDPOConfig(**common, delta=0.0, swap=False, drop_both_unsafe=False, fused_loss_input=loss_input,
+                             ref_fused_loss_input=ref_loss_input)
         cls = SafeDPOTrainer
     model = AutoModelForCausalLM.from_pretrained(inputs["model"], torch_dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(inputs["reference"], torch_dtype=torch.float32)
@@ -209,7 +212,8 @@ def child(spec: dict) -> dict:
     if trainer == "ours":
         out = run_ours(spec["inputs"], loss_input, compiled, spec["steps"], clock)
     else:
-        out = run_trl(spec["inputs"], trainer, loss_input, spec["steps"], clock)
+        out = run_trl(spec["inputs"], trainer, loss_input, spec["steps"], clock,
+                      "linear" if spec["variant"].endswith("-ref") else "logits")
     return dict(out, times=clock.times, **clock.peaks(), variant=spec["variant"])
 
 

@@ -69,6 +69,13 @@ class SafeDPOConfig(DPOConfig):
         metadata={"help": "'logits': fused log-probs from the logits, in-place backward; 'linear': from the hidden "
                           "states and the LM head, without logits (the model's logit_scale / softcap are read)."},
     )
+    ref_fused_loss_input: str = field(
+        default="logits",
+        metadata={"help": "the reference's log-probs (unless precomputed): 'logits', from its full logits, as "
+                          "DPOTrainer's rounding has them; 'linear', from its hidden states and LM head for the "
+                          "response tokens only, without the (2B, T, V) logits: the memory to take at long "
+                          "sequences."},
+    )
     kernel_backend: str = field(default="auto", metadata={"help": "safedpo_kernels backend: auto, triton, native, torch."})
 
     def loss_options(self) -> LossOptions:
@@ -201,8 +208,9 @@ class SafeDPOTrainer(DPOTrainer):
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"SafeDPOTrainer does not support {', '.join(bad)}; leave them at their defaults")
-        if args.fused_loss_input not in ("logits", "linear"):
-            raise ValueError(f"fused_loss_input must be 'logits' or 'linear', got {args.fused_loss_input!r}")
+        for name in ("fused_loss_input", "ref_fused_loss_input"):
+            if getattr(args, name) not in ("logits", "linear"):
+                raise ValueError(f"{name} must be 'logits' or 'linear', got {getattr(args, name)!r}")
         if args.kernel_backend not in BACKENDS:
             raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {args.kernel_backend!r}")
 
@@ -235,18 +243,24 @@ class SafeDPOTrainer(DPOTrainer):
 
     @property
     def reference_adapter(self) -> CausalLMLoss:
-        """The reference's way to log-probs: the fused kernels on its logits. Made on first use, which can
-        be TRL's precomputation inside DPOTrainer.__init__."""
+        """The reference's way to log-probs (ref_fused_loss_input): the fused kernels on its logits, or on
+        its hidden states and LM head (the response tokens' rows only). Made on first use, which can be
+        TRL's precomputation inside DPOTrainer.__init__."""
         if getattr(self, "_reference_loss", None) is None:
             model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self._reference_loss = CausalLMLoss(model, "logits", self.args.kernel_backend)
+            self._reference_loss = CausalLMLoss(model, self.args.ref_fused_loss_input, self.args.kernel_backend)
         return self._reference_loss
 
     @torch.no_grad()
     def _ref_logps(self, model, inputs, autocast: bool) -> torch.Tensor:
-        """(2B,) summed reference log-probs of a batch, with the fused kernels on the logits (whatever the
-        policy's fused_loss_input); ``model`` is the reference model, or the policy (then through its
-        reference adapter)."""
+        """(2B,) summed reference log-probs of a batch; ``model`` is the reference model, or the policy
+        (then through its reference adapter)."""
+        if self.args.ref_fused_loss_input == "linear":
+            # The decoder and the head are called directly, past the wrappers of a prepared model's forward,
+            # among them the mixed-precision autocast, which then comes from here (as for the policy).
+            model = self.accelerator.unwrap_model(model)
+            model = model.get_base_model() if hasattr(model, "get_base_model") else model
+            autocast = True
         kwargs, labels, cu_seqlens = self._model_inputs(inputs, policy=False)
         with (self._reference_adapter(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self.accelerator.autocast() if autocast else contextlib.nullcontext()):

@@ -1,6 +1,7 @@
 """Drop-in use from other trainers: TRL's DPOTrainer with SafeDPO (SafeDPOTrainer), and the examples
 (a TRL run, a plain transformers loop, padding-free packed batches), each on a tiny local model."""
 
+import functools
 import json
 import math
 import subprocess
@@ -400,3 +401,69 @@ def test_a_non_finite_training_loss_is_refused_with_the_batch(stand_ins, tmp_pat
                                                  r"this process's 4 pairs have chosen log-probs \[nan"):
         ours.train()
     assert ours.state.global_step == 0
+
+
+@pytest.mark.parametrize("setup", ["ref_model", "packed", "lora"])
+def test_the_linear_reference_equals_the_logits_reference_without_the_logits(stand_ins, tmp_path, setup):
+    """ref_fused_loss_input="linear": the reference's log-probs from its hidden states and head equal those
+    from its logits and float64's (float32; a reference model, padded or packed; a LoRA policy's frozen
+    "ref" adapter), the (2B, T, V) logits are never allocated, and under bf16 mixed precision it runs in
+    the autocast the model's own forward has; any other value is refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.memory import profiled_peak_bytes
+    from safedpo_kernels.integrations.trl import labels_from_completion_mask
+
+    extra = dict(padding_free=True) if setup == "packed" else {}
+    make_model = None
+    if setup == "lora":
+        peft = pytest.importorskip("peft")
+
+        def make_model():
+            torch.manual_seed(0)
+            model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(stand_ins["model"]),
+                                        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+            gen = torch.Generator().manual_seed(3)
+            with torch.no_grad():  # adapters that change the model: the "ref" copy is then not the base model
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            return model
+
+    def reference_logps(ref, bf16=False):
+        t = our_trainer(stand_ins, tmp_path / f"{ref}-{bf16}", make_model, ref_fused_loss_input=ref, bf16=bf16, **extra)
+        model = t.ref_model if t.ref_model is not None else t.model
+        assert setup != "lora" or "ref" in t.model.peft_config
+        return t, model, t._ref_logps(model, t._prepare_inputs(batch), autocast=False)
+
+    batch = next(iter(our_trainer(stand_ins, tmp_path / "data", bf16=False).get_train_dataloader()))
+    t, model, linear = reference_logps("linear")
+    _, _, logits = reference_logps("logits")
+    assert linear.shape == (batch["input_ids"].shape[0],)
+    assert torch.allclose(linear, logits, rtol=1e-5, atol=1e-5), (linear, logits)
+    if setup == "ref_model":  # float64's, from the saved model
+        m = AutoModelForCausalLM.from_pretrained(stand_ins["model"]).double()
+        labels = labels_from_completion_mask(batch["input_ids"], batch["completion_mask"])
+        with torch.no_grad():
+            z = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+        want = (z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)).sum(-1)
+        assert torch.allclose(linear.double(), want, rtol=1e-5, atol=1e-5), (linear, want)
+        bf16_linear = reference_logps("linear", bf16=True)[2]
+        bf16_logits = reference_logps("logits", bf16=True)[2]
+        assert not torch.allclose(bf16_linear, linear, rtol=1e-5, atol=1e-5)  # autocast did apply
+        assert torch.allclose(bf16_linear, bf16_logits, rtol=2e-2), (bf16_linear, bf16_logits)
+        # Memory, on a copy of the model whose vocabulary (padded to 16384) makes the logits the largest
+        # tensor: the logits path holds all of them, the linear path the response rows' (in chunks).
+        big = m.config.to_dict() | dict(vocab_size=16384, torch_dtype="float32")
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(type(m.config).from_dict(big)).save_pretrained(tmp_path / "big")
+        make_model = lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "big")  # noqa: E731
+        peaks = {}
+        for ref in ("linear", "logits"):
+            tr, mo, _ = reference_logps(ref)
+            inputs = tr._prepare_inputs(batch)
+            peaks[ref] = profiled_peak_bytes(functools.partial(tr._ref_logps, mo, inputs, autocast=False))
+        logits_bytes = batch["input_ids"].numel() * 16384 * 4
+        assert peaks["linear"] < 0.75 * logits_bytes <= peaks["logits"], (peaks, logits_bytes)
+    with pytest.raises(ValueError, match="ref_fused_loss_input must be 'logits' or 'linear', got 'hidden'"):
+        our_trainer(stand_ins, tmp_path / "bad", ref_fused_loss_input="hidden")
