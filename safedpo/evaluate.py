@@ -129,19 +129,22 @@ def evaluate_checkpoint(cfg, checkpoint: Optional[str] = None) -> dict:
     if not checkpoint:
         raise ValueError(f"say which model to evaluate: {CHECKPOINT_HELP}")
     procs = Dist(cfg.run.device)
-    tok = config_tokenizer(cfg.model, checkpoint)
-    examples, _ = load_examples(cfg.data, tok, sources, cfg.optim.seed)
-    # the reference: the policy before training
-    initial = build_model(cfg.model, len(tok), procs.device, seed=cfg.optim.seed)
-    trained = trained_model(cfg, len(tok), procs.device, checkpoint)
-    check_token_ids(trained, "the tokenizer", evaluation=examples)
-    loss = cfg.loss
-    policy = PairScorer(trained, loss.loss_input, loss.average_logps, loss.backend)
-    initial_policy = PairScorer(initial, loss.loss_input, loss.average_logps, loss.backend)
-    reference = ReferenceLogps(dataclasses.replace(loss, reference="live"), initial_policy, {}, tok, procs, False, None)
-    metrics = evaluate_pairs(policy, reference, examples, cfg.loss_options(), cfg.optim.batch_size, tok.pad_token_id,
-                             False, procs.device)
-    return dict(metrics, checkpoint=checkpoint)
+    try:  # under torchrun Dist starts a process group: it ends here (Dist.close)
+        tok = config_tokenizer(cfg.model, checkpoint)
+        examples, _ = load_examples(cfg.data, tok, sources, cfg.optim.seed)
+        # the reference: the policy before training
+        initial = build_model(cfg.model, len(tok), procs.device, seed=cfg.optim.seed)
+        trained = trained_model(cfg, len(tok), procs.device, checkpoint)
+        check_token_ids(trained, "the tokenizer", evaluation=examples)
+        loss = cfg.loss
+        policy = PairScorer(trained, loss.loss_input, loss.average_logps, loss.backend)
+        initial_policy = PairScorer(initial, loss.loss_input, loss.average_logps, loss.backend)
+        reference = ReferenceLogps(dataclasses.replace(loss, reference="live"), initial_policy, {}, tok, procs, False, None)
+        metrics = evaluate_pairs(policy, reference, examples, cfg.loss_options(), cfg.optim.batch_size, tok.pad_token_id,
+                                 False, procs.device)
+        return dict(metrics, checkpoint=checkpoint)
+    finally:
+        procs.close()
 
 
 class Sampling(NamedTuple):
@@ -274,20 +277,23 @@ def generation_report(cfg, checkpoint: Optional[str] = None, samples_file: Optio
     quiet_libraries()
     cfg.validate()
     procs = Dist(cfg.run.device)
-    items = prompt_items(cfg)
-    ev = cfg.eval
-    rows = [item for item in items for _ in range(ev.generation_samples)]
-    judge = make_judge(ev.judge, ev.judge_threshold, procs.device, cfg.run.progress)
-    judge.check(rows)  # before sampling, not after
-    tok = config_tokenizer(cfg.model, checkpoint)
-    model = trained_model(cfg, len(tok), procs.device, checkpoint)
-    sampling = Sampling(ev.generation_samples, ev.max_new_tokens, ev.temperature, cfg.optim.seed,
-                        cfg.data.max_prompt_length)
-    responses = sample_responses(model, tok, [i["prompt"] for i in items], sampling, progress=cfg.run.progress)
-    report, verdicts = judged_report(rows, responses, judge)
-    path = Path(samples_file or Path(cfg.run.output_dir) / "generation_samples.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for item, response, verdict in zip(rows, responses, verdicts):
-            f.write(json.dumps(dict(prompt=item["prompt"], response=response, **verdict)) + "\n")
-    return dict(report, judge=ev.judge, samples_file=str(path))
+    try:  # under torchrun Dist starts a process group: it ends here (Dist.close)
+        items = prompt_items(cfg)
+        ev = cfg.eval
+        rows = [item for item in items for _ in range(ev.generation_samples)]
+        judge = make_judge(ev.judge, ev.judge_threshold, procs.device, cfg.run.progress)
+        judge.check(rows)  # before sampling, not after
+        tok = config_tokenizer(cfg.model, checkpoint)
+        model = trained_model(cfg, len(tok), procs.device, checkpoint)
+        sampling = Sampling(ev.generation_samples, ev.max_new_tokens, ev.temperature, cfg.optim.seed,
+                            cfg.data.max_prompt_length)
+        responses = sample_responses(model, tok, [i["prompt"] for i in items], sampling, progress=cfg.run.progress)
+        report, verdicts = judged_report(rows, responses, judge)
+        path = Path(samples_file or Path(cfg.run.output_dir) / "generation_samples.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for item, response, verdict in zip(rows, responses, verdicts):
+                f.write(json.dumps(dict(prompt=item["prompt"], response=response, **verdict)) + "\n")
+        return dict(report, judge=ev.judge, samples_file=str(path))
+    finally:
+        procs.close()

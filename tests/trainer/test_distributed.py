@@ -2,18 +2,22 @@
 bitwise from its sharded checkpoints, and sharded training on a torch that trains it differently is refused."""
 
 
+import json
+import re
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from tiny_runs import SHARDED_OK, config, losses, needs_sharded_torch, torchrun  # noqa: E402
+from tiny_runs import SHARDED_OK, TORCHRUN, config, losses, needs_sharded_torch, safedpo_command, torchrun  # noqa: E402
 
 
 @pytest.mark.xdist_group("processes")
 def test_torchrun_two_processes_match_one(task, tmp_path):
     """2 ranks x 2 pairs (gloo) versus 1 rank x 4 pairs: the same global batches, the same losses."""
+    from safedpo.evaluate import evaluate_checkpoint
     from safedpo.train import train
 
     train(config(task, tmp_path / "one", max_steps=3, batch_size=4))
@@ -21,6 +25,12 @@ def test_torchrun_two_processes_match_one(task, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+    # `safedpo eval` under torchrun: each rank evaluates the whole set, the same metrics as one process
+    res = safedpo_command(["eval", "--config", str((tmp_path / "two").with_suffix(".yaml")),
+                           f"checkpoint={tmp_path / 'two' / 'final'}"], launcher=TORCHRUN)
+    one = evaluate_checkpoint(config(task, tmp_path / "two"), str(tmp_path / "two" / "final"))
+    ranks = [json.loads(block) for block in re.findall(r"^\{.*?^\}", res.stdout, re.S | re.M)]
+    assert len(ranks) == 2 and all(abs(r["eval_loss"] - one["eval_loss"]) <= 1e-6 for r in ranks), res.stdout
     if not SHARDED_OK:
         return
     # FSDP2 (fully_shard, gloo on the CPU): the same losses, and a final model gathered from the shards.

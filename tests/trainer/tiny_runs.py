@@ -56,9 +56,11 @@ def torchrun(cfg, nproc: int = 2, timeout: int = 600, fault: Optional[dict] = No
     """``safedpo train`` on ``cfg`` under torchrun with ``nproc`` local processes (with a ``fault``, see
     ``safedpo_train``); unless ``check`` is off, fails the test with the end of their stderr when the run
     fails."""
-    return safedpo_train(cfg, fault, timeout, check,
-                         # --standalone: a local rendezvous on a free port, so parallel runs do not collide
-                         launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
+    return safedpo_train(cfg, fault, timeout, check, launcher=[*TORCHRUN[:-1], f"--nproc_per_node={nproc}"])
+
+
+# --standalone: a local rendezvous on a free port, so parallel runs do not collide
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 FAULT_HOOK = """
@@ -85,8 +87,15 @@ def safedpo_train(cfg, fault: Optional[dict] = None, timeout: int = 600, check: 
         env.update(SAFEDPO_TEST_FAULT=fault["mode"], SAFEDPO_TEST_FAULT_STEP=str(fault["step"]))
         if fault.get("rank") is not None:
             env["SAFEDPO_TEST_FAULT_RANK"] = str(fault["rank"])
-    cmd = [sys.executable, *launcher, "-m", "safedpo", "train", "--config", str(cfg_file)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return safedpo_command(["train", "--config", str(cfg_file)], timeout, check, launcher, env)
+
+
+def safedpo_command(args, timeout: int = 600, check: bool = True, launcher=(), env=None) -> subprocess.CompletedProcess:
+    """``python [launcher] -m safedpo *args`` from the repository root; unless ``check`` is off, fails the
+    test with the end of its stderr when it fails or leaves its process group to the interpreter's exit."""
+    env = env or dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, *launcher, "-m", "safedpo", *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT, env=env)
     if check:
         assert res.returncode == 0, res.stderr[-4000:]
         # a group left to the interpreter's exit can abort a rank there (Dist.close)
