@@ -196,6 +196,7 @@ class SafeDPOTrainer(DPOTrainer):
                                          token_stats=True)  # DPOTrainer's entropy, logits and token accuracy
         if args.fused_loss_input == "linear":
             _add_fused_linear_loss(base, self.loss_adapter)
+        self._check_reference_path(args, getattr(self, "is_fsdp_enabled", False), getattr(self, "is_deepspeed_enabled", False))
         self._compile_context = compile_context(base) if args.torch_compile else contextlib.nullcontext()
 
     @staticmethod
@@ -213,6 +214,15 @@ class SafeDPOTrainer(DPOTrainer):
                 raise ValueError(f"{name} must be 'logits' or 'linear', got {getattr(args, name)!r}")
         if args.kernel_backend not in BACKENDS:
             raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {args.kernel_backend!r}")
+
+    @staticmethod
+    def _check_reference_path(args: SafeDPOConfig, fsdp: bool, deepspeed: bool) -> None:
+        """ref_fused_loss_input="linear" calls the reference's decoder and head directly, past its wrapper's
+        forward: under FSDP or DeepSpeed ZeRO that forward is what gathers the sharded weights first."""
+        if args.ref_fused_loss_input == "linear" and (fsdp or deepspeed) and not args.precompute_ref_log_probs:
+            raise ValueError(f"ref_fused_loss_input='linear' is not supported with {'FSDP' if fsdp else 'DeepSpeed'} "
+                             "(the reference's sharded weights are gathered by its wrapped forward); use 'logits', "
+                             "or precompute_ref_log_probs=True")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -467,3 +467,14 @@ def test_the_linear_reference_equals_the_logits_reference_without_the_logits(sta
         assert peaks["linear"] < 0.75 * logits_bytes <= peaks["logits"], (peaks, logits_bytes)
     with pytest.raises(ValueError, match="ref_fused_loss_input must be 'logits' or 'linear', got 'hidden'"):
         our_trainer(stand_ins, tmp_path / "bad", ref_fused_loss_input="hidden")
+    from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer
+
+    def config(**kw):
+        return SafeDPOConfig(output_dir=str(tmp_path / "cfg"), report_to="none", use_cpu=True, **kw)
+
+    for sharded in (dict(fsdp=True, deepspeed=False), dict(fsdp=False, deepspeed=True)):
+        with pytest.raises(ValueError, match="ref_fused_loss_input='linear' is not supported with (FSDP|DeepSpeed)"):
+            SafeDPOTrainer._check_reference_path(config(ref_fused_loss_input="linear"), **sharded)
+        SafeDPOTrainer._check_reference_path(config(), **sharded)  # the logits reference goes through the wrapper
+        SafeDPOTrainer._check_reference_path(config(ref_fused_loss_input="linear", precompute_ref_log_probs=True),
+                                             **sharded)  # computed before the model is wrapped
