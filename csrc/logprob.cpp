@@ -151,55 +151,27 @@ inline float row_lse_stats(const float* x, int64_t V, int64_t y, float* st) {
   return m + std::log(fs);
 }
 
+// Rows of log-probs and log-sum-exps; with out_st (non-null) the token statistics too, kStats per row.
 template <typename scalar_t>
-void forward_impl(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& tok, at::Tensor& lse,
+void forward_impl(const at::Tensor& logits, const at::Tensor& labels, float* out_tok, float* out_lse, float* out_st,
                   int64_t rows, int64_t V, int64_t seq_len, int64_t stride_seq, int64_t stride_tok,
                   int64_t ignore_index) {
   const scalar_t* base = logits.data_ptr<scalar_t>();
   const int64_t* lab = labels.data_ptr<int64_t>();
-  float* out_tok = tok.data_ptr<float>();
-  float* out_lse = lse.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = lab[r];
+      float* st = out_st ? out_st + r * kStats : nullptr;
       if (y == ignore_index) {
         out_tok[r] = 0.f;
         out_lse[r] = 0.f;
+        if (st) std::fill(st, st + kStats, 0.f);
         continue;
       }
       const float* x = as_float(base + row_offset(r, seq_len, stride_seq, stride_tok), V, buf);
-      const float l = row_lse(x, V);
-      out_lse[r] = l;
-      out_tok[r] = (y >= 0 && y < V) ? x[y] - l : std::numeric_limits<float>::quiet_NaN();
-    }
-  });
-}
-
-template <typename scalar_t>
-void forward_stats_impl(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& tok, at::Tensor& lse,
-                        at::Tensor& stats, int64_t rows, int64_t V, int64_t seq_len, int64_t stride_seq,
-                        int64_t stride_tok, int64_t ignore_index) {
-  const scalar_t* base = logits.data_ptr<scalar_t>();
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  float* out_tok = tok.data_ptr<float>();
-  float* out_lse = lse.data_ptr<float>();
-  float* out_st = stats.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t y = lab[r];
-      float* st = out_st + r * kStats;
-      if (y == ignore_index) {
-        out_tok[r] = 0.f;
-        out_lse[r] = 0.f;
-        std::fill(st, st + kStats, 0.f);
-        continue;
-      }
-      const float* x = as_float(base + row_offset(r, seq_len, stride_seq, stride_tok), V, buf);
-      const float l = row_lse_stats(x, V, y, st);
+      const float l = st ? row_lse_stats(x, V, y, st) : row_lse(x, V);
       out_lse[r] = l;
       out_tok[r] = (y >= 0 && y < V) ? x[y] - l : std::numeric_limits<float>::quiet_NaN();
     }
@@ -347,37 +319,36 @@ void check_common(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous(), "labels must be contiguous int64");
 }
 
-std::tuple<at::Tensor, at::Tensor> logp_forward(const at::Tensor& logits, const at::Tensor& labels, int64_t seq_len,
-                                                int64_t stride_seq, int64_t stride_tok, int64_t ignore_index) {
+// The forward with (stats) or without the token statistics; the third tensor is undefined without.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labels, int64_t seq_len,
+                                                       int64_t stride_seq, int64_t stride_tok, int64_t ignore_index,
+                                                       bool stats) {
   check_common(logits, labels);
   const int64_t rows = labels.numel();
   const int64_t V = logits.size(-1);
   auto tok = at::empty({rows}, logits.options().dtype(at::kFloat));
   auto lse = at::empty({rows}, logits.options().dtype(at::kFloat));
-  if (rows == 0) return {tok, lse};
+  at::Tensor st = stats ? at::empty({rows, kStats}, logits.options().dtype(at::kFloat)) : at::Tensor();
+  if (rows == 0) return {tok, lse, st};
   TORCH_CHECK(seq_len > 0, "seq_len must be positive");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "safedpo_logp_forward", [&] {
-    forward_impl<scalar_t>(logits, labels, tok, lse, rows, V, seq_len, stride_seq, stride_tok, ignore_index);
+    forward_impl<scalar_t>(logits, labels, tok.data_ptr<float>(), lse.data_ptr<float>(),
+                           stats ? st.data_ptr<float>() : nullptr, rows, V, seq_len, stride_seq, stride_tok,
+                           ignore_index);
   });
+  return {tok, lse, st};
+}
+
+std::tuple<at::Tensor, at::Tensor> logp_forward(const at::Tensor& logits, const at::Tensor& labels, int64_t seq_len,
+                                                int64_t stride_seq, int64_t stride_tok, int64_t ignore_index) {
+  auto [tok, lse, st] = forward(logits, labels, seq_len, stride_seq, stride_tok, ignore_index, false);
   return {tok, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logp_forward_stats(const at::Tensor& logits, const at::Tensor& labels,
                                                                   int64_t seq_len, int64_t stride_seq,
                                                                   int64_t stride_tok, int64_t ignore_index) {
-  check_common(logits, labels);
-  const int64_t rows = labels.numel();
-  const int64_t V = logits.size(-1);
-  auto tok = at::empty({rows}, logits.options().dtype(at::kFloat));
-  auto lse = at::empty({rows}, logits.options().dtype(at::kFloat));
-  auto stats = at::empty({rows, kStats}, logits.options().dtype(at::kFloat));
-  if (rows == 0) return {tok, lse, stats};
-  TORCH_CHECK(seq_len > 0, "seq_len must be positive");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "safedpo_logp_forward_stats", [&] {
-    forward_stats_impl<scalar_t>(logits, labels, tok, lse, stats, rows, V, seq_len, stride_seq, stride_tok,
-                                 ignore_index);
-  });
-  return {tok, lse, stats};
+  return forward(logits, labels, seq_len, stride_seq, stride_tok, ignore_index, true);
 }
 
 void logp_backward(const at::Tensor& logits, at::Tensor grad, const at::Tensor& labels, const at::Tensor& lse,
