@@ -171,10 +171,15 @@ def loss_denominators(token_counts: Optional[torch.Tensor], chosen_safe: torch.T
     of the global-batch loss. ``token_counts`` (2B,): counted tokens per row in the data's row order (None
     gives 0 tokens: no "sft" term)."""
     roles = safety_transform(chosen_safe, rejected_safe, options)
+    return _own_denominators(roles, None if token_counts is None else token_counts.to(roles.kept.device))
+
+
+def _own_denominators(roles: PairRoles, token_counts) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kept pairs, tokens of their preferred responses; 0 without ``token_counts``), 0-dim float64."""
     pairs = roles.kept.sum().to(torch.float64)
     if token_counts is None:
         return pairs, torch.zeros((), dtype=torch.float64, device=pairs.device)
-    return pairs, preferred_counts(token_counts.to(pairs.device), roles).sum().to(torch.float64)
+    return pairs, preferred_counts(token_counts, roles).sum().to(torch.float64)
 
 
 def _divisors(m: _Margins, token_counts, options: LossOptions, denominators) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -187,9 +192,7 @@ def _divisors(m: _Margins, token_counts, options: LossOptions, denominators) -> 
     if denominators is not None:
         pairs, tokens = (torch.as_tensor(d, dtype=torch.float64, device=device) for d in denominators)
         return pairs, tokens
-    pairs = m.roles.kept.sum().to(torch.float64)
-    tokens = preferred_counts(token_counts, m.roles).sum().to(torch.float64) if options.uses_sft else pairs * 0
-    return pairs, tokens
+    return _own_denominators(m.roles, token_counts if options.uses_sft else None)
 
 
 def _per(values: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
@@ -214,11 +217,11 @@ def _check_counts(token_counts, options: LossOptions) -> None:
         raise ValueError("loss_type 'sft' needs token_counts: (2B,) counted tokens per row, in the data's row order")
 
 
-def _terms(m: _Margins, token_counts, options: LossOptions, denominators) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss, loss_terms (K,) float32 detached): each term over its divisor, weighted and added up. A
-    pair term sums its kept pairs' losses, each divided by the pairs' divisor; "sft" sums the kept pairs'
-    preferred responses' negative log-likelihoods over the tokens' divisor."""
-    pairs_div, tokens_div = _divisors(m, token_counts, options, denominators)
+def _terms(m: _Margins, token_counts, options: LossOptions, divisors) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, loss_terms (K,) float32 detached): each term over its divisor (``_divisors``), weighted and
+    added up. A pair term sums its kept pairs' losses, each divided by the pairs' divisor; "sft" sums the
+    kept pairs' preferred responses' negative log-likelihoods over the tokens' divisor."""
+    pairs_div, tokens_div = divisors
     parts = []
     for name, weight in zip(options.terms, options.weights):
         if name == "sft":
@@ -247,7 +250,7 @@ def loss_from_logps(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Te
     ``token_counts`` (2B,) the counted tokens per row (the "sft" term needs them)."""
     _check_counts(token_counts, options)
     m = _margins(policy_logps, ref_logps, chosen_safe, rejected_safe, options)
-    return _output(m, *_terms(m, token_counts, options, denominators))
+    return _output(m, *_terms(m, token_counts, options, _divisors(m, token_counts, options, denominators)))
 
 
 def loss_and_logp_grad(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
@@ -257,8 +260,8 @@ def loss_and_logp_grad(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch
     chosen log-prob alone."""
     _check_counts(token_counts, options)
     m = _margins(policy_logps, ref_logps, chosen_safe, rejected_safe, options)
-    loss, loss_terms = _terms(m, token_counts, options, denominators)
-    pairs_div, tokens_div = _divisors(m, token_counts, options, denominators)
+    pairs_div, tokens_div = divisors = _divisors(m, token_counts, options, denominators)
+    loss, loss_terms = _terms(m, token_counts, options, divisors)
     kept = m.roles.kept
     du = torch.zeros_like(m.u)
     d_chosen = torch.zeros_like(m.u)  # the "sft" term's own, on the preferred response after T
