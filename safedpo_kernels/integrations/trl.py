@@ -308,7 +308,7 @@ class SafeDPOTrainer(DPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         if mode == "train":
             self._refuse_nonfinite(loss, out, inputs)
-        self._log_metrics(mode, out, inputs)
+        self._log_metrics(mode, out, inputs, options.terms)
         if return_outputs:
             with torch.no_grad():
                 return loss, model(**self._model_inputs(inputs)[0])
@@ -333,7 +333,7 @@ class SafeDPOTrainer(DPOTrainer):
             f"{self.accelerator.num_processes} processes{here}. Not training on it: lower learning_rate, keep max_grad_norm "
             "on, check the batch's data, and resume from the last checkpoint (resume_from_checkpoint)")
 
-    def _log_metrics(self, mode: str, out: SafeDPOOutput, inputs: dict) -> None:
+    def _log_metrics(self, mode: str, out: SafeDPOOutput, inputs: dict, terms: tuple) -> None:
         gather = self.accelerator.gather_for_metrics
         if mode == "train":  # DPOTrainer's running count of the attended tokens trained on
             batch_tokens = gather(inputs["attention_mask"].sum()).sum().item()
@@ -355,7 +355,6 @@ class SafeDPOTrainer(DPOTrainer):
                 self._metrics[mode][name].append(value)
         self._metrics[mode]["safedpo/kept_pairs"].append(gather(kept.float().mean()).mean().item())
         self._metrics[mode]["safedpo/swapped_pairs"].append(gather(out.swapped.float().mean()).mean().item())
-        terms = self.args.loss_options().terms
         if len(terms) > 1:  # each term's weighted share of the loss, averaged over the processes as the loss is
             for name, value in zip(terms, gather(out.loss_terms.detach()[None]).mean(0).tolist()):
                 self._metrics[mode][f"loss/{name}"].append(value)
