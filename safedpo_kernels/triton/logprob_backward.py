@@ -116,7 +116,7 @@ def backward_launch(logits, grad, labels, lse, g_tok, layout: Layout, softcap=No
         (triton.cdiv(layout.rows, block_r),),
         (logits, grad, labels, lse, g_tok, layout.rows, V, layout.seq_len,
          *layout.row_strides(logits), *layout.row_strides(grad), 1.0 if softcap is None else float(softcap)),
-        dict(BLOCK_R=block_r, BLOCK_V=block_v, SOFTCAP=softcap is not None, **lanes(block_v, num_warps, logits.dtype)),
+        dict(BLOCK_R=block_r, BLOCK_V=block_v, SOFTCAP=softcap is not None, **lanes(block_v, num_warps, logits.element_size())),
         num_warps,
         # float32 logits with a 16-bit gradient (the fused-linear loss's chunks) fit the 16-bit limit;
         # a float32 gradient as well would spill under it on sm_80.

@@ -148,11 +148,11 @@ def logprob_tiles(V: int, rows: int, elt_size: int = 2):
     return block_r, block_v, num_warps
 
 
-def lanes(block_v: int, num_warps: int, dtype) -> dict:
-    """LANES and VEC of a tile: 16-byte vectors (VEC elements), one lane per thread where the tile has
-    enough vectors (a tile of 8192 elements and 16 warps: 16 elements per thread in 2 (bf16) or 4
-    (float32) vectors)."""
-    vec = max(1, min(block_v, 16 // torch.empty((), dtype=dtype).element_size()))
+def lanes(block_v: int, num_warps: int, elt_size: int) -> dict:
+    """LANES and VEC of a tile of ``elt_size``-byte logits: 16-byte vectors (VEC elements), one lane per
+    thread where the tile has enough vectors (a tile of 8192 elements and 16 warps: 16 elements per
+    thread in 2 (bf16) or 4 (float32) vectors)."""
+    vec = max(1, min(block_v, 16 // elt_size))
     return dict(LANES=max(1, min(block_v // vec, 32 * num_warps)), VEC=vec)
 
 
@@ -184,7 +184,7 @@ def forward_launch(logits, labels, tok, lse, layout: Layout, ignore_index: int, 
         (triton.cdiv(layout.rows, block_r),),
         (logits, labels, tok, lse, tok if stats is None else stats, layout.rows, V, layout.seq_len,
          *layout.row_strides(logits), ignore_index),
-        dict(BLOCK_R=block_r, BLOCK_V=block_v, STATS=stats is not None, **lanes(block_v, num_warps, logits.dtype)),
+        dict(BLOCK_R=block_r, BLOCK_V=block_v, STATS=stats is not None, **lanes(block_v, num_warps, logits.element_size())),
         num_warps,
         register_limit(False, logits.element_size(), stats is not None),
     )
