@@ -263,12 +263,9 @@ def throughput(a) -> None:
     report(rows, a, inputs)
 
 
-def verdict(x: float) -> str:
-    """A throughput ratio, read as the issue reads it: faster at >= 1.05x, slower below 1 / 1.05."""
-    return f"{x:.2f}x " + ("(faster)" if x >= 1.05 else "(slower)" if x <= 1 / 1.05 else "(a tie)")
-
-
 def report(rows: list, a, inputs: dict) -> None:
+    from bench.variant_table import verdict  # "faster" at >= 1.05x, as in every benchmark table
+
     ok = {r["variant"]: r for r in rows if "error" not in r}
     losses = [r["first_loss"] for r in ok.values()]
     spread = max(losses) - min(losses) if losses else float("nan")
@@ -289,12 +286,13 @@ def report(rows: list, a, inputs: dict) -> None:
                          f"{r['peak_mb']:.0f} | {r['first_loss']:.6f} |")
     lines += ["", f"Step-1 losses (before any update) agree to {spread:.1e} across the trainers."]
     pairs = [("safedpo-trainer-logits", "trl-dpo"), ("safedpo-trainer-linear", "trl-dpo"),
+             ("safedpo-trainer-linear-ref", "trl-dpo"),
              ("ours-linear", "safedpo-trainer-linear"), ("ours-logits", "safedpo-trainer-logits"),
              ("ours-linear", "trl-dpo")]
     for mine, theirs in pairs:
         if mine in ok and theirs in ok:
-            x = ok[theirs]["step_s"] / ok[mine]["step_s"]
-            lines.append(f"- {mine} vs {theirs}: {verdict(x)}, peak tensor memory {ok[mine]['alloc_mb']:.0f} vs "
+            lines.append(f"- {mine} vs {theirs}: {verdict(ok[mine]['step_s'], ok[theirs]['step_s'])}, "
+                         f"peak tensor memory {ok[mine]['alloc_mb']:.0f} vs "
                          f"{ok[theirs]['alloc_mb']:.0f} MB")
     write(lines, rows, a.out, "trainers")
 
