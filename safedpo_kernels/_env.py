@@ -33,6 +33,7 @@ VARIABLES = {
     "SAFEDPO_NATIVE_ISA": "auto (the machine's best of AVX-512, AVX2, plain)",
     "SAFEDPO_CACHE_DIR": "~/.cache/safedpo_kernels",
     "SAFEDPO_CPU_GRAD_CACHE_MB": "a quarter of physical memory",
+    "SAFEDPO_HUGEPAGES": "1 (large CPU buffers asked to be transparent huge pages)",
     "SAFEDPO_CHUNK_BYTES": "32 MiB; 256 MiB on CUDA",
     "SAFEDPO_LINEAR_CHUNK_BYTES": "512 MiB; 4 GiB on CUDA",
     "SAFEDPO_TRITON_BLOCK_V": "8192 (65536 interpreted)",

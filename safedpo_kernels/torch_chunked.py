@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from . import _pages
 from ._env import chunk_bytes, float32_rows
 from ._layout import Layout
 
@@ -154,7 +155,7 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
     lse = torch.empty_like(tok)
     st = torch.empty(layout.rows, STATS, dtype=torch.float32, device=logits.device) if stats else None
     chunk = chunk_rows_for(logits.shape[-1], device=logits.device)
-    work = torch.empty(min(chunk, layout.rows), logits.shape[-1], device=logits.device)
+    work = _pages.empty((min(chunk, layout.rows), logits.shape[-1]), torch.float32, logits.device)
     for r0, r1, (view,) in row_chunks(layout, chunk, logits):
         out = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index, stats, work[: r1 - r0])
         tok[r0:r1], lse[r0:r1] = out[0], out[1]
@@ -165,9 +166,10 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
 
 def grad_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The backward's output buffer. On the CPU a fresh buffer is faulted in page by page on first
-    write; a (parallel) zero-fill first is markedly cheaper than taking those faults inside the kernel."""
+    write; a (parallel) zero-fill first, of huge pages, is markedly cheaper than taking those faults
+    inside the kernel."""
     if torch.device(device).type == "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
+        return _pages.zeros(shape, dtype, device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -217,7 +219,11 @@ def transform_(z: torch.Tensor, logit_scale: float, softcap) -> torch.Tensor:
 def linear_logits(hidden: torch.Tensor, weight, bias, logit_scale: float = 1.0, softcap=None) -> torch.Tensor:
     """The float32 (rows, V) logits of one chunk of rows, transformed (weight/bias from prepare_weight)."""
     if weight.dtype == torch.float32:
-        z = torch.nn.functional.linear(hidden.float(), weight, bias)
+        z = _pages.empty((hidden.shape[0], weight.shape[0]), torch.float32, hidden.device)
+        if bias is None:
+            torch.mm(hidden.float(), weight.t(), out=z)
+        else:
+            torch.addmm(bias, hidden.float(), weight.t(), out=z)
     else:
         z = matmul_float32(hidden.to(weight.dtype), weight.t())
         if bias is not None:

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _pages
 from ..parallel import all_reduce
 from ..transform import LogitTransform
 from ._support import no_grad_slot
@@ -35,7 +36,7 @@ class LinearGrads:
         # A vocabulary shard's d hidden is a part of a sum over the shards: float32 until it is complete.
         dtype = torch.float32 if vocab is not None else hidden.dtype
         self.hidden = torch.zeros(rows, H, dtype=dtype, device=device) if need_h else None
-        self.weight = torch.zeros(V, H, dtype=torch.float32, device=device) if need_w else None
+        self.weight = _pages.zeros((V, H), torch.float32, device) if need_w else None
         self.bias = torch.zeros(V, dtype=torch.float32, device=device) if need_b else None
 
     def add(self, dz: torch.Tensor, h: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from .. import _pages
 from .._layout import Layout
 from ..chunking import PairChunk, loss_chunk_rows, plan_pair_chunks
 from ..dispatch import backend_module
@@ -135,7 +136,7 @@ def _linear_loss_backward(ctx, grad_outputs):
     # were (a traced graph and opcheck rely on that). The saved ones go when this backward returns, so the
     # copy is transient, and smaller than the forward's chunk of logits.
     for g, n in zip(ctx.saved_tensors, need):
-        grads.append(g * grad_loss.to(g.dtype) if n else None)
+        grads.append(torch.mul(g, grad_loss.to(g.dtype), out=_pages.empty(g.shape, g.dtype, g.device)) if n else None)
     return (*grads, *nones(ctx, 3))
 
 
