@@ -67,20 +67,26 @@ def _target_mask(labels: torch.Tensor, vocab: int, ignore_index: int):
 
 
 def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, stats: bool = False,
-                           work: Optional[torch.Tensor] = None):
+                           work: Optional[torch.Tensor] = None, work2: Optional[torch.Tensor] = None):
     """(rows, V) float32 logits chunk -> (token log-prob with 0 at ignored tokens, lse), both (rows,), and
     with ``stats`` the (rows, STATS) float32 token statistics (see STATS).
 
-    ``work``: a (rows, V) float32 scratch for exp(x - max), if the caller keeps one across chunks (a
-    fresh chunk-sized allocation is page-faulted in on every call). The statistics reuse that
-    exponential, so they cost a product and three row sums, and never change the log-probs."""
+    ``work`` (and with ``stats`` ``work2``): (rows, V) float32 scratch, if the caller keeps it across
+    chunks (a fresh chunk-sized allocation is page-faulted in on every call). The statistics never change
+    the log-probs, and never read the logits again: each pass over them is a pass over memory, while
+    the shifted row ``y = x - max`` and its exponential are in the cache-sized scratch."""
     V = x.shape[-1]
     counted, valid, safe = _target_mask(labels, V, ignore_index)
     target = x.gather(1, safe.unsqueeze(1)).squeeze(1) if V else torch.zeros_like(labels, dtype=torch.float32)
     top = x.amax(-1) if V else torch.full(labels.shape, float("-inf"), device=x.device)
     # While a row is all -inf (a masked vocabulary) the shift is 0, not -inf: -inf - -inf is NaN.
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    e = torch.sub(x, shift.unsqueeze(1), out=work).exp_()
+    y = torch.sub(x, shift.unsqueeze(1), out=work)
+    if stats:
+        y_sum = y.sum(-1)
+        e = torch.exp(y, out=work2)
+    else:
+        e = y.exp_()
     s = e.sum(-1)
     lse = shift + torch.log(s)
     # A +inf logit makes log-softmax NaN (inf - inf), as in the reference and the other backends.
@@ -90,10 +96,17 @@ def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: 
     if not stats:
         return tok, lse
     in_range = (labels >= 0) & (labels < V)
-    columns = [x.sum(-1), top, _max_before_label(x, labels, target, top), torch.where(in_range, target, torch.zeros_like(target))]
-    # sum_v p_v x_v = sum_v e_v x_v / s. A -inf logit has e = 0, and 0 * -inf is NaN: nansum leaves it out;
-    # a row whose sum is 0 or NaN (all -inf, or a NaN / +inf logit) gets 0.
-    expected = torch.nansum(e.mul_(x), dim=-1) / s
+    # sum_v x_v = sum_v y_v + V * shift. A row with a +inf logit has shift +inf and y NaN: there x's own
+    # sum (+inf, or NaN beside a -inf) is taken, a pass over those rows only (one host sync to find them).
+    x_sum = y_sum + V * shift
+    posinf = top == float("inf")
+    if bool(posinf.any()):
+        x_sum = torch.where(posinf, x.sum(-1), x_sum)
+    columns = [x_sum, top, _max_before_label(x, labels, target, top),
+               torch.where(in_range, target, torch.zeros_like(target))]
+    # sum_v p_v x_v = shift + sum_v e_v y_v / s. A -inf logit has e = 0, and 0 * -inf is NaN: nansum leaves
+    # it out; a row whose sum is 0 or NaN (all -inf, or a NaN / +inf logit) gets 0.
+    expected = shift + torch.nansum(y.mul_(e), dim=-1) / s
     expected = torch.where(s > 0, expected, torch.zeros_like(expected))
     out = torch.stack([expected, *columns], dim=1)
     return tok, lse, torch.where(counted.unsqueeze(1), out, torch.zeros_like(out))
@@ -155,9 +168,13 @@ def logp_forward(logits: torch.Tensor, labels: torch.Tensor, layout: Layout, ign
     lse = torch.empty_like(tok)
     st = torch.empty(layout.rows, STATS, dtype=torch.float32, device=logits.device) if stats else None
     chunk = chunk_rows_for(logits.shape[-1], device=logits.device)
-    work = _pages.empty((min(chunk, layout.rows), logits.shape[-1]), torch.float32, logits.device)
+    if stats:  # two scratch buffers (x - max and its exponential) within the one budget
+        chunk = max(1, chunk // 2)
+    scratch = [_pages.empty((min(chunk, layout.rows), logits.shape[-1]), torch.float32, logits.device)
+               for _ in range(2 if stats else 1)]
     for r0, r1, (view,) in row_chunks(layout, chunk, logits):
-        out = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index, stats, work[: r1 - r0])
+        out = token_logps_from_chunk(view.float(), labels[r0:r1], ignore_index, stats,
+                                     *(w[: r1 - r0] for w in scratch))
         tok[r0:r1], lse[r0:r1] = out[0], out[1]
         if stats:
             st[r0:r1] = out[2]

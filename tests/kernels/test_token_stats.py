@@ -115,3 +115,21 @@ def test_statistics_of_a_large_vocabulary_match_float64(case):
     logps, stats = sequence_logps(logits, labels, backend=backend, token_stats=True)
     check_stats(stats, reference.token_stats(logits.double(), labels), torch.float32)
     assert torch.equal(logps, sequence_logps(logits, labels, backend=backend))
+
+
+def test_the_torch_backends_mean_logit_of_non_finite_rows_is_the_sum_of_the_logits():
+    """The torch backend sums a row as sum(x - max) + V * max, from the shifted row it already holds; a
+    row with a +inf logit (alone, or beside a -inf one), a -inf or a NaN logit still gets x's own sum."""
+    V = 50
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 3, V, generator=gen) * 4 + 30  # far from 0: the shifted sum must not lose it
+    labels = torch.full((5, 3), -100)
+    labels[:, 1] = 7
+    logits[0, 1, 3] = float("inf")
+    logits[1, 1, 3], logits[1, 1, 9] = float("inf"), float("-inf")
+    logits[2, 1, 5] = float("-inf")
+    logits[3, 1, 4] = float("nan")
+    stats = sequence_logps(logits, labels, backend="torch", token_stats=True)[1]
+    want = reference.token_stats(logits.double(), labels)[1]
+    assert [str(float(v)) for v in stats.mean_logit[:4]] == ["inf", "nan", "-inf", "nan"]
+    torch.testing.assert_close(stats.mean_logit.double(), want, rtol=1e-6, atol=0, equal_nan=True)
