@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# ONE script for a lent GPU (see the device tool's README): in about 6 minutes at most (8 if every stage hits its limit) it prints the card
-# and the versions, runs the kernel tests on CUDA, checks every backend against float64 at real
-# vocabularies, measures the copy-bandwidth and bf16-matmul ceilings and runs the GPU benchmark
-# (Liger-Kernel's DPO case included), writing under $OUT (default bench/results):
-#   gpu_check.log                      everything printed
-#   gpu-tests-<card>-<date>.txt        the pytest summary
-#   gpu-accuracy-<card>-<date>.txt     bench/gpu_accuracy.py
-#   gpu-<card>-<date>.csv/.md/.json    bench/gpu_bench.py, the targets last
+# ONE script for a lent GPU (see the device tool's README): it prints the card and the versions, runs
+# the kernel tests on CUDA, checks every backend against float64 at real vocabularies, measures the
+# copy-bandwidth and bf16-matmul ceilings and runs the GPU benchmark (Liger-Kernel's DPO case, Cut
+# Cross-Entropy and TRL's fused head included), then the trainers side by side (ours, SafeDPOTrainer,
+# TRL's DPOTrainer). Each stage has a time limit, and writes under $OUT (default bench/results):
+#
+#   stage      limit   writes
+#   tests      140 s   gpu-tests-<card>-<date>.txt        the pytest summary
+#   accuracy    90 s   gpu-accuracy-<card>-<date>.txt     bench/gpu_accuracy.py
+#   bench      170 s   gpu-<card>-<date>.csv/.md/.json    bench/gpu_bench.py, the targets last
+#   trainers   120 s   trainers-<card>-<date>.md/.json    bench/trainers.py
+#   total      520 s   and gpu_check.log (everything printed): 8 files
+#
+# 520 s is under 9 minutes: the device's 15 include the machine's start and a rerun. The limits are the
+# LIMIT_* values below (a test keeps this table, those values and the files written in step).
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root (PYTHONPATH=.)
 #   bash bench/gpu_check.sh --dry-run  # here, on the CPU: tiny sizes, Triton interpreter (a test runs this)
 #   STAGES="tests bench" bash bench/gpu_check.sh   # a rerun of some stages only
 #
-# Each stage has its own time limit, so a hang in one still leaves the others' results. Liger-Kernel and
-# Cut Cross-Entropy are taken from .whl/ when bench/fetch_wheels.sh put them there (the GPU machine
-# reaches no package registry).
+# A hang in one stage still leaves the others' results. Liger-Kernel, Cut Cross-Entropy, TRL and
+# datasets are taken from .whl/ when bench/fetch_wheels.sh put them there (the GPU machine reaches no
+# package registry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -23,7 +30,12 @@ DRY=0
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-tests accuracy bench}
+STAGES=${STAGES:-tests accuracy bench trainers}
+LIMIT_TESTS=140
+LIMIT_ACCURACY=90
+LIMIT_BENCH=170
+LIMIT_TRAINERS=120
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-140}  # of LIMIT_BENCH: cases that would start later are skipped
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 # The C++ CPU kernels are not what this checks, and a GPU machine need not build them.
 [ $DRY = 1 ] || export SAFEDPO_NATIVE=0
@@ -47,7 +59,8 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", to
       torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 # module -> distribution (Liger-Kernel has no __version__; the distribution's metadata has it)
 for name, dist in (("triton", "triton"), ("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy"),
-                   ("transformers", "transformers"), ("numpy", "numpy"), ("xdist", "pytest-xdist")):
+                   ("transformers", "transformers"), ("accelerate", "accelerate"), ("trl", "trl"),
+                   ("datasets", "datasets"), ("pyarrow", "pyarrow"), ("numpy", "numpy"), ("xdist", "pytest-xdist")):
     if importlib.util.find_spec(name) is None:
         print(name, "not installed")
         continue
@@ -72,7 +85,7 @@ if has tests; then
     # there; not the C++ CPU backend's build tests, the compile matrix (which runs here, without a GPU) nor
     # the process-group tests (gloo CPU processes: one GPU gives NCCL no second rank).
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-    timeout 150 "$PY" -m pytest tests/kernels --ignore tests/kernels/test_native.py \
+    timeout $LIMIT_TESTS "$PY" -m pytest tests/kernels --ignore tests/kernels/test_native.py \
       --ignore tests/kernels/test_parallel.py \
       -q -rfE $XDIST -k "not torch-cpu" -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests-$CARD-$DATE.txt" | tee -a "$LOG" | tail -n 40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
@@ -84,7 +97,7 @@ if has accuracy; then
   if [ $DRY = 1 ]; then
     TRITON_INTERPRET=1 timeout 300 "$PY" -m bench.gpu_accuracy --dry-run --out "$OUT" 2>&1 | tee -a "$LOG"
   else
-    timeout 100 "$PY" -m bench.gpu_accuracy --out "$OUT" 2>&1 | tee -a "$LOG"
+    timeout $LIMIT_ACCURACY "$PY" -m bench.gpu_accuracy --out "$OUT" 2>&1 | tee -a "$LOG"
   fi
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
@@ -94,8 +107,22 @@ if has bench; then
   if [ $DRY = 1 ]; then
     TRITON_INTERPRET=1 timeout 300 "$PY" -m bench.gpu_bench --dry-run --out "$OUT" 2>&1 | tee -a "$LOG"
   else
-    # Cases that would start after BENCH_BUDGET_S are skipped; the hard limit is for a hang.
-    timeout $(( ${BENCH_BUDGET_S:-180} + 60 )) "$PY" -m bench.gpu_bench --out "$OUT" --budget-s "${BENCH_BUDGET_S:-180}" 2>&1 | tee -a "$LOG"
+    timeout $LIMIT_BENCH "$PY" -m bench.gpu_bench --out "$OUT" --budget-s "$BENCH_BUDGET_S" 2>&1 | tee -a "$LOG"
+  fi
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if has trainers; then
+  say "== trainers =="
+  # Ours (fused-linear), SafeDPOTrainer (fused-linear) and TRL's DPOTrainer (its fused head) on the same
+  # model and data, each in a fresh process; rounds while the budget lasts (the report says how many).
+  VARIANTS=ours-linear,safedpo-trainer-linear,trl-dpo
+  if [ $DRY = 1 ]; then
+    timeout 300 "$PY" -m bench.trainers --device cpu --rounds 1 --steps 4 --pairs 2 --words 20 --variants $VARIANTS \
+      --out "$OUT" 2>&1 | grep -v "Writing model shards" | tee -a "$LOG"
+  else
+    timeout $LIMIT_TRAINERS "$PY" -m bench.trainers --device cuda --rounds 3 --steps 6 --pairs 8 --words 1000 \
+      --variants $VARIANTS --budget-s $(( LIMIT_TRAINERS - 15 )) --out "$OUT" 2>&1 | grep -v "Writing model shards" | tee -a "$LOG"
   fi
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi

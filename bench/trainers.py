@@ -3,11 +3,14 @@
 
     python -m bench.trainers [--rounds 5 --steps 6 --pairs 4 --words 120]   # throughput table
     python -m bench.trainers --curve [--budget-gib 8]                       # peak memory against length
+    python -m bench.trainers --device cuda --budget-s 100 ...               # on a GPU (bench/gpu_check.sh)
 
 The model is a tiny Llama (2 layers, hidden 256) whose vocabulary is padded to 32000, so that the LM head
 and the loss over the vocabulary dominate as they do in real models; the data is the toy task's pairs
 with responses of about ``--words`` words; a live reference model (another tiny Llama, so that the first
-loss is not log 2 for every trainer); float32 on the CPU. The loss is plain DPO (delta 0, no swap, no
+loss is not log 2 for every trainer); float32 on the CPU. On a GPU the Llama is Llama-3's head and width
+(hidden 1024, vocabulary 128256, still 2 layers), float32 weights in bfloat16 autocast in every trainer
+(TRL's bf16=True, our trainer's CUDA default). The loss is plain DPO (delta 0, no swap, no
 drop), so every trainer computes the same loss: the first step's, before any update, must agree across
 all of them (later steps differ by each trainer's learning-rate schedule, and Adam's first update,
 about lr * sign(g), turns rounding-level gradient differences into visible ones). Every trainer keeps
@@ -54,16 +57,18 @@ VARIANTS = {
 CURVE_VARIANTS = ("ours-linear", "ours-logits", "safedpo-trainer-linear", "safedpo-trainer-linear-ref", "trl-dpo")
 MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=16384)
+GPU_MODEL = dict(MODEL, vocab_size=128256, hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
+                 num_key_value_heads=4)
 LR = 1e-4
 
 
 # ------------------------------------------------------------------------------ the shared inputs
 
 
-def make_inputs(root: Path, pairs: int, words: int, checkpointing: bool = False) -> dict:
+def make_inputs(root: Path, pairs: int, words: int, checkpointing: bool = False, device: str = "cpu") -> dict:
     """The toy task's first ``pairs`` pairs with responses of about ``words`` words (the toy's own words,
-    repeated), the toy tokenizer, and the tiny Llama policy and reference saved once: every variant loads
-    the same weights."""
+    repeated), the toy tokenizer, and the tiny Llama policy and reference (GPU_MODEL's size for
+    ``device`` "cuda") saved once: every variant loads the same weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -85,14 +90,15 @@ def make_inputs(root: Path, pairs: int, words: int, checkpointing: bool = False)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     build_tokenizer(vocabulary(), root / "model")
     tok = load_tokenizer(str(root / "model"))
-    config = LlamaConfig(**MODEL, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    size = GPU_MODEL if device == "cuda" else MODEL
+    config = LlamaConfig(**size, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                          bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
     for seed, name in ((0, "model"), (1, "reference")):
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(root / name)
     tok.save_pretrained(root / "reference")
     return dict(data=str(data), model=str(root / "model"), reference=str(root / "reference"), pairs=pairs, words=words,
-                checkpointing=checkpointing)
+                checkpointing=checkpointing, device=device, hidden=size["hidden_size"], vocab=size["vocab_size"])
 
 
 # ------------------------------------------------------------------------------ one variant, one process
@@ -100,29 +106,44 @@ def make_inputs(root: Path, pairs: int, words: int, checkpointing: bool = False)
 
 class StepClock:
     """Step times; the resident-set peak above what was resident when step ``from_step`` began; the
-    allocation peak of step ``profile_step`` (profiled, so its time is not one of the timed ones)."""
+    allocation peak of step ``profile_step`` (profiled, so its time is not one of the timed ones). On
+    CUDA the times end at a synchronization, and both peaks are torch.cuda.max_memory_allocated above the
+    allocation at the start of their step (the caching allocator's own count: deterministic)."""
 
-    def __init__(self, from_step: int, profile_step: int):
-        self.from_step, self.profile_step = from_step, profile_step
+    def __init__(self, from_step: int, profile_step: int, device: str = "cpu"):
+        self.from_step, self.profile_step, self.cuda = from_step, profile_step, device == "cuda"
         self.times, self.rss, self.alloc, self._t, self._step = [], None, None, None, 0
 
     def begin(self, step: int) -> None:  # 1-based
         from bench.memory import AllocationPeak, PeakMemory
 
         self._step = step
-        if step == self.from_step:
-            self.rss = PeakMemory("cpu").__enter__()
-        if step == self.profile_step:
-            self.alloc = AllocationPeak().__enter__()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            if step == self.profile_step:
+                self.alloc = PeakMemory("cuda").__enter__()
+        else:
+            if step == self.from_step:
+                self.rss = PeakMemory("cpu").__enter__()
+            if step == self.profile_step:
+                self.alloc = AllocationPeak().__enter__()
         self._t = time.perf_counter()
 
     def end(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t)
         if self._step == self.profile_step:
             self.alloc.__exit__(None, None, None)
+            if self.cuda:  # the one CUDA measure stands for both columns
+                self.alloc.bytes = self.rss_cuda = self.alloc.peak_bytes
 
     def peaks(self) -> dict:
-        rss = 0
+        rss = getattr(self, "rss_cuda", 0)
         if self.rss is not None:
             self.rss.__exit__(None, None, None)
             rss = self.rss.peak_bytes
@@ -139,7 +160,7 @@ def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: S
                       loss_input=loss_input, compile=compiled, reference="live", reference_model=inputs["reference"],
                       progress=False, resume="none",
                       max_prompt_length=64, max_length=16384, save_every=0, clip_grad_norm=1.0,
-                      gradient_checkpointing=inputs["checkpointing"])
+                      gradient_checkpointing=inputs["checkpointing"], device=inputs.get("device", "cpu"))
     run = Run(cfg)
     run.policy.train()
     losses, tokens = [], []
@@ -169,10 +190,12 @@ def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock
         dict(prompt=prompt_text(tok, r["prompt"]), chosen=r[f"response_{r['better_response_id']}"],
              rejected=r[f"response_{1 - r['better_response_id']}"], chosen_safe=True, rejected_safe=True)
         for r in rows])
+    cuda = inputs.get("device", "cpu") == "cuda"
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), beta=0.1, per_device_train_batch_size=len(rows),
-                  max_steps=steps, learning_rate=LR, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                  max_steps=steps, learning_rate=LR, report_to="none", save_strategy="no", use_cpu=not cuda, seed=0,
                   logging_steps=1, max_length=None, dataloader_num_workers=0, precompute_ref_log_probs=False,
-                  disable_tqdm=True, bf16=False, fp16=False,  # float32, as our trainer on the CPU (TRL asks for bf16)
+                  # float32 on the CPU, as our trainer there (TRL asks for bf16); bf16 autocast on CUDA, as ours
+                  disable_tqdm=True, bf16=cuda, fp16=False,
                   # TRL's configs recompute the activations by default, our trainer does not: the same for all
                   gradient_checkpointing=inputs["checkpointing"])
     if trainer == "trl":
@@ -208,7 +231,7 @@ def child(spec: dict) -> dict:
     torch.manual_seed(0)
     quiet_libraries()
     trainer, loss_input, compiled = VARIANTS[spec["variant"]]
-    clock = StepClock(spec["peak_from_step"], spec["steps"])
+    clock = StepClock(spec["peak_from_step"], spec["steps"], spec["inputs"].get("device", "cpu"))
     if trainer == "ours":
         out = run_ours(spec["inputs"], loss_input, compiled, spec["steps"], clock)
     else:
@@ -233,16 +256,25 @@ def isolated(spec: dict, timeout: int = 3600) -> dict:
 # ------------------------------------------------------------------------------ the two reports
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name().replace(" ", "-")
     return f"cpu-{os.cpu_count()}core-{platform.machine()}"
 
 
 def throughput(a) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-trainers-"))
-    inputs = make_inputs(root, a.pairs, a.words, a.checkpointing)
+    inputs = make_inputs(root, a.pairs, a.words, a.checkpointing, a.device)
     names = a.variants.split(",") if a.variants else list(VARIANTS)
     runs = {n: [] for n in names}
+    start = time.perf_counter()
     for r in range(a.rounds):  # interleaved: a slow spell of a shared machine hits every variant alike
+        if r and a.budget_s and time.perf_counter() - start > a.budget_s * r / (r + 1):
+            # a round took about (elapsed / r): another would end past the budget
+            print(f"budget of {a.budget_s:.0f} s: stopping after {r} round(s)", flush=True)
+            break
         for n in names:
             out = isolated(dict(variant=n, inputs=inputs, steps=a.steps, peak_from_step=3))
             runs[n].append(out)
@@ -269,13 +301,18 @@ def report(rows: list, a, inputs: dict) -> None:
     ok = {r["variant"]: r for r in rows if "error" not in r}
     losses = [r["first_loss"] for r in ok.values()]
     spread = max(losses) - min(losses) if losses else float("nan")
-    lines = [f"# Trainers on the same model and data ({machine()}, {datetime.date.today()})", "",
-             f"Tiny Llama (2 layers, hidden 256, vocabulary 32000), {inputs['pairs']} pairs per step with responses of "
-             f"~{inputs['words']} words, live reference model, plain DPO, float32, activation checkpointing "
-             f"{'on' if a.checkpointing else 'off'} in every trainer; median of {a.rounds} interleaved "
-             f"rounds (fresh processes) of the median step after the first two. `python -m bench.trainers "
-             f"--rounds {a.rounds} --steps {a.steps} --pairs {a.pairs} --words {a.words}"
-             f"{' --checkpointing' if a.checkpointing else ''}`.", "",
+    rounds = min((r["rounds"] for r in ok.values()), default=0)
+    cuda = inputs["device"] == "cuda"
+    lines = [f"# Trainers on the same model and data ({machine(inputs['device'])}, {datetime.date.today()})", "",
+             f"Llama (2 layers, hidden {inputs['hidden']}, vocabulary {inputs['vocab']}), {inputs['pairs']} pairs per "
+             f"step with responses of ~{inputs['words']} words, live reference model, plain DPO, "
+             f"{'bfloat16 autocast' if cuda else 'float32'}, activation checkpointing "
+             f"{'on' if a.checkpointing else 'off'} in every trainer; median of {rounds} interleaved "
+             f"round(s) (fresh processes) of the median step after the first two"
+             f"{'' if rounds >= 5 else ': fewer than 5 rounds, so no ratio below is a verdict by the 1.05x rule'}. "
+             f"`python -m bench.trainers --rounds {a.rounds} --steps {a.steps} --pairs {a.pairs} --words {a.words}"
+             f"{' --checkpointing' if a.checkpointing else ''}{' --device cuda' if cuda else ''}"
+             f"{f' --budget-s {a.budget_s:g}' if a.budget_s else ''}`.", "",
              "| trainer | s/step | tokens/s | peak tensor MB in a step | peak RSS MB above step 3 | step-1 loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -291,10 +328,13 @@ def report(rows: list, a, inputs: dict) -> None:
              ("ours-linear", "trl-dpo")]
     for mine, theirs in pairs:
         if mine in ok and theirs in ok:
-            lines.append(f"- {mine} vs {theirs}: {verdict(ok[mine]['step_s'], ok[theirs]['step_s'])}, "
+            ratio = ok[theirs]["step_s"] / ok[mine]["step_s"]
+            said = (verdict(ok[mine]["step_s"], ok[theirs]["step_s"]) if rounds >= 5
+                    else f"{ratio:.2f}x the speed (no verdict from {rounds} round(s))")
+            lines.append(f"- {mine} vs {theirs}: {said}, "
                          f"peak tensor memory {ok[mine]['alloc_mb']:.0f} vs "
                          f"{ok[theirs]['alloc_mb']:.0f} MB")
-    write(lines, rows, a.out, "trainers")
+    write(lines, rows, a.out, "trainers", inputs["device"])
 
 
 def curve(a) -> None:
@@ -306,7 +346,7 @@ def curve(a) -> None:
     for n in names:
         for T in lengths:
             root = Path(tempfile.mkdtemp(prefix=f"bench-curve-{T}-"))
-            inputs = make_inputs(root, 2, T, a.checkpointing)
+            inputs = make_inputs(root, 2, T, a.checkpointing, a.device)
             out = isolated(dict(variant=n, inputs=inputs, steps=2, peak_from_step=2))
             if "error" in out:
                 print(f"{n} T~{T}: {out['error']}", flush=True)
@@ -317,7 +357,7 @@ def curve(a) -> None:
             print(f"{n} T~{T}: peak {peak / 2**30:.2f} GiB, {out['times'][-1]:.1f} s", flush=True)
             if peak > budget:
                 break
-    lines = [f"# Peak memory against response length ({machine()}, {datetime.date.today()})", "",
+    lines = [f"# Peak memory against response length ({machine(a.device)}, {datetime.date.today()})", "",
              f"2 pairs, responses of about T words (toy tokens: about one token per word), one training step "
              f"after a warm-up: the peak of live tensor bytes allocated during it; budget {a.budget_gib} GiB; "
              f"activation checkpointing {'on' if a.checkpointing else 'off'} in every trainer. "
@@ -328,8 +368,8 @@ def curve(a) -> None:
         cells = {p["T"]: ("failed" if "error" in p else f"{p['peak_mb'] / 1024:.2f} GiB") for p in pts}
         fit = [p["T"] for p in pts if "error" not in p and p["peak_mb"] * 2**20 <= budget]
         lines.append(f"| {n} | " + " | ".join(cells.get(T, "-") for T in lengths) + f" | {max(fit) if fit else '-'} |")
-    write(lines, points, a.out, "trainers-curve")
-    plot_curve(points, budget, Path(a.out) / f"trainers-curve-{machine()}-{datetime.date.today()}.png")
+    write(lines, points, a.out, "trainers-curve", a.device)
+    plot_curve(points, budget, Path(a.out) / f"trainers-curve-{machine(a.device)}-{datetime.date.today()}.png")
 
 
 def plot_curve(points: dict, budget: float, path: Path) -> None:
@@ -353,10 +393,10 @@ def plot_curve(points: dict, budget: float, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def write(lines: list, data, out: str, name: str) -> None:
+def write(lines: list, data, out: str, name: str, device: str = "cpu") -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{name}-{machine()}-{datetime.date.today()}"
+    stem = out_dir / f"{name}-{machine(device)}-{datetime.date.today()}"
     text = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(text)
     Path(f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
@@ -375,9 +415,18 @@ def main(argv=None):
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--checkpointing", action="store_true",
                    help="every trainer recomputes its activations in the backward (TRL's configs' default; ours: off)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is one")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="throughput: start no round that would end past this many seconds (0: no limit)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if not a.curve and a.steps < 4:
+        p.error("--steps must be at least 4: two warm-up steps, one timed, the last one profiled")
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return

@@ -49,8 +49,34 @@ def test_gpu_check_dry_run(tmp_path):
     assert "H100 SASS" in model and "forward: issue" in model and "at least" in model, model
     accuracy = next(tmp_path.glob("gpu-accuracy-*.txt")).read_text()
     assert accuracy.count("-> ok") == 12 and "FAILED" not in accuracy
+    # The trainers stage: ours, SafeDPOTrainer and TRL's DPOTrainer each ran and agree on the first loss.
+    trainers = next(tmp_path.glob("trainers-*.md")).read_text()
+    for variant in ("ours-linear", "safedpo-trainer-linear", "trl-dpo"):
+        row = next(line for line in trainers.splitlines() if line.startswith(f"| {variant} |"))
+        assert "failed" not in row, row
+    assert "no verdict from 1 round" in trainers
+    spread = float(trainers.split("agree to ")[1].split(" ")[0])
+    assert spread < 1e-4, spread
+    # What comes back from the device is at most 8 files.
+    assert len([f for f in tmp_path.rglob("*") if f.is_file()]) <= 8, sorted(p.name for p in tmp_path.rglob("*"))
     assert res.stdout.rstrip().splitlines()[-1] == "== gpu_check status: 0 =="
-    assert "== benchmark ==" in (tmp_path / "gpu_check.log").read_text()
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "== benchmark ==" in log and "== trainers ==" in log
+
+
+def test_gpu_check_stage_limits_fit_the_device_time_and_match_its_table():
+    """The stages' time limits (LIMIT_* in the script) sum to at most 9 minutes (the device's 15 include
+    the machine's start and a rerun), and the table in the script's header says the same."""
+    import re
+
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    limits = {k.lower(): int(v) for k, v in re.findall(r"^LIMIT_([A-Z]+)=(\d+)$", script, re.M)}
+    assert set(limits) == {"tests", "accuracy", "bench", "trainers"}
+    assert sum(limits.values()) <= 9 * 60
+    table = {k: int(v) for k, v in re.findall(r"^#   (\w+) +(\d+) s ", script, re.M)}
+    assert table == dict(limits, total=sum(limits.values())), table
+    stages = re.search(r"^STAGES=\$\{STAGES:-([a-z ]+)\}$", script, re.M).group(1).split()
+    assert stages == list(limits)
 
 
 def test_suite_writes_csv_markdown_plot(tmp_path):
