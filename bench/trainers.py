@@ -240,14 +240,19 @@ def child(spec: dict) -> dict:
     return dict(out, times=clock.times, **clock.peaks(), variant=spec["variant"])
 
 
-def isolated(spec: dict, timeout: int = 3600) -> dict:
-    """``child(spec)`` in a fresh Python process (its own allocator and caches); the error on failure."""
+def isolated(spec: dict, timeout: float = 3600) -> dict:
+    """``child(spec)`` in a fresh Python process (its own allocator and caches); the error on failure
+    (a child past ``timeout`` seconds is killed: one that outlived a time-limited parent would hold on
+    to the GPU)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-m", "bench.trainers", "--child", json.dumps(spec)], capture_output=True,
-                         text=True, env=env, timeout=timeout, cwd=root)
+    try:
+        res = subprocess.run([sys.executable, "-m", "bench.trainers", "--child", json.dumps(spec)],
+                             capture_output=True, text=True, env=env, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired:
+        return dict(variant=spec["variant"], error=f"killed after {timeout:.0f} s")
     if res.returncode != 0:
         return dict(variant=spec["variant"], error=(res.stderr.strip().splitlines() or ["failed"])[-1])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -276,10 +281,18 @@ def throughput(a) -> None:
             print(f"budget of {a.budget_s:.0f} s: stopping after {r} round(s)", flush=True)
             break
         for n in names:
-            out = isolated(dict(variant=n, inputs=inputs, steps=a.steps, peak_from_step=3))
+            left = a.budget_s - (time.perf_counter() - start) if a.budget_s else 3600
+            out = isolated(dict(variant=n, inputs=inputs, steps=a.steps, peak_from_step=3), timeout=max(left, 10))
             runs[n].append(out)
             shown = out.get("error") or f"{statistics.median(out['times'][2:-1]):.3f} s/step"
             print(f"round {r + 1} {n}: {shown}", flush=True)
+        # Written after every round: a stage limit that stops the rounds still leaves the report of those run.
+        report(summary(runs), a, inputs, show=False)
+    report(summary(runs), a, inputs)
+
+
+def summary(runs: dict) -> list:
+    """One row per variant from its rounds: the medians, the peaks, the first round's losses."""
     rows = []
     for n, outs in runs.items():
         good = [o for o in outs if "error" not in o]
@@ -292,10 +305,10 @@ def throughput(a) -> None:
                          alloc_mb=max(o["alloc_bytes"] for o in good) / 2**20,
                          peak_mb=max(o["peak_bytes"] for o in good) / 2**20, first_loss=good[0]["losses"][0],
                          losses=good[0]["losses"], rounds=len(good)))
-    report(rows, a, inputs)
+    return rows
 
 
-def report(rows: list, a, inputs: dict) -> None:
+def report(rows: list, a, inputs: dict, show: bool = True) -> None:
     from bench.variant_table import verdict  # "faster" at >= 1.05x, as in every benchmark table
 
     ok = {r["variant"]: r for r in rows if "error" not in r}
@@ -334,7 +347,7 @@ def report(rows: list, a, inputs: dict) -> None:
             lines.append(f"- {mine} vs {theirs}: {said}, "
                          f"peak tensor memory {ok[mine]['alloc_mb']:.0f} vs "
                          f"{ok[theirs]['alloc_mb']:.0f} MB")
-    write(lines, rows, a.out, "trainers", inputs["device"])
+    write(lines, rows, a.out, "trainers", inputs["device"], show)
 
 
 def curve(a) -> None:
@@ -393,14 +406,15 @@ def plot_curve(points: dict, budget: float, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def write(lines: list, data, out: str, name: str, device: str = "cpu") -> None:
+def write(lines: list, data, out: str, name: str, device: str = "cpu", show: bool = True) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{name}-{machine(device)}-{datetime.date.today()}"
     text = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(text)
     Path(f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
-    print(text)
+    if show:
+        print(text)
 
 
 def main(argv=None):
