@@ -6,8 +6,10 @@ must not turn into a wrong result or a division by zero deep inside a kernel lau
 
 Two memory budgets, each with one purpose (bytes, counted as float32 (rows x V) values):
     SAFEDPO_CHUNK_BYTES         the working set of the chunked PyTorch / C++ code: the torch backend's
-                                temporaries over logits it is given, and the torch and native backends'
-                                fused-linear chunks (forward, and the backward's recomputed logits).
+                                temporaries over logits it is given (its forward takes at most 8 MiB of
+                                it on the CPU, see torch_chunked.forward_chunk_rows), and the torch and
+                                native backends' fused-linear chunks (forward, and the backward's
+                                recomputed logits).
                                 Default 32 MiB; 256 MiB on CUDA (a 32 MiB chunk of a 128k vocabulary is
                                 65 rows, too few to fill a GPU).
     SAFEDPO_LINEAR_CHUNK_BYTES  the logits the fused-linear autograd Functions materialize at once: a

@@ -117,9 +117,10 @@ def test_statistics_of_a_large_vocabulary_match_float64(case):
     assert torch.equal(logps, sequence_logps(logits, labels, backend=backend))
 
 
-def test_the_torch_backends_mean_logit_of_non_finite_rows_is_the_sum_of_the_logits():
-    """The torch backend sums a row as sum(x - max) + V * max, from the shifted row it already holds; a
-    row with a +inf logit (alone, or beside a -inf one), a -inf or a NaN logit still gets x's own sum."""
+def test_the_torch_backends_mean_logit_of_non_finite_rows_is_their_sum():
+    """A row with a +inf logit (alone, or beside a -inf one), a -inf or a NaN logit: the torch backend's
+    mean logit is the logits' own sum (+inf, NaN, -inf, NaN), as the oracle's; the others' are exact
+    while the logits sit far from 0."""
     V = 50
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(5, 3, V, generator=gen) * 4 + 30  # far from 0: the shifted sum must not lose it
