@@ -37,14 +37,31 @@ def test_the_buffers_are_what_torch_would_give(dtype):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
                     reason="transparent huge pages are Linux's, and off here")
-def test_a_large_buffer_is_advised_huge_pages_unless_turned_off(monkeypatch):
+def test_a_large_buffer_is_advised_huge_pages():
     big = _pages.empty((16 << 20) // 4)
     assert "hg" in _vm_flags(big.data_ptr() + (8 << 20))
+
+
+def test_only_large_buffers_are_advised_and_only_inside_them(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_pages, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)))
+    small = _pages.empty((1000, 1000))  # 4 MB, under two huge pages
+    assert calls == [] and small.shape == (1000, 1000)
+    big = _pages.zeros((3000, 1001))
+    ((start, length, advice),) = calls
+    assert advice == 14 and start % 4096 == 0 and length % 4096 == 0
+    assert big.data_ptr() <= start and start + length <= big.data_ptr() + big.numel() * 4
+    assert length >= big.numel() * 4 - 8192  # every whole page of the buffer
+    assert torch.count_nonzero(big).item() == 0
+
+
+def test_turned_off_nothing_is_advised(monkeypatch):
     monkeypatch.setenv("SAFEDPO_HUGEPAGES", "0")
     _pages._madvise.cache_clear()
     try:
-        off = _pages.empty((16 << 20) // 4)
-        assert "hg" not in _vm_flags(off.data_ptr() + (8 << 20))
+        assert _pages._madvise() is None
+        assert _pages.empty((4 << 20,)).numel() == 4 << 20
     finally:
         monkeypatch.delenv("SAFEDPO_HUGEPAGES")
         _pages._madvise.cache_clear()
+    assert (_pages._madvise() is not None) == sys.platform.startswith("linux")
