@@ -113,6 +113,7 @@ class StepClock:
     def __init__(self, from_step: int, profile_step: int, device: str = "cpu"):
         self.from_step, self.profile_step, self.cuda = from_step, profile_step, device == "cuda"
         self.times, self.rss, self.alloc, self._t, self._step = [], None, None, None, 0
+        self.cuda_peak = 0  # on CUDA, the profiled step's peak stands for both columns
 
     def begin(self, step: int) -> None:  # 1-based
         from bench.memory import AllocationPeak, PeakMemory
@@ -139,11 +140,11 @@ class StepClock:
         self.times.append(time.perf_counter() - self._t)
         if self._step == self.profile_step:
             self.alloc.__exit__(None, None, None)
-            if self.cuda:  # the one CUDA measure stands for both columns
-                self.alloc.bytes = self.rss_cuda = self.alloc.peak_bytes
+            if self.cuda:
+                self.alloc.bytes = self.cuda_peak = self.alloc.peak_bytes
 
     def peaks(self) -> dict:
-        rss = getattr(self, "rss_cuda", 0)
+        rss = self.cuda_peak
         if self.rss is not None:
             self.rss.__exit__(None, None, None)
             rss = self.rss.peak_bytes
