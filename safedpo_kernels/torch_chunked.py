@@ -88,7 +88,8 @@ def token_logps_from_chunk(x: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
     ``work``: a (rows, V) float32 scratch for exp(x - max), if the caller keeps one across chunks (a
     fresh chunk-sized allocation is page-faulted in on every call). The statistics reuse that
-    exponential, so they cost a product and three row sums, and never change the log-probs."""
+    exponential, so they cost a product and two row sums over the chunk (re-read from the cache while the
+    chunk is cache-sized, see forward_chunk_rows), and never change the log-probs."""
     V = x.shape[-1]
     counted, valid, safe = _target_mask(labels, V, ignore_index)
     target = x.gather(1, safe.unsqueeze(1)).squeeze(1) if V else torch.zeros_like(labels, dtype=torch.float32)
@@ -130,7 +131,7 @@ STATS = 5
 def _max_before_label(x: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """Column 3 of STATS: each row's maximum over the columns before its label (all of them for a label
     past V, as a vocabulary shard before the label's sees it)."""
-    rows, V = x.shape
+    V = x.shape[-1]
     if x.device.type != "cpu":
         after = torch.arange(V, device=x.device)[None, :] >= labels.unsqueeze(1)
         return x.masked_fill(after, float("-inf")).amax(-1)
