@@ -182,7 +182,9 @@ def safedpo_loss(
 
 def _checked_pairs(pairs: Pairs, n_seq: int, device, options: LossOptions, call: CallOptions) -> Pairs:
     check_pair_inputs(n_seq, device, pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe, validate=call.validate)
-    return pairs._replace(denominators=check_denominators(pairs.denominators, options, device))
+    # Built anew, not through _replace: torch 2.7's dynamo refuses NamedTuple._replace in a compiled step.
+    return Pairs(pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe,
+                 check_denominators(pairs.denominators, options, device))
 
 
 def loss_on_logits(logits, labels, pairs: Pairs, options: LossOptions, call: CallOptions,
@@ -191,9 +193,8 @@ def loss_on_logits(logits, labels, pairs: Pairs, options: LossOptions, call: Cal
     p = _prepare_logits(logits, labels, cu_seqlens, call)
     pairs = _checked_pairs(pairs, p.layout.n_seq, p.x.device, options, call)
     logps, _, counts, row_stats = _logits_op(p, call, options.average)
-    out = loss_from_logps(logps, pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe, options, counts,
-                          pairs.denominators)
-    return out._replace(token_stats=TokenStats.of(row_stats)) if call.token_stats else out
+    return loss_from_logps(logps, pairs.ref_logps, pairs.chosen_safe, pairs.rejected_safe, options, counts,
+                           pairs.denominators, TokenStats.of(row_stats) if call.token_stats else None)
 
 
 def linear_sequence_logps(

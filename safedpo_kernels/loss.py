@@ -237,20 +237,24 @@ def _terms(m: _Margins, token_counts, options: LossOptions, divisors) -> Tuple[t
     return loss, torch.stack([p.detach().float() for p in parts])
 
 
-def _output(m: _Margins, loss: torch.Tensor, loss_terms: torch.Tensor) -> SafeDPOOutput:
+def _output(m: _Margins, loss: torch.Tensor, loss_terms: torch.Tensor, token_stats=None) -> SafeDPOOutput:
+    # Built whole, never through _replace: torch 2.7's dynamo refuses NamedTuple._replace, and 2.11's
+    # cannot return from a compiled step a NamedTuple that _replace made.
     return SafeDPOOutput(loss, m.chosen.detach(), m.rejected.detach(), m.chosen_rewards.detach(),
-                         m.rejected_rewards.detach(), m.roles.kept, m.roles.swapped, loss_terms)
+                         m.rejected_rewards.detach(), m.roles.kept, m.roles.swapped, loss_terms, token_stats)
 
 
 def loss_from_logps(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
                     options: LossOptions, token_counts: Optional[torch.Tensor] = None,
-                    denominators=None) -> SafeDPOOutput:
+                    denominators=None, token_stats: Optional[TokenStats] = None) -> SafeDPOOutput:
     """``safedpo_loss_from_logps`` without argument checks: the fused entry points check once, up front.
     ``policy_logps`` is (2B,) float32; ``options.average`` says whether they are sums or token means;
-    ``token_counts`` (2B,) the counted tokens per row (the "sft" term needs them)."""
+    ``token_counts`` (2B,) the counted tokens per row (the "sft" term needs them); ``token_stats`` goes
+    into the output's field of that name."""
     _check_counts(token_counts, options)
     m = _margins(policy_logps, ref_logps, chosen_safe, rejected_safe, options)
-    return _output(m, *_terms(m, token_counts, options, _divisors(m, token_counts, options, denominators)))
+    terms = _terms(m, token_counts, options, _divisors(m, token_counts, options, denominators))
+    return _output(m, *terms, token_stats)
 
 
 def loss_and_logp_grad(policy_logps: torch.Tensor, ref_logps, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,

@@ -165,8 +165,11 @@ class CallOptions:
     backend: str = "auto"
     validate: bool = True
     inplace_backward: bool = False
-    transform: LogitTransform = LogitTransform()
-    groups: Groups = Groups(None, None)
+    # Factories, not shared default instances: dynamo cannot trace a dataclass whose __init__ defaults
+    # hold an object of a class of ours (torch 2.11: a LogitTransform; torch 2.7: a NamedTuple too), and
+    # every public call builds a CallOptions, inside compiled steps too.
+    transform: LogitTransform = dataclasses.field(default_factory=LogitTransform)
+    groups: Groups = dataclasses.field(default_factory=lambda: Groups(None, None))
     token_stats: bool = False
 
     def __post_init__(self):

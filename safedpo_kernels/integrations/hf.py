@@ -132,12 +132,16 @@ def compile_context(model):
     set-and-restore in the recomputation is a no-op, so dynamo may skip it there:
     ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True`` (the setting users of
     their own compiled loops need too). Scoped to the step, so the rest of the program keeps dynamo's
-    default."""
-    if not uses_hub_kernel_funcs(model):
-        return contextlib.nullcontext()
+    default. A torch that lacks the setting gets a null context."""
     import torch._dynamo
 
-    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    # A torch without the setting (2.7) breaks the graph at each checkpointed layer: slower, same values.
+    if not uses_hub_kernel_funcs(model) or not hasattr(torch._dynamo.config, _SKIP_REPLAYED_SIDE_EFFECTS):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(**{_SKIP_REPLAYED_SIDE_EFFECTS: True})
+
+
+_SKIP_REPLAYED_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def router_config(model) -> Optional[dict]:
@@ -266,12 +270,12 @@ class CausalLMLoss:
                 check_pair_inputs(logps.shape[0], logps.device, *loss[:3], rows_name="the logits", validate=self.validate)
                 counts = reference.token_counts(labels, cu_seqlens=cu_seqlens) if loss.options.uses_sft else None
                 denominators = check_denominators(loss.denominators, loss.options, logps.device)
-                out = loss_from_logps(logps, *loss[:4], counts, denominators)
+                token_stats = None
                 if self.token_stats:
                     with torch.no_grad():
                         stats = reference.token_stats(logits.detach(), labels, cu_seqlens=cu_seqlens)
-                    out = out._replace(token_stats=TokenStats(stats[0].float(), stats[1].float(), stats[2].long(),
-                                                              stats[3].long()))
+                    token_stats = TokenStats(stats[0].float(), stats[1].float(), stats[2].long(), stats[3].long())
+                out = loss_from_logps(logps, *loss[:4], counts, denominators, token_stats)
             else:
                 if loss is None:
                     return ModelLoss(logps_on_logits(logits, labels, average, call, cu_seqlens), None)

@@ -100,7 +100,7 @@ def test_router_aux_loss_is_the_models_own(name):
 def test_compile_context_follows_the_hub_kernel_wrappers():
     """compile_context sets dynamo's skip-side-effects-in-recomputation flag inside the context only, and
     only for a model whose layers carry the kernels package's per-instance wrappers (transformers >= 5.25
-    with kernels installed); any other model gets a null context."""
+    with kernels installed); any other model, or a torch without the flag, gets a null context."""
     import torch._dynamo
 
     from safedpo_kernels._env import major_minor
@@ -115,10 +115,27 @@ def test_compile_context_follows_the_hub_kernel_wrappers():
     elif major_minor(transformers.__version__) >= (5, 25):  # Llama's attention routes its rotary embedding through them
         assert wrapped
     assert not uses_hub_kernel_funcs(torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    before = getattr(torch._dynamo.config, flag)
+    supported = hasattr(torch._dynamo.config, flag)  # torch 2.7 lacks it: then a null context
+    before = getattr(torch._dynamo.config, flag, None)
     for _ in range(2):  # the context is entered once per training step
         with compile_context(model):
-            assert getattr(torch._dynamo.config, flag) == (wrapped or before)
-        assert getattr(torch._dynamo.config, flag) == before
+            assert getattr(torch._dynamo.config, flag, None) == ((wrapped and supported) or before)
+        assert getattr(torch._dynamo.config, flag, None) == before
     with compile_context(torch.nn.Linear(2, 2)):
-        assert getattr(torch._dynamo.config, flag) == before
+        assert getattr(torch._dynamo.config, flag, None) == before
+
+
+def test_compile_context_is_null_on_a_torch_without_the_flag(monkeypatch):
+    """torch 2.7's dynamo has no skip-side-effects flag: compile_context of a wrapped model is then a null
+    context (the graph breaks at each checkpointed layer), not an AttributeError that stops the run."""
+    import contextlib
+
+    from safedpo_kernels.integrations import hf
+
+    monkeypatch.setattr(hf, "uses_hub_kernel_funcs", lambda model: True)
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, hf._SKIP_REPLAYED_SIDE_EFFECTS):
+        assert not isinstance(hf.compile_context(torch.nn.Linear(2, 2)), contextlib.nullcontext)
+    monkeypatch.setattr(hf, "_SKIP_REPLAYED_SIDE_EFFECTS", "a_flag_this_torch_does_not_have")
+    assert isinstance(hf.compile_context(torch.nn.Linear(2, 2)), contextlib.nullcontext)

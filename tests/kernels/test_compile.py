@@ -124,6 +124,49 @@ def test_a_fullgraph_compiled_step_equals_eager(case, loss_type, packed):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_a_compiled_step_returns_the_whole_output_with_token_statistics(case, path):
+    """What a trainer's compiled forward returns: the SafeDPOOutput itself, token statistics included
+    (torch 2.11's dynamo could not return one that NamedTuple._replace had made), equal to eager."""
+    backend, device = case
+    if backend == "triton" and path == "linear":
+        pytest.skip("the interpreter is slow: the logits path covers the Triton backend")
+    gen = torch.Generator().manual_seed(35)
+    B, T, V, H = 2, 5, 31, 8
+    logits = make_logits((2 * B, T, V), torch.float32, device, gen)
+    labels = make_labels(2 * B, T, V, gen, device)
+    hidden = torch.randn(2 * B, T, H, generator=gen).to(device)
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device)
+    ref = torch.randn(2 * B, generator=gen).to(device)
+    cs, rs = make_flags(B, gen, device)
+    kw = dict(backend=backend, validate=False, token_stats=True, loss_type=["sigmoid", "sft"])
+
+    def step(x, w):
+        if path == "logits":
+            return safedpo_loss(x * 1.0, labels, ref, cs, rs, inplace_backward=True, **kw)
+        return linear_safedpo_loss(x, w, labels, ref, cs, rs, **kw)
+
+    first = logits if path == "logits" else hidden
+    outs = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        x, w = first.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fn(x, w)
+        out.loss.backward()
+        outs.append((out, x.grad))
+    torch._dynamo.reset()
+    (want, want_grad), (got, got_grad) = outs
+    assert type(got).__name__ == "SafeDPOOutput" and type(got.token_stats).__name__ == "TokenStats"
+    for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "loss_terms"):
+        assert max_scaled_err(getattr(got, name), getattr(want, name)) <= TOL[torch.float32][0], name
+    assert torch.equal(got.kept, want.kept) and torch.equal(got.swapped, want.swapped)
+    for name in ("entropy", "mean_logit"):
+        assert max_scaled_err(getattr(got.token_stats, name), getattr(want.token_stats, name)) <= 1e-5, name
+    assert torch.equal(got.token_stats.top1, want.token_stats.top1)
+    assert torch.equal(got.token_stats.tokens, want.token_stats.tokens)
+    assert want.token_stats.tokens.sum() > 0
+    assert rel_err(got_grad, want_grad) <= TOL[torch.float32][1]
+
+
 # PyTorch before 2.12 cannot trace a backward that writes into a leaf input of the compiled graph
 # (AOT autograd's input-mutation copy trips the leaf check); logits a model computes are no leaf.
 LEAF_INPLACE_COMPILES = major_minor() >= (2, 12)

@@ -44,3 +44,39 @@ def test_replace_checks_again_and_modules_keep_their_options():
 def test_numpy_flags_are_flags():
     np = pytest.importorskip("numpy")
     assert LossOptions(swap=np.bool_(False), average=np.bool_(True)) == LossOptions(swap=False, average=True)
+
+
+def test_option_objects_hold_no_shared_default_instances():
+    """Every public call builds its option objects, inside compiled steps too. Dynamo cannot trace a
+    dataclass whose __init__ defaults hold an instance of a class of ours (torch 2.11: a LogitTransform;
+    torch 2.7: a NamedTuple too; 2.13 traces both): defaults stay None, numbers, strings and plain tuples
+    of them, and an object-valued default comes from a factory. NamedTuples' defaults too."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import safedpo_kernels
+
+    plain = (type(None), bool, int, float, str)
+
+    def is_plain(value):
+        return isinstance(value, plain) or (type(value) is tuple and all(is_plain(v) for v in value))
+
+    checked = 0
+    for info in pkgutil.walk_packages(safedpo_kernels.__path__, "safedpo_kernels."):
+        module = importlib.import_module(info.name)
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and cls.__module__ == module.__name__):
+                continue
+            if dataclasses.is_dataclass(cls):
+                defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+            elif issubclass(cls, tuple) and hasattr(cls, "_field_defaults"):
+                defaults = cls._field_defaults
+            else:
+                continue
+            for name, value in defaults.items():
+                assert is_plain(value), (cls.__qualname__, name, type(value))
+                checked += 1
+    assert checked >= 20
+    call = safedpo_kernels.options.CallOptions()
+    assert call.transform == safedpo_kernels.transform.LogitTransform() and call.groups == (None, None)
