@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test test-latest lock train bench docs clean native
+.PHONY: test test-latest test-image lock train bench docs clean native
 
 # The test extras (TRL 1.16, transformers 5.2x) need Python 3.11; say so before pip fails to resolve them.
 $(PYTHON):
@@ -51,6 +51,25 @@ test-latest: | $(LATEST)/bin/python
 	NO_MKDOCS_2_WARNING=1 $(LATEST)/bin/python -m mkdocs build --strict --quiet --site-dir $(LATEST)/site-check
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest tests $(PYTEST_ARGS)
 
+# The same suite on the lent GPU machines' Python stack (Python 3.12, torch 2.11, triton 3.6, transformers
+# 5.17, accelerate 1.15: the device tool's KINDS.md), here on the CPU, in its own venv: the check before
+# a GPU run (the suite includes gpu_check.sh's dry run), and the torch floor users on that stack have.
+# PyPI has no CPU build of torch 2.11: its CUDA build (about 5 GB in the venv) runs on the CPU. numpy < 2.4
+# only for triton 3.6's interpreter, which the image (numpy 2.5, compiled kernels) does not use.
+IMAGE := .venv-image
+IMAGE_PY ?= python3.12
+IMAGE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 huggingface-hub==1.33.0 \
+	tokenizers==0.23.2 safetensors==0.8.0 'numpy<2.4'
+$(IMAGE)/bin/python:
+	@$(IMAGE_PY) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' 2>/dev/null || { \
+	  echo "make test-image needs the GPU image's Python 3.12: IMAGE_PY=/path/to/python3.12 make test-image"; exit 1; }
+	$(IMAGE_PY) -m venv $(IMAGE)
+
+test-image: | $(IMAGE)/bin/python
+	$(IMAGE)/bin/python -m pip install -q $(IMAGE_PINS) -e '.[test]'
+	$(IMAGE)/bin/python -c "import sys; from safedpo_kernels import native; sys.exit(0 if native.load() else 1)"
+	TRITON_INTERPRET=1 $(IMAGE)/bin/python -m pytest tests $(PYTEST_ARGS)
+
 # Refresh the lock: the versions of .venv-latest once the suite has passed there.
 lock: test-latest
 	{ echo "# The CPU set-up of make test / make train: the versions the suite passed with (make test-latest)."; \
@@ -73,4 +92,4 @@ bench: native $(VENV)/.bench-deps
 	$(PYTHON) -m bench.parallel_scale
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .benchmarks site
+	rm -rf $(VENV) $(LATEST) $(IMAGE) .pytest_cache .benchmarks site
