@@ -241,6 +241,10 @@ class Run:
         if packed is None:
             packed = model.config._attn_implementation == "flash_attention_2"
         router = router_config(model)
+        if router is None and section.router_aux_loss_coef:
+            raise ValueError(f"router_aux_loss_coef is {section.router_aux_loss_coef} but {type(model).__name__} "
+                             "is not a mixture-of-experts model that returns its router logits: there is no "
+                             "load-balancing loss to weight; leave it unset or 0")
         aux_coef = 0.0
         if router is not None:
             aux_coef = router["coef"] if section.router_aux_loss_coef is None else section.router_aux_loss_coef

@@ -145,14 +145,17 @@ _SKIP_REPLAYED_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def router_config(model) -> Optional[dict]:
-    """{coef, num_experts, top_k} for a mixture-of-experts model with a router auxiliary loss, else None."""
+    """{coef, num_experts, top_k} of a mixture-of-experts model that returns its router logits (its config
+    has ``output_router_logits``, TRL's test too), else None. ``coef`` is the config's
+    ``router_aux_loss_coef``, 0.0 where it declares none (DeepSeek-V3, GLM-4 MoE, ...: as TRL reads it);
+    num_experts / top_k are None where the config names them otherwise."""
     cfg = text_config(model)
-    coef = getattr(cfg, "router_aux_loss_coef", None)
+    if not hasattr(cfg, "output_router_logits"):
+        return None
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
     top_k = getattr(cfg, "num_experts_per_tok", None)
-    if coef is None or not experts or not top_k:
-        return None
-    return dict(coef=float(coef), num_experts=int(experts), top_k=int(top_k))
+    return dict(coef=float(getattr(cfg, "router_aux_loss_coef", None) or 0.0),
+                num_experts=int(experts) if experts else None, top_k=int(top_k) if top_k else None)
 
 
 def router_aux_loss(model, outputs, attention_mask=None) -> Optional[torch.Tensor]:
@@ -169,9 +172,10 @@ def router_aux_loss(model, outputs, attention_mask=None) -> Optional[torch.Tenso
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA adapters
     balance = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
-    if balance is None:
-        raise ValueError(f"{type(base).__name__}: its module has no load_balancing_loss_func to compute the router's "
-                         "auxiliary loss from the decoder's outputs; use the logits path")
+    if balance is None or router["num_experts"] is None or router["top_k"] is None:
+        raise ValueError(f"{type(base).__name__}: no load_balancing_loss_func in its module, or no num_experts / "
+                         "num_experts_per_tok in its config, to compute the router's auxiliary loss from the "
+                         "decoder's outputs; use the logits path")
     return balance(logits, router["num_experts"], router["top_k"], attention_mask)
 
 
@@ -211,7 +215,8 @@ class CausalLMLoss:
     a wrong transform is refused before training and no check runs inside a compiled forward), never
     materializing the logits. "eager": plain PyTorch (log_softmax, gather, sum), a baseline.
     ``router_aux``: also return a mixture-of-experts router's load-balancing loss (without its
-    coefficient, which is the trainer's business). ``fallback`` names the setting that avoids the
+    coefficient, which is the trainer's business; a ValueError for a model without a router, and for a
+    forward that returns none). ``fallback`` names the setting that avoids the
     fused-linear path, for the error a model with an unknown logit transform gets. ``validate=False``: the
     kernels skip the checks that read values on the host (label range, 0/1 flags), so that a compiled
     forward has no graph break of ours; the caller then answers for labels in [0, V) (out-of-range
@@ -228,7 +233,10 @@ class CausalLMLoss:
         self.backend = backend
         check_attention(model.config)
         self.transform = logit_transform(model)
-        self.router = router_config(model) if router_aux else None
+        if router_aux and router_config(model) is None:
+            raise ValueError(f"router_aux: {type(model).__name__} is not a mixture-of-experts model that returns its "
+                             "router logits (no output_router_logits in its config)")
+        self.router_aux = router_aux
         self.fallback = fallback
         self.validate = validate
         self.token_stats = token_stats
@@ -249,7 +257,7 @@ class CausalLMLoss:
         original forward inside a replacement of it)."""
         packed = cu_seqlens is not None
         inputs = dict(inputs)
-        if self.router is not None and loss is not None:
+        if self.router_aux and loss is not None:
             inputs["output_router_logits"] = True
         average = loss.options.average if loss is not None else average
         call = (self.calls if loss is None else self.loss_calls)[self.loss_input == "logits" and torch.is_grad_enabled()]
@@ -280,7 +288,13 @@ class CausalLMLoss:
                 if loss is None:
                     return ModelLoss(logps_on_logits(logits, labels, average, call, cu_seqlens), None)
                 out = loss_on_logits(logits, labels, loss.pairs(), loss.options, call, cu_seqlens)
-        aux = None if self.router is None else router_aux_loss(model, outputs, inputs.get("attention_mask"))
+        aux = None
+        if self.router_aux:
+            aux = router_aux_loss(model, outputs, inputs.get("attention_mask"))
+            if aux is None:  # a weighted load-balancing loss must not be dropped without a word
+                raise ValueError(f"{type(model).__name__} returned neither an aux_loss nor router logits with "
+                                 "output_router_logits=True: its router's load-balancing loss cannot be added; "
+                                 "set the router loss coefficient to 0")
         return ModelLoss(out, aux)
 
 

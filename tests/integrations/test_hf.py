@@ -97,6 +97,33 @@ def test_router_aux_loss_is_the_models_own(name):
     assert max_scaled_err(outs["linear"].result.loss, outs["logits"].result.loss) <= 1e-5
 
 
+def test_a_router_loss_is_never_dropped_without_a_word(monkeypatch):
+    """A mixture-of-experts config that declares no router_aux_loss_coef (DeepSeek-V3, GLM-4 MoE, ...) still
+    has a router: its coefficient reads as 0.0 (as TRL reads it) and a trainer's own coefficient adds the
+    model's load-balancing loss on both paths. A router loss asked of a model without a router, or one the
+    model does not return, is a ValueError, never a silently missing term."""
+    model = build("mixtral")
+    del model.config.router_aux_loss_coef  # the class keeps a default: take that away too, for this test
+    monkeypatch.delattr(type(model.config), "router_aux_loss_coef")
+    assert not hasattr(model.config, "router_aux_loss_coef")
+    router = router_config(model)
+    assert router == dict(coef=0.0, num_experts=model.config.num_local_experts, top_k=model.config.num_experts_per_tok)
+    padded, _ = batch_of()
+    want = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], output_router_logits=True).aux_loss
+    for loss_input in ("logits", "linear"):
+        out = PairScorer(model, loss_input, backend="torch", router_aux=True)(padded, loss=LossOptions(), ref_logps=None)
+        assert out.aux_loss is not None and torch.allclose(out.aux_loss, want, rtol=1e-6)
+    llama = build("llama")
+    assert router_config(llama) is None
+    with pytest.raises(ValueError, match="router_aux: LlamaForCausalLM is not a mixture-of-experts model"):
+        PairScorer(llama, "logits", router_aux=True)
+    silent = PairScorer(model, "logits", backend="torch", router_aux=True)
+    real_forward = model.forward
+    model.forward = lambda **kw: real_forward(**{**kw, "output_router_logits": False})  # returns no router output
+    with pytest.raises(ValueError, match="returned neither an aux_loss nor router logits"):
+        silent(padded, loss=LossOptions(), ref_logps=None)
+
+
 def test_compile_context_follows_the_hub_kernel_wrappers():
     """compile_context sets dynamo's skip-side-effects-in-recomputation flag inside the context only, and
     only for a model whose layers carry the kernels package's per-instance wrappers (transformers >= 5.25

@@ -136,3 +136,13 @@ def test_every_loss_option_reaches_the_loss(task, tmp_path, loss_type, options):
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     want = expected(trained, eval_set, list(range(len(eval_set))))  # evaluation runs in batches: the same total
     assert abs(eval_loss - want) <= 1e-4 * max(1.0, abs(want)), (eval_loss, want)
+
+
+def test_a_router_coefficient_for_a_model_without_a_router_is_refused(task, tmp_path):
+    """router_aux_loss_coef on a dense model (the tiny Llama) weights nothing: a ValueError naming the key
+    and the model before any step, not a run that silently trains without the loss the user asked for."""
+    from safedpo.train import train
+
+    with pytest.raises(ValueError, match="router_aux_loss_coef is 0.05 but LlamaForCausalLM is not a mixture-of-experts"):
+        train(config(task, tmp_path / "dense", router_aux_loss_coef=0.05))
+    assert not (tmp_path / "dense" / "metrics.jsonl").exists()
