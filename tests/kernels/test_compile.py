@@ -87,6 +87,16 @@ def compiled_step(backend, loss_type, cu, labels, ref, cs, rs, inplace):
     return step
 
 
+def step_inputs(seed: int, B: int, T: int, V: int, H: int, device):
+    """(generator, logits, labels, hidden, weight) of a random (2B, T) step, float32, a head of width H."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = make_logits((2 * B, T, V), torch.float32, device, gen)
+    labels = make_labels(2 * B, T, V, gen, device)
+    hidden = torch.randn(2 * B, T, H, generator=gen).to(device)
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device)
+    return gen, logits, labels, hidden, weight
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("loss_type", [*LOSS_TYPES, ("sigmoid", "sft")], ids=[*LOSS_TYPES, "sigmoid+sft"])
 def test_a_fullgraph_compiled_step_equals_eager(case, loss_type, packed):
@@ -95,12 +105,8 @@ def test_a_fullgraph_compiled_step_equals_eager(case, loss_type, packed):
     backend, device = case
     if backend == "triton" and (packed or loss_type != "sigmoid"):
         pytest.skip("the interpreter is slow: the Triton backend compiles once, padded")
-    gen = torch.Generator().manual_seed(31)
-    B, T, V, H = 3, 6, 53, 16
-    logits = make_logits((2 * B, T, V), torch.float32, device, gen)
-    labels = make_labels(2 * B, T, V, gen, device)
-    hidden = torch.randn(2 * B, T, H, generator=gen).to(device)
-    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device)
+    B = 3
+    gen, logits, labels, hidden, weight = step_inputs(31, B, 6, 53, 16, device)
     cu = None
     if packed:
         lengths = [6, 2, 5, 0, 4, 6]
@@ -131,12 +137,8 @@ def test_a_compiled_step_returns_the_whole_output_with_token_statistics(case, pa
     backend, device = case
     if backend == "triton" and path == "linear":
         pytest.skip("the interpreter is slow: the logits path covers the Triton backend")
-    gen = torch.Generator().manual_seed(35)
-    B, T, V, H = 2, 5, 31, 8
-    logits = make_logits((2 * B, T, V), torch.float32, device, gen)
-    labels = make_labels(2 * B, T, V, gen, device)
-    hidden = torch.randn(2 * B, T, H, generator=gen).to(device)
-    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device)
+    B = 2
+    gen, logits, labels, hidden, weight = step_inputs(35, B, 5, 31, 8, device)
     ref = torch.randn(2 * B, generator=gen).to(device)
     cs, rs = make_flags(B, gen, device)
     kw = dict(backend=backend, validate=False, token_stats=True, loss_type=["sigmoid", "sft"])
