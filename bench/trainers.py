@@ -113,7 +113,6 @@ class StepClock:
     def __init__(self, from_step: int, profile_step: int, device: str = "cpu"):
         self.from_step, self.profile_step, self.cuda = from_step, profile_step, device == "cuda"
         self.times, self.rss, self.alloc, self._t, self._step = [], None, None, None, 0
-        self.cuda_peak = 0  # on CUDA, the profiled step's peak stands for both columns
 
     def begin(self, step: int) -> None:  # 1-based
         from bench.memory import AllocationPeak, PeakMemory
@@ -140,15 +139,16 @@ class StepClock:
         self.times.append(time.perf_counter() - self._t)
         if self._step == self.profile_step:
             self.alloc.__exit__(None, None, None)
-            if self.cuda:
-                self.alloc.bytes = self.cuda_peak = self.alloc.peak_bytes
 
     def peaks(self) -> dict:
-        rss = self.cuda_peak
+        alloc = 0
+        if self.alloc is not None:
+            alloc = self.alloc.peak_bytes if self.cuda else self.alloc.bytes
+        rss = alloc if self.cuda else 0  # on CUDA, the profiled step's peak stands for both columns
         if self.rss is not None:
             self.rss.__exit__(None, None, None)
             rss = self.rss.peak_bytes
-        return dict(peak_bytes=rss, alloc_bytes=self.alloc.bytes if self.alloc is not None else 0)
+        return dict(peak_bytes=rss, alloc_bytes=alloc)
 
 
 def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: StepClock) -> dict:

@@ -122,6 +122,9 @@ def uses_hub_kernel_funcs(model) -> bool:
     return any("_kernel_funcs" in vars(m) for m in model.modules())
 
 
+_SKIP_REPLAYED_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
 def compile_context(model):
     """The dynamo setting a compiled forward and backward of ``model`` needs, as a context to run the
     compiled step in (a null context where none is needed).
@@ -139,9 +142,6 @@ def compile_context(model):
     if not uses_hub_kernel_funcs(model) or not hasattr(torch._dynamo.config, _SKIP_REPLAYED_SIDE_EFFECTS):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(**{_SKIP_REPLAYED_SIDE_EFFECTS: True})
-
-
-_SKIP_REPLAYED_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def router_config(model) -> Optional[dict]:
