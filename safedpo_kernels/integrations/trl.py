@@ -21,7 +21,8 @@ model's router loss, as TRL adds it; DPOTrainer's token metrics (entropy, logits
 logits/rejected, mean_token_accuracy) from the kernels' own pass; ``padding_free=True`` (each batch packed into one row, its
 sequences told apart by position ids and cu_seqlens: flash-attention's varlen path, or transformers'
 packed SDPA); and SafeDPO's metrics: kept and swapped pairs, each term of a loss list. With
-``delta=0.0, swap=False, drop_both_unsafe=False`` it trains exactly TRL's DPO.
+``delta=0.0, swap=False, drop_both_unsafe=False`` it trains exactly TRL's DPO (with ``label_smoothing``
+at 0 for "sigmoid": TRL 1.16 ignores it there, SafeDPO's "sigmoid" is conservative DPO with it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -201,7 +203,14 @@ class SafeDPOTrainer(DPOTrainer):
 
     @staticmethod
     def _check_supported(args: SafeDPOConfig) -> None:
-        args.loss_options()
+        options = args.loss_options()
+        if args.label_smoothing and "sigmoid" in options.terms:
+            # Not an error: SPEC's "sigmoid" is conservative DPO. A config carried over from DPOTrainer
+            # would otherwise train another loss without a word.
+            warnings.warn(f"label_smoothing={args.label_smoothing} with loss_type 'sigmoid': SafeDPOTrainer trains "
+                          "conservative DPO, -(1 - eps) log sigmoid(u) - eps log sigmoid(-u); TRL 1.16's DPOTrainer "
+                          "uses label_smoothing only in its 'robust', 'exo_pair' and 'aot' losses and trains plain "
+                          "'sigmoid' with it. Set label_smoothing=0.0 for TRL's loss", UserWarning, stacklevel=3)
         unsupported = dict(
             ld_alpha=args.ld_alpha is not None, use_weighting=args.use_weighting,
             f_divergence_type=args.f_divergence_type != "reverse_kl",

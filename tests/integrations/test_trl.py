@@ -169,6 +169,52 @@ def test_padding_free_packs_each_batch_and_equals_padding(stand_ins, tmp_path):
     assert (whole[int(cu[1]):int(cu[2])] - first).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("shared, loss_input", [
+    (dict(loss_type=["hinge"]), "logits"), (dict(loss_type=["ipo"]), "linear"),
+    (dict(loss_type=["robust"], label_smoothing=0.2), "logits"), (dict(loss_type=["robust"], label_smoothing=0.2), "linear"),
+    (dict(loss_type=["hinge", "sft"], loss_weights=[0.5, 2.0]), "linear"),
+])
+def test_the_other_pair_losses_equal_trls_own(stand_ins, tmp_path, shared, loss_input):
+    """hinge, ipo (TRL's token-averaged log-ratios), robust with its eps, and a weighted list: TRL's loss
+    and gradients on the same batch."""
+    ours, trl = trainer_pair(stand_ins, tmp_path, shared=shared, **PLAIN_DPO, fused_loss_input=loss_input)
+    for trainer in (ours, trl):  # away from policy == reference, where every pair loss is flat in eps
+        perturbed(trainer.model)
+    assert_same_as_trl(ours, trl, f"{shared} {loss_input}")
+
+
+def perturbed(model, scale=0.05):
+    """The model's weights moved by seeded noise, the same for identical copies."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def test_label_smoothing_on_sigmoid_is_conservative_dpo_and_warned(stand_ins, tmp_path):
+    """SPEC's "sigmoid" with eps is conservative DPO; TRL 1.16's DPOTrainer ignores label_smoothing for its
+    "sigmoid" loss. SafeDPOTrainer trains SPEC's loss and says, when built, that TRL's differs."""
+    from safedpo_kernels import safedpo_loss_from_logps, sequence_logps
+    from safedpo_kernels.labels import labels_from_completion_mask
+
+    with pytest.warns(UserWarning, match="label_smoothing=0.3 with loss_type 'sigmoid'.*TRL 1.16's DPOTrainer"):
+        ours, trl = trainer_pair(stand_ins, tmp_path, shared=dict(label_smoothing=0.3), **PLAIN_DPO)
+    for trainer in (ours, trl):
+        perturbed(trainer.model)
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    labels = labels_from_completion_mask(batch["input_ids"], batch["completion_mask"])
+    with torch.no_grad():
+        policy, ref = (sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels)
+                       for m in (ours.model, ours.ref_model))
+        mine = ours.compute_loss(ours.model, batch).item()
+        theirs = trl.compute_loss(trl.model, {k: v for k, v in batch.items() if "safe" not in k}).item()
+    want = {eps: safedpo_loss_from_logps(policy, ref, batch["chosen_safe"], batch["rejected_safe"], beta=0.1,
+                                         label_smoothing=eps, **PLAIN_DPO).loss.item() for eps in (0.3, 0.0)}
+    assert abs(want[0.3] - want[0.0]) > 1e-3  # the batch tells the two losses apart
+    assert abs(mine - want[0.3]) <= 1e-5 and abs(theirs - want[0.0]) <= 1e-5, (mine, theirs, want)
+
+
 def test_a_list_mixing_ipo_is_refused_with_the_reason(stand_ins, tmp_path):
     from safedpo_kernels.integrations.trl import SafeDPOConfig
 
