@@ -102,6 +102,32 @@ def test_same_as_logits_path(case):
     assert max_scaled_err(a, c) <= 1e-5
 
 
+@pytest.mark.parametrize("h_dtype, w_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.float32)], ids=str)
+def test_a_head_in_another_dtype_than_hidden(case, h_dtype, w_dtype):
+    """Outside autocast hidden and the head may differ in dtype (docs/api.md): the result is float64's on
+    the values as the backend multiplies them -- as given, in float32, on the CPU; the head rounded once to
+    16-bit hidden states' dtype where tensor cores multiply (Triton, CUDA) -- and each gradient comes back
+    in its own input's dtype."""
+    backend, device = case
+    N, T, H, V = 4, 5, 24, 77
+    hidden, weight, b, labels, gen = make(N, T, H, V, h_dtype, device, seed=23)
+    # drawn anew in float32: values a 16-bit copy does not hold
+    weight = (torch.randn(V, H, generator=gen) * 4.0 / H**0.5).to(w_dtype).to(device)
+    b = torch.randn(V, generator=gen).to(w_dtype).to(device)
+    rounded = h_dtype != torch.float32 and (backend == "triton" or device == "cuda")
+    as_multiplied = weight.to(h_dtype).to(w_dtype) if rounded else weight
+    upstream = torch.randn(N, generator=gen).to(device)
+    got, g_grads = grads_of(lambda h, w, bb: (linear_sequence_logps(h, w, labels, bias=bb, backend=backend) * upstream).sum(),
+                            [hidden, weight, b])
+    want, w_grads = grads_of(lambda h, w, bb: (reference.sequence_logps(reference.linear_logits(h, w, bb), labels) * upstream.double()).sum(),
+                             [hidden.double(), as_multiplied.double(), b.double()])
+    assert max_scaled_err(got, want) <= 1e-4
+    for g, w, like in zip(g_grads, w_grads, (hidden, weight, b)):
+        assert g.dtype == like.dtype
+        assert rel_err(g, w) <= 1e-2
+
+
 def test_frozen_head_and_module(case):
     backend, device = case
     B, T, H, V = 2, 5, 16, 77
