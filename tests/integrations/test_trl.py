@@ -183,6 +183,24 @@ def test_the_other_pair_losses_equal_trls_own(stand_ins, tmp_path, shared, loss_
     assert_same_as_trl(ours, trl, f"{shared} {loss_input}")
 
 
+@pytest.mark.parametrize("loss_input", ["logits", "linear"])
+def test_evaluate_logs_dpotrainers_metrics(stand_ins, tmp_path, loss_input):
+    """Trainer.evaluate() on a held-out set: every eval metric DPOTrainer logs, with its value."""
+    from safedpo_kernels.integrations.trl import pku_to_preference
+
+    held_out = pku_to_preference(datasets.load_from_disk(stand_ins["data"])["train"]).select(range(8))
+    ours, trl = trainer_pair(stand_ins, tmp_path, **PLAIN_DPO, fused_loss_input=loss_input)
+    for trainer, rows in ((ours, held_out), (trl, held_out.remove_columns(["chosen_safe", "rejected_safe"]))):
+        perturbed(trainer.model)
+        trainer.eval_dataset = trainer._prepare_dataset(rows, trainer.processing_class, trainer.args, "eval")
+    mine, theirs = ours.evaluate(), trl.evaluate()
+    timing = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+    for name, value in theirs.items():
+        if name.startswith("eval_") and name not in timing:
+            assert abs(mine[name] - value) <= 1e-5 * max(1.0, abs(value)), (name, mine[name], value)
+    assert mine["eval_safedpo/kept_pairs"] == 1.0
+
+
 def perturbed(model, scale=0.05):
     """The model's weights moved by seeded noise, the same for identical copies."""
     gen = torch.Generator().manual_seed(5)
