@@ -118,11 +118,14 @@ def test_a_head_in_another_dtype_than_hidden(case, h_dtype, w_dtype):
     rounded = h_dtype != torch.float32 and (backend == "triton" or device == "cuda")
     as_multiplied = weight.to(h_dtype).to(w_dtype) if rounded else weight
     upstream = torch.randn(N, generator=gen).to(device)
-    got, g_grads = grads_of(lambda h, w, bb: (linear_sequence_logps(h, w, labels, bias=bb, backend=backend) * upstream).sum(),
+    got, g_grads = grads_of(lambda h, w, bb: linear_sequence_logps(h, w, labels, bias=bb, backend=backend) @ upstream,
                             [hidden, weight, b])
-    want, w_grads = grads_of(lambda h, w, bb: (reference.sequence_logps(reference.linear_logits(h, w, bb), labels) * upstream.double()).sum(),
-                             [hidden.double(), as_multiplied.double(), b.double()])
-    assert max_scaled_err(got, want) <= 1e-4
+    want, w_grads = grads_of(
+        lambda h, w, bb: reference.sequence_logps(reference.linear_logits(h, w, bb), labels) @ upstream.double(),
+        [hidden.double(), as_multiplied.double(), b.double()])
+    rows = linear_sequence_logps(hidden, weight, labels, bias=b, backend=backend)
+    want_rows = reference.sequence_logps(reference.linear_logits(hidden.double(), as_multiplied.double(), b.double()), labels)
+    assert max_scaled_err(rows, want_rows) <= 1e-4 and max_scaled_err(got, want) <= 1e-4
     for g, w, like in zip(g_grads, w_grads, (hidden, weight, b)):
         assert g.dtype == like.dtype
         assert rel_err(g, w) <= 1e-2
