@@ -71,10 +71,14 @@ def _cpu_flags() -> list:
 
 
 def build_dir() -> Path:
-    """Cache directory of the build for this source, these flags and this torch version (FileNotFoundError
-    when the source is missing)."""
-    src = _source().read_bytes()
-    key = hashlib.sha256(src + " ".join(_cpu_flags()).encode() + torch.__version__.encode()).hexdigest()[:16]
+    """Cache directory of the build for this source, these flags and this torch version and installation
+    (FileNotFoundError when the source is missing). The source's and torch's paths are part of the key:
+    they are in the build command, so two checkouts or two venvs sharing one directory would each have
+    ninja rebuild the other's library on every switch (and under a process that has it loaded)."""
+    path = _source()
+    where = f"{path.resolve()}\0{Path(torch.__file__).resolve().parent}"
+    key = hashlib.sha256(path.read_bytes() + " ".join(_cpu_flags()).encode() + torch.__version__.encode()
+                         + where.encode()).hexdigest()[:16]
     return cache_dir() / f"native-{key}"
 
 

@@ -212,6 +212,29 @@ def test_missing_source_falls_back(tmp_path):
     assert "FileNotFoundError" in message and "logprob.cpp" in message
 
 
+def test_two_checkouts_or_venvs_build_apart(tmp_path, monkeypatch):
+    """The same source in two places (two checkouts, a checkout and a wheel), or one torch version in two
+    venvs, get two cache directories: the paths are in the build command, so ninja would otherwise
+    relink one shared library on every switch, under any process that has it loaded."""
+    import types
+
+    import torch
+
+    from safedpo_kernels import _native_build
+
+    first = _native_build.build_dir()
+    assert _native_build.build_dir() == first  # stable
+    copy = tmp_path / "csrc" / "logprob.cpp"
+    copy.parent.mkdir()
+    copy.write_bytes(_native_build._source().read_bytes())
+    monkeypatch.setattr(_native_build, "_SOURCE_CANDIDATES", (copy,))
+    assert _native_build.build_dir() != first
+    monkeypatch.undo()
+    other_venv = types.SimpleNamespace(__version__=torch.__version__, __file__=str(tmp_path / "torch" / "__init__.py"))
+    monkeypatch.setattr(_native_build, "torch", other_venv)
+    assert _native_build.build_dir() != first
+
+
 def _cached_build_copy(tmp_path):
     """The current build, copied (timestamps kept) under a fresh cache root: the same key finds it."""
     import shutil
