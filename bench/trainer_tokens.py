@@ -31,25 +31,26 @@ def main():
     from safedpo.toy.pipeline import write_task
     from safedpo.train import train
 
-    root = Path(tempfile.mkdtemp(prefix="safedpo-tokens-"))
-    paths = write_task(root / "task", 0)
-    print(f"tiny Llama, vocab {a.vocab}, {a.batch_size} pairs per step, {a.steps} steps, CPU")
-    print(f"{'loss_input':10} {'compile':>8} {'tokens/s':>10} {'x eager':>8} {'last loss':>10}")
-    base = None
-    for loss_input in ("eager", "logits", "linear"):
-        for compiled in (False,) if a.no_compile else (False, True):
-            out = root / f"{loss_input}-{compiled}"
-            cfg = load_config(
-                None, train_files=[str(paths["train"])], tokenizer=str(paths["tokenizer"]), output_dir=str(out),
-                cache_dir=str(root / "cache"), tiny_model=dict(vocab_size=a.vocab), loss_input=loss_input,
-                batch_size=a.batch_size, max_steps=a.steps, lr=1e-4, progress=False, resume="none", compile=compiled,
-            )
-            train(cfg)
-            rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-            steps = [r for r in rows if "tokens_per_s" in r]
-            tps = statistics.median(r["tokens_per_s"] for r in steps[2:])
-            base = base or tps
-            print(f"{loss_input:10} {str(compiled):>8} {tps:10.0f} {tps / base:8.2f} {steps[-1]['loss']:10.6f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="safedpo-tokens-", ignore_cleanup_errors=True) as tmp:
+        root = Path(tmp)
+        paths = write_task(root / "task", 0)
+        print(f"tiny Llama, vocab {a.vocab}, {a.batch_size} pairs per step, {a.steps} steps, CPU")
+        print(f"{'loss_input':10} {'compile':>8} {'tokens/s':>10} {'x eager':>8} {'last loss':>10}")
+        base = None
+        for loss_input in ("eager", "logits", "linear"):
+            for compiled in (False,) if a.no_compile else (False, True):
+                out = root / f"{loss_input}-{compiled}"
+                cfg = load_config(
+                    None, train_files=[str(paths["train"])], tokenizer=str(paths["tokenizer"]), output_dir=str(out),
+                    cache_dir=str(root / "cache"), tiny_model=dict(vocab_size=a.vocab), loss_input=loss_input,
+                    batch_size=a.batch_size, max_steps=a.steps, lr=1e-4, progress=False, resume="none", compile=compiled,
+                )
+                train(cfg)
+                rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+                steps = [r for r in rows if "tokens_per_s" in r]
+                tps = statistics.median(r["tokens_per_s"] for r in steps[2:])
+                base = base or tps
+                print(f"{loss_input:10} {str(compiled):>8} {tps:10.0f} {tps / base:8.2f} {steps[-1]['loss']:10.6f}", flush=True)
 
 
 if __name__ == "__main__":

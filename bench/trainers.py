@@ -32,6 +32,7 @@ Writes bench/results/trainers-<machine>-<date>.md/.json (and -curve .md/.json/.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -151,11 +152,18 @@ class StepClock:
         return dict(peak_bytes=rss, alloc_bytes=alloc)
 
 
-def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: StepClock) -> dict:
+@contextlib.contextmanager
+def scratch(prefix: str):
+    """A temporary directory, removed on the way out (an error and Ctrl-C included): a run's models, data
+    and trainer outputs take up to ~135 MB each (the curve at T~8192), and a benchmark makes dozens."""
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
+
+
+def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: StepClock, out: Path) -> dict:
     from safedpo.config import load_config
     from safedpo.train import Run
 
-    out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     cfg = load_config(None, train_files=[inputs["data"]], model=inputs["model"], output_dir=str(out / "run"),
                       mode="dpo-helpful", beta=0.1, batch_size=inputs["pairs"], max_steps=steps, lr=LR,
                       loss_input=loss_input, compile=compiled, reference="live", reference_model=inputs["reference"],
@@ -175,7 +183,8 @@ def run_ours(inputs: dict, loss_input: str, compiled: bool, steps: int, clock: S
     return dict(losses=losses, tokens=tokens)
 
 
-def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock, ref_loss_input: str = "logits") -> dict:
+def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock, out: Path,
+            ref_loss_input: str = "logits") -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -192,7 +201,7 @@ def run_trl(inputs: dict, trainer: str, loss_input, steps: int, clock: StepClock
              rejected=r[f"response_{1 - r['better_response_id']}"], chosen_safe=True, rejected_safe=True)
         for r in rows])
     cuda = inputs.get("device", "cpu") == "cuda"
-    common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), beta=0.1, per_device_train_batch_size=len(rows),
+    common = dict(output_dir=str(out / "trl"), beta=0.1, per_device_train_batch_size=len(rows),
                   max_steps=steps, learning_rate=LR, report_to="none", save_strategy="no", use_cpu=not cuda, seed=0,
                   logging_steps=1, max_length=None, dataloader_num_workers=0, precompute_ref_log_probs=False,
                   # float32 on the CPU, as our trainer there (TRL asks for bf16); bf16 autocast on CUDA, as ours
@@ -233,11 +242,12 @@ def child(spec: dict) -> dict:
     quiet_libraries()
     trainer, loss_input, compiled = VARIANTS[spec["variant"]]
     clock = StepClock(spec["peak_from_step"], spec["steps"], spec["inputs"].get("device", "cpu"))
-    if trainer == "ours":
-        out = run_ours(spec["inputs"], loss_input, compiled, spec["steps"], clock)
-    else:
-        out = run_trl(spec["inputs"], trainer, loss_input, spec["steps"], clock,
-                      "linear" if spec["variant"].endswith("-ref") else "logits")
+    with scratch("bench-run-") as tmp:
+        if trainer == "ours":
+            out = run_ours(spec["inputs"], loss_input, compiled, spec["steps"], clock, tmp)
+        else:
+            out = run_trl(spec["inputs"], trainer, loss_input, spec["steps"], clock, tmp,
+                          "linear" if spec["variant"].endswith("-ref") else "logits")
     return dict(out, times=clock.times, **clock.peaks(), variant=spec["variant"])
 
 
@@ -271,25 +281,25 @@ def machine(device: str = "cpu") -> str:
 
 
 def throughput(a) -> None:
-    root = Path(tempfile.mkdtemp(prefix="bench-trainers-"))
-    inputs = make_inputs(root, a.pairs, a.words, a.checkpointing, a.device)
-    names = a.variants.split(",") if a.variants else list(VARIANTS)
-    runs = {n: [] for n in names}
-    start = time.perf_counter()
-    for r in range(a.rounds):  # interleaved: a slow spell of a shared machine hits every variant alike
-        if r and a.budget_s and time.perf_counter() - start > a.budget_s * r / (r + 1):
-            # a round took about (elapsed / r): another would end past the budget
-            print(f"budget of {a.budget_s:.0f} s: stopping after {r} round(s)", flush=True)
-            break
-        for n in names:
-            left = a.budget_s - (time.perf_counter() - start) if a.budget_s else 3600
-            out = isolated(dict(variant=n, inputs=inputs, steps=a.steps, peak_from_step=3), timeout=max(left, 10))
-            runs[n].append(out)
-            shown = out.get("error") or f"{statistics.median(out['times'][2:-1]):.3f} s/step"
-            print(f"round {r + 1} {n}: {shown}", flush=True)
-        # Written after every round: a stage limit that stops the rounds still leaves the report of those run.
-        report(summary(runs), a, inputs, show=False)
-    report(summary(runs), a, inputs)
+    with scratch("bench-trainers-") as root:
+        inputs = make_inputs(root, a.pairs, a.words, a.checkpointing, a.device)
+        names = a.variants.split(",") if a.variants else list(VARIANTS)
+        runs = {n: [] for n in names}
+        start = time.perf_counter()
+        for r in range(a.rounds):  # interleaved: a slow spell of a shared machine hits every variant alike
+            if r and a.budget_s and time.perf_counter() - start > a.budget_s * r / (r + 1):
+                # a round took about (elapsed / r): another would end past the budget
+                print(f"budget of {a.budget_s:.0f} s: stopping after {r} round(s)", flush=True)
+                break
+            for n in names:
+                left = a.budget_s - (time.perf_counter() - start) if a.budget_s else 3600
+                out = isolated(dict(variant=n, inputs=inputs, steps=a.steps, peak_from_step=3), timeout=max(left, 10))
+                runs[n].append(out)
+                shown = out.get("error") or f"{statistics.median(out['times'][2:-1]):.3f} s/step"
+                print(f"round {r + 1} {n}: {shown}", flush=True)
+            # Written after every round: a stage limit that stops the rounds still leaves the report of those run.
+            report(summary(runs), a, inputs, show=False)
+        report(summary(runs), a, inputs)
 
 
 def summary(runs: dict) -> list:
@@ -359,9 +369,9 @@ def curve(a) -> None:
     points = {n: [] for n in names}
     for n in names:
         for T in lengths:
-            root = Path(tempfile.mkdtemp(prefix=f"bench-curve-{T}-"))
-            inputs = make_inputs(root, 2, T, a.checkpointing, a.device)
-            out = isolated(dict(variant=n, inputs=inputs, steps=2, peak_from_step=2))
+            with scratch(f"bench-curve-{T}-") as root:
+                inputs = make_inputs(root, 2, T, a.checkpointing, a.device)
+                out = isolated(dict(variant=n, inputs=inputs, steps=2, peak_from_step=2))
             if "error" in out:
                 print(f"{n} T~{T}: {out['error']}", flush=True)
                 points[n].append(dict(T=T, error=out["error"]))

@@ -17,16 +17,19 @@ def _env(**extra):
 
 
 def test_gpu_check_dry_run(tmp_path):
+    out, scratch = tmp_path / "out", tmp_path / "tmp"  # $OUT, and the temporary directory of all it runs
+    out.mkdir()
+    scratch.mkdir()
     res = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"],
-        env=_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=_env(OUT=str(out), TMPDIR=str(scratch)), capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    tables = list(tmp_path.glob("gpu-*.md"))
+    tables = list(out.glob("gpu-*.md"))
     assert len(tables) == 1
     text = tables[0].read_text()
     assert "| sequence_logps |" in text and "| triton |" in text
-    with open(next(tmp_path.glob("gpu-*.csv"))) as f:
+    with open(next(out.glob("gpu-*.csv"))) as f:
         rows = list(csv.DictReader(f))
     ok = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
     assert ("sequence_logps", "triton") in ok and ("linear_safedpo_loss", "ours-triton") in ok
@@ -47,10 +50,10 @@ def test_gpu_check_dry_run(tmp_path):
     # The issue model's prediction (read from H100's SASS in the dry run) follows the targets.
     model = next(line for line in text.splitlines() if line.startswith("- issue model"))
     assert "H100 SASS" in model and "forward: issue" in model and "at least" in model, model
-    accuracy = next(tmp_path.glob("gpu-accuracy-*.txt")).read_text()
+    accuracy = next(out.glob("gpu-accuracy-*.txt")).read_text()
     assert accuracy.count("-> ok") == 12 and "FAILED" not in accuracy
     # The trainers stage: ours, SafeDPOTrainer and TRL's DPOTrainer each ran and agree on the first loss.
-    trainers = next(tmp_path.glob("trainers-*.md")).read_text()
+    trainers = next(out.glob("trainers-*.md")).read_text()
     for variant in ("ours-linear", "safedpo-trainer-linear", "trl-dpo"):
         row = next(line for line in trainers.splitlines() if line.startswith(f"| {variant} |"))
         assert "failed" not in row, row
@@ -58,10 +61,12 @@ def test_gpu_check_dry_run(tmp_path):
     spread = float(trainers.split("agree to ")[1].split(" ")[0])
     assert spread < 1e-4, spread
     # What comes back from the device is at most 8 files.
-    assert len([f for f in tmp_path.rglob("*") if f.is_file()]) <= 8, sorted(p.name for p in tmp_path.rglob("*"))
+    assert len([f for f in out.rglob("*") if f.is_file()]) <= 8, sorted(p.name for p in out.rglob("*"))
     assert res.stdout.rstrip().splitlines()[-1] == "== gpu_check status: 0 =="
-    log = (tmp_path / "gpu_check.log").read_text()
+    log = (out / "gpu_check.log").read_text()
     assert "== benchmark ==" in log and "== trainers ==" in log
+    # The benchmarks' scratch directories (models, data, trainer outputs) are gone.
+    assert not list(scratch.glob("bench-*")), sorted(p.name for p in scratch.iterdir())
 
 
 def test_gpu_check_stage_limits_fit_the_device_time_and_match_its_table():
