@@ -133,6 +133,10 @@ def check_preference_columns(dataset, name: str = "train_dataset") -> None:
     columns = getattr(dataset, "column_names", None)
     if not isinstance(columns, list):
         return
+    images = [c for c in ("image", "images") if c in columns]
+    if images:
+        raise ValueError(f"{name}: column {images[0]!r}: SafeDPOTrainer trains on text preference data; vision-language "
+                         "preference data (TRL's DataCollatorForVisionPreference) is not supported")
     missing = [c for c in ("chosen", "rejected", *SAFETY_COLUMNS) if c not in columns]
     if missing:
         hint = ("; these are PKU-SafeRLHF rows: convert them with pku_to_preference(dataset)"
@@ -294,6 +298,10 @@ class SafeDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         options = args.loss_options()
+        missing = [c for c in SAFETY_COLUMNS if c not in inputs]
+        if missing:
+            raise KeyError(f"the batch has no {missing}: a custom data_collator must pass the safety flags on as bool "
+                           "(B,) tensors, as SafetyPreferenceCollator does")
         kwargs, labels, cu_seqlens = self._model_inputs(inputs)
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()

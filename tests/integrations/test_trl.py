@@ -411,6 +411,27 @@ def test_a_dataset_without_preference_columns_is_named(stand_ins, tmp_path):
     with pytest.raises(ValueError, match=r"eval_dataset: missing column\(s\) \['chosen_safe'\]"):
         SafeDPOTrainer(stand_ins["model"], None, args, None, renamed.rename_column("chosen_is_safe", "chosen_safe"),
                        renamed)
+    with_images = renamed.rename_column("chosen_is_safe", "chosen_safe").add_column("images", [[]])
+    with pytest.raises(ValueError, match="train_dataset: column 'images': .*vision-language preference data"):
+        SafeDPOTrainer(model=stand_ins["model"], args=args, train_dataset=with_images)
+
+
+def test_a_collator_that_drops_the_flags_is_named(stand_ins, tmp_path):
+    """A custom data_collator without the safety flags: a KeyError saying what the batch lacks and what
+    passes them on, not a bare KeyError from inside the loss."""
+    from transformers import AutoTokenizer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from safedpo_kernels.integrations.trl import SafeDPOConfig, SafeDPOTrainer, pku_to_preference
+
+    tok = AutoTokenizer.from_pretrained(stand_ins["model"])
+    ours = SafeDPOTrainer(model=stand_ins["model"], processing_class=tok,
+                          args=SafeDPOConfig(output_dir=str(tmp_path), **COMMON),
+                          data_collator=DataCollatorForPreference(pad_token_id=tok.pad_token_id),
+                          train_dataset=pku_to_preference(datasets.load_from_disk(stand_ins["data"])["train"]))
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    with pytest.raises(KeyError, match=r"no \['chosen_safe', 'rejected_safe'\]: a custom data_collator.*SafetyPreference"):
+        ours.compute_loss(ours.model, batch)
 
 
 def run_example(args, timeout=900):
