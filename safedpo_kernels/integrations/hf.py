@@ -282,7 +282,7 @@ class CausalLMLoss:
                 if self.token_stats:
                     with torch.no_grad():
                         stats = reference.token_stats(logits.detach(), labels, cu_seqlens=cu_seqlens)
-                    token_stats = TokenStats(stats[0].float(), stats[1].float(), stats[2].long(), stats[3].long())
+                    token_stats = TokenStats.of(torch.stack(stats, dim=1).float())
                 out = loss_from_logps(logps, *loss[:4], counts, denominators, token_stats)
             else:
                 if loss is None:

@@ -166,3 +166,28 @@ def test_compile_context_is_null_on_a_torch_without_the_flag(monkeypatch):
         assert not isinstance(hf.compile_context(torch.nn.Linear(2, 2)), contextlib.nullcontext)
     monkeypatch.setattr(hf, "_SKIP_REPLAYED_SIDE_EFFECTS", "a_flag_this_torch_does_not_have")
     assert isinstance(hf.compile_context(torch.nn.Linear(2, 2)), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_every_loss_input_gives_the_same_token_statistics(name):
+    """eager (the reference's statistics), logits and linear (the kernels', after the model's logit
+    transform): the same loss and the same per-row TokenStats, padded and packed; they equal float64 on
+    the model's own logits, the top-1 counts exactly."""
+    model = build(name)
+    padded, packed = batch_of()
+    ref = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.double()
+    want = reference.token_stats(logits, padded["labels"])
+    for batch in (padded, packed):
+        outs = {}
+        for loss_input in ("eager", "logits", "linear"):
+            with torch.no_grad():
+                policy = PairScorer(model, loss_input, backend="torch", token_stats=True)
+                outs[loss_input] = policy(batch, loss=LossOptions(delta=2.0), ref_logps=ref).result
+        for loss_input, out in outs.items():
+            stats = out.token_stats
+            assert stats.top1.dtype == stats.tokens.dtype == torch.int64, loss_input
+            assert torch.equal(stats.tokens, want[3].long()) and torch.equal(stats.top1, want[2].long()), loss_input
+            assert max_scaled_err(stats.entropy, want[0]) <= 1e-5 and max_scaled_err(stats.mean_logit, want[1]) <= 1e-5
+            assert max_scaled_err(out.loss, outs["eager"].loss) <= 1e-5, loss_input
