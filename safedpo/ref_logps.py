@@ -17,9 +17,20 @@ from .model import PairScorer, is_lora
 from .outputs import writing
 from .progress import progress as iterate
 
+# Config entries that say where a model was loaded from or how it runs, not what it computes (the
+# weights' bytes already carry their dtype).
+_PLACE_KEYS = frozenset({"_name_or_path", "_commit_hash", "transformers_version", "attn_implementation",
+                         "_attn_implementation", "_attn_implementation_autoset", "torch_dtype", "dtype"})
+
 
 def fingerprint_model(model) -> str:
+    """The weights and the configuration: a config-only change (a soft-cap, a logit scale, RoPE's base,
+    a norm's epsilon) changes the log-probs without changing a weight."""
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        kept = {k: v for k, v in config.to_dict().items() if k not in _PLACE_KEYS}
+        h.update(json.dumps(kept, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -78,8 +89,9 @@ class ReferenceLogps:
 
     The reference is ``reference`` (the model loss.reference_model names, built by the caller), else the
     initial policy: with LoRA the policy itself with its adapters disabled (never a second copy),
-    otherwise a frozen copy. The cache key is made of the reference weights' and the tokenized data's
-    fingerprints, so a cached table is only reused for the same model and the same examples.
+    otherwise a frozen copy. The cache key is made of the reference model's fingerprint (weights and
+    configuration) and the tokenized data's, so a cached table is only reused for the same model and the
+    same examples.
     """
 
     def __init__(self, loss, policy: PairScorer, sets: dict, tok, procs, packed: bool, precompute: Optional[Precompute],

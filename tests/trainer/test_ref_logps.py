@@ -65,6 +65,15 @@ def test_the_table_is_reused_for_the_same_model_and_data_only(task, tmp_path, mo
     ReferenceLogps(cfg.loss, policy, {"train": examples}, tok, procs, False, pre)
     assert calls == [1, 1]  # other examples, other weights: computed afresh, under their own keys
     assert len(list((tmp_path / "cache").glob("ref-*.pt"))) == 3
+    # The same weights under another configuration compute other log-probs; where the model was loaded
+    # from does not matter.
+    config = policy.model.config
+    config._name_or_path = str(tmp_path / "moved")
+    ReferenceLogps(cfg.loss, policy, {"train": examples}, tok, procs, False, pre)
+    assert calls == [1, 1]
+    config.rms_norm_eps *= 100
+    ReferenceLogps(cfg.loss, policy, {"train": examples}, tok, procs, False, pre)
+    assert calls == [1, 1, 1]
 
 
 def test_the_reference_is_a_frozen_copy_of_the_initial_policy(task, tmp_path):
