@@ -201,6 +201,24 @@ def test_evaluate_logs_dpotrainers_metrics(stand_ins, tmp_path, loss_input):
     assert mine["eval_safedpo/kept_pairs"] == 1.0
 
 
+def test_two_processes_log_what_dpotrainer_logs(stand_ins, tmp_path):
+    """Under torchrun with two processes (DDP on gloo): the losses and every metric DPOTrainer logs, each
+    gathered over the processes its way (means over pairs, token sums for entropy, logits and token
+    accuracy), at both steps."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(Path(__file__).with_name("trl_two_processes.py")), str(stand_ins["model"]),
+                          str(stand_ins["data"]), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-4000:]
+    logs = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("LOGS "))[5:])
+    assert len(logs["trl"]) == len(logs["ours"]) == 2
+    for mine, theirs in zip(logs["ours"], logs["trl"]):
+        for name, value in theirs.items():
+            assert abs(mine[name] - value) <= 1e-4 * max(1.0, abs(value)), (name, mine[name], value)
+    assert logs["ours"][1]["rewards/accuracies"] > 0  # the second step's pairs have moved apart
+
+
 def perturbed(model, scale=0.05):
     """The model's weights moved by seeded noise, the same for identical copies."""
     gen = torch.Generator().manual_seed(5)
