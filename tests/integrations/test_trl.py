@@ -99,6 +99,15 @@ def assert_same_as_trl(ours, trl, label="", tol=1e-5):
           f"max |dgrad| = {(a_grads - b_grads).abs().max().item():.2e} (max |grad| {b_grads.abs().max().item():.2e})")
 
 
+def perturbed(model, scale=0.05):
+    """The model's weights moved by seeded noise, the same for identical copies."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
 PLAIN_DPO = dict(delta=0.0, swap=False, drop_both_unsafe=False)
 
 
@@ -217,15 +226,6 @@ def test_two_processes_log_what_dpotrainer_logs(stand_ins, tmp_path):
         for name, value in theirs.items():
             assert abs(mine[name] - value) <= 1e-4 * max(1.0, abs(value)), (name, mine[name], value)
     assert logs["ours"][1]["rewards/accuracies"] > 0  # the second step's pairs have moved apart
-
-
-def perturbed(model, scale=0.05):
-    """The model's weights moved by seeded noise, the same for identical copies."""
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
 
 
 def test_label_smoothing_on_sigmoid_is_conservative_dpo_and_warned(stand_ins, tmp_path):
