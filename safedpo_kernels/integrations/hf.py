@@ -138,7 +138,7 @@ def compile_context(model):
     default. A torch that lacks the setting gets a null context."""
     import torch._dynamo
 
-    # A torch without the setting (2.7) breaks the graph at each checkpointed layer: slower, same values.
+    # A torch without the setting (before 2.10) breaks the graph at each checkpointed layer: slower, same values.
     if not uses_hub_kernel_funcs(model) or not hasattr(torch._dynamo.config, _SKIP_REPLAYED_SIDE_EFFECTS):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(**{_SKIP_REPLAYED_SIDE_EFFECTS: True})
