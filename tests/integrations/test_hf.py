@@ -142,7 +142,7 @@ def test_compile_context_follows_the_hub_kernel_wrappers():
     elif major_minor(transformers.__version__) >= (5, 25):  # Llama's attention routes its rotary embedding through them
         assert wrapped
     assert not uses_hub_kernel_funcs(torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    supported = hasattr(torch._dynamo.config, flag)  # torch 2.7 lacks it: then a null context
+    supported = hasattr(torch._dynamo.config, flag)  # torch before 2.10 lacks it: then a null context
     before = getattr(torch._dynamo.config, flag, None)
     for _ in range(2):  # the context is entered once per training step
         with compile_context(model):
@@ -153,7 +153,7 @@ def test_compile_context_follows_the_hub_kernel_wrappers():
 
 
 def test_compile_context_is_null_on_a_torch_without_the_flag(monkeypatch):
-    """torch 2.7's dynamo has no skip-side-effects flag: compile_context of a wrapped model is then a null
+    """Before torch 2.10 dynamo has no skip-side-effects flag: compile_context of a wrapped model is then a null
     context (the graph breaks at each checkpointed layer), not an AttributeError that stops the run."""
     import contextlib
 

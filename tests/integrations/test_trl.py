@@ -214,13 +214,10 @@ def test_two_processes_log_what_dpotrainer_logs(stand_ins, tmp_path):
     """Under torchrun with two processes (DDP on gloo): the losses and every metric DPOTrainer logs, each
     gathered over the processes its way (means over pairs, token sums for entropy, logits and token
     accuracy), at both steps."""
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    stdout = run_example(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(Path(__file__).with_name("trl_two_processes.py")), str(stand_ins["model"]),
-                          str(stand_ins["data"]), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-4000:]
-    logs = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("LOGS "))[5:])
+                          str(stand_ins["data"]), str(tmp_path)], timeout=600)
+    logs = json.loads(next(line for line in stdout.splitlines() if line.startswith("LOGS "))[5:])
     assert len(logs["trl"]) == len(logs["ours"]) == 2
     for mine, theirs in zip(logs["ours"], logs["trl"]):
         for name, value in theirs.items():
