@@ -158,17 +158,17 @@ def router_config(model) -> Optional[dict]:
                 num_experts=int(experts) if experts else None, top_k=int(top_k) if top_k else None)
 
 
-def router_aux_loss(model, outputs, attention_mask=None) -> Optional[torch.Tensor]:
+def router_aux_loss(model, outputs, router: dict, attention_mask=None) -> Optional[torch.Tensor]:
     """The router's load-balancing loss (without its coefficient) of a forward run with
     ``output_router_logits=True``: the model's own ``aux_loss`` when it returned one, else (the decoder
     alone returns only the router logits) the model family's ``load_balancing_loss_func`` on them, as
-    the model's forward computes it. None for a model without a router."""
+    the model's forward computes it. ``router`` is ``router_config(model)``. None when the forward
+    returned neither."""
     aux = getattr(outputs, "aux_loss", None)
     if aux is not None:
         return aux
-    router = router_config(model)
     logits = getattr(outputs, "router_logits", None)
-    if router is None or logits is None:
+    if logits is None:
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA adapters
     balance = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
@@ -233,10 +233,11 @@ class CausalLMLoss:
         self.backend = backend
         check_attention(model.config)
         self.transform = logit_transform(model)
-        if router_aux and router_config(model) is None:
+        # Read once: the config does not change between steps.
+        self.router = router_config(model) if router_aux else None
+        if router_aux and self.router is None:
             raise ValueError(f"router_aux: {type(model).__name__} is not a mixture-of-experts model that returns its "
                              "router logits (no output_router_logits in its config)")
-        self.router_aux = router_aux
         self.fallback = fallback
         self.validate = validate
         self.token_stats = token_stats
@@ -257,7 +258,7 @@ class CausalLMLoss:
         original forward inside a replacement of it)."""
         packed = cu_seqlens is not None
         inputs = dict(inputs)
-        if self.router_aux and loss is not None:
+        if self.router is not None and loss is not None:
             inputs["output_router_logits"] = True
         average = loss.options.average if loss is not None else average
         call = (self.calls if loss is None else self.loss_calls)[self.loss_input == "logits" and torch.is_grad_enabled()]
@@ -289,8 +290,8 @@ class CausalLMLoss:
                     return ModelLoss(logps_on_logits(logits, labels, average, call, cu_seqlens), None)
                 out = loss_on_logits(logits, labels, loss.pairs(), loss.options, call, cu_seqlens)
         aux = None
-        if self.router_aux:
-            aux = router_aux_loss(model, outputs, inputs.get("attention_mask"))
+        if self.router is not None:
+            aux = router_aux_loss(model, outputs, self.router, inputs.get("attention_mask"))
             if aux is None:  # a weighted load-balancing loss must not be dropped without a word
                 raise ValueError(f"{type(model).__name__} returned neither an aux_loss nor router logits with "
                                  "output_router_logits=True: its router's load-balancing loss cannot be added; "
