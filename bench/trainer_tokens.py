@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-from pathlib import Path
 
 
 def main():
@@ -27,12 +25,12 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-compile", action="store_true", help="the eager runs only")
     a = p.parse_args()
+    from bench.trainers import scratch
     from safedpo.config import load_config
     from safedpo.toy.pipeline import write_task
     from safedpo.train import train
 
-    with tempfile.TemporaryDirectory(prefix="safedpo-tokens-", ignore_cleanup_errors=True) as tmp:
-        root = Path(tmp)
+    with scratch("safedpo-tokens-") as root:
         paths = write_task(root / "task", 0)
         print(f"tiny Llama, vocab {a.vocab}, {a.batch_size} pairs per step, {a.steps} steps, CPU")
         print(f"{'loss_input':10} {'compile':>8} {'tokens/s':>10} {'x eager':>8} {'last loss':>10}")
